@@ -1,0 +1,151 @@
+"""The normalized model: the one vocabulary every convsync module speaks.
+
+Sources turn platform rows into these objects, the store keeps them, reconcile and
+valuation read them, sinks turn ``Upload`` objects into platform calls.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from enum import StrEnum
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+
+class Platform(StrEnum):
+    GOOGLE_ADS = "google_ads"
+    GA4 = "ga4"
+    META = "meta"
+    KLAVIYO = "klaviyo"
+    CRM = "crm"
+
+
+AD_PLATFORMS = (Platform.GOOGLE_ADS, Platform.GA4, Platform.META, Platform.KLAVIYO)
+
+
+class Kind(StrEnum):
+    MACRO = "macro"
+    MICRO = "micro"
+
+
+class Basis(StrEnum):
+    """Which date a daily conversion figure is filed under."""
+
+    CLICK_DATE = "click_date"
+    CONVERSION_DATE = "conversion_date"
+
+
+class UploadStatus(StrEnum):
+    PLANNED = "planned"
+    SENT = "sent"
+    ACCEPTED = "accepted"
+    REJECTED = "rejected"
+    FAILED = "failed"
+
+
+def _aware(value: dt.datetime) -> dt.datetime:
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError("timestamp must be timezone-aware")
+    return value.astimezone(dt.UTC)
+
+
+AwareDatetime = Annotated[dt.datetime, AfterValidator(_aware)]
+"""A timezone-aware timestamp, normalized to UTC."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class PlatformNames(_Frozen):
+    """What one canonical conversion is called on each platform (None: not tracked there)."""
+
+    google_ads: tuple[str, ...] = ()
+    ga4: tuple[str, ...] = ()
+    meta: tuple[str, ...] = ()
+    klaviyo: tuple[str, ...] = ()
+    crm: tuple[str, ...] = ()
+
+    def on(self, platform: Platform | str) -> tuple[str, ...]:
+        names: tuple[str, ...] = getattr(self, str(platform))
+        return names
+
+    def is_empty(self) -> bool:
+        return not any(self.on(p) for p in Platform)
+
+
+class ConversionDefinition(_Frozen):
+    """A canonical conversion and its name on each platform."""
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
+    kind: Kind
+    ladder_position: int | None = Field(default=None, ge=1)
+    names: PlatformNames = PlatformNames()
+
+
+class ConversionStat(_Frozen):
+    """One aggregate cell: a platform's count and value for a day, campaign and conversion.
+
+    ``date`` is a calendar day in ``timezone`` (the platform account's own time zone).
+    ``conversion`` is the canonical name, or None when no definition maps ``platform_conversion``.
+    """
+
+    platform: Platform
+    account_id: str
+    date: dt.date
+    timezone: str
+    campaign_id: str
+    campaign_name: str = ""
+    platform_conversion: str
+    conversion: str | None = None
+    kind: Kind | None = None
+    count: float = 0.0
+    value: float = 0.0
+    currency: str = ""
+    basis: Basis = Basis.CLICK_DATE
+    window: str = ""
+    in_column: bool | None = None
+
+
+class Identifiers(_Frozen):
+    """Identifiers of a person or a click. Emails and phones only ever hashed (hex SHA-256)."""
+
+    gclid: str | None = None
+    gbraid: str | None = None
+    wbraid: str | None = None
+    fbc: str | None = None
+    fbp: str | None = None
+    email_sha256_google: str | None = None
+    email_sha256_meta: str | None = None
+    phone_sha256: str | None = None
+    external_id: str | None = None
+
+
+class JourneyEvent(_Frozen):
+    """One person-level event."""
+
+    person_key: str
+    conversion: str | None
+    platform_conversion: str
+    time: AwareDatetime
+    value: float = 0.0
+    currency: str = ""
+    identifiers: Identifiers = Identifiers()
+    source_platform: Platform
+    source_event_id: str
+    campaign_id: str = ""
+
+
+class Upload(_Frozen):
+    """One planned or sent offline conversion. ``dedupe_key`` makes the upload exactly-once."""
+
+    destination: Platform
+    conversion_action: str
+    dedupe_key: str
+    value: float
+    currency: str
+    time: AwareDatetime
+    identifiers: Identifiers = Identifiers()
+    status: UploadStatus = UploadStatus.PLANNED
+    response: str = ""

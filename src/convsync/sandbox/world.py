@@ -1,0 +1,701 @@
+"""A seeded, deterministic synthetic advertiser: the sandbox's single source of truth.
+
+Visitors arrive from campaigns (Google Ads, Meta, Klaviyo email), climb the ladder
+product view -> add to cart -> begin checkout -> purchase, sign up for the newsletter or fill
+the lead form, some leads get qualified later (the CRM side). Every step has its own lag, so
+purchases trickle in days and weeks after the click.
+
+The world is generated one UTC day at a time (all campaigns at once, vectorized) from a seed
+derived from (world seed, day), so any day can be rebuilt on demand: a year x 200 campaigns
+costs nothing up front. ``as_of`` is the world's "now": events after it have not happened
+yet, which is how late conversions appear on a re-pull.
+
+Each platform sees the world through its own rules (attribution windows, click date vs
+conversion date, its account time zone, which campaigns it owns, consent loss for GA4, only
+identified people for Klaviyo). The ``*_rows`` methods compute those views; the simulators
+serialize them and tests use them as ground truth.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import heapq
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, replace
+from functools import cache, lru_cache
+from zoneinfo import ZoneInfo
+
+import numpy as np
+
+DAY = 86_400
+MAX_LAG_DAYS = 50
+"""Each lagged step comes back at most this many days later, so nothing happens more than
+about 110 days after a click (HORIZON_DAYS bounds what a view has to scan)."""
+HORIZON_DAYS = 120
+FAULTS = frozenset({"duplicate_tag", "micro_in_column", "tz_shift", "broken_checkout"})
+"""Faults a world can carry: a second primary purchase action counting the same orders, a
+micro action (add to cart) counted in column, a GA4 property in a far-away time zone, and a
+checkout that stops converting half-way through the world's days."""
+
+SCALES: dict[str, tuple[int, int]] = {
+    "small": (60, 6),
+    "medium": (180, 40),
+    "large": (365, 200),
+}
+"""Named sizes: (days, campaigns)."""
+
+# The ladder and the side conversions, as world "steps".
+STEPS = ("product_view", "add_to_cart", "begin_checkout", "purchase",
+         "newsletter_signup", "lead_form", "qualified_lead")
+VIEW, CART, CHECKOUT, PURCHASE, SIGNUP, LEAD, QUALIFIED = range(len(STEPS))
+
+
+@dataclass(frozen=True)
+class Campaign:
+    index: int
+    id: str
+    name: str
+    platform: str  # google_ads | meta | klaviyo
+    source: str
+    medium: str
+    clicks_per_day: float
+    cart_rate: float  # P(add to cart | product view)
+    checkout_rate: float  # P(begin checkout | add to cart)
+    purchase_rate: float  # P(purchase | begin checkout)
+    signup_rate: float
+    lead_rate: float
+    order_value_median: float
+
+
+@dataclass(frozen=True)
+class GoogleAdsAction:
+    id: int
+    name: str
+    step: int
+    category: str  # ConversionActionCategory enum name
+    type: str  # ConversionActionType enum name
+    origin: str  # ConversionOrigin enum name
+    primary_for_goal: bool
+    counting_type: str  # ConversionActionCountingType enum name
+    default_value: float
+    click_through_days: int
+    view_through_days: int
+
+
+@dataclass(frozen=True)
+class KlaviyoMetric:
+    id: str
+    name: str
+    step: int
+
+
+@dataclass(frozen=True)
+class Accounts:
+    google_ads_customer_id: str = "1234567890"
+    google_ads_manager_id: str = "9876543210"
+    ga4_property_id: str = "123456789"
+    meta_ad_account_id: str = "act_1029384756"
+    meta_pixel_id: str = "556677889900"
+    klaviyo_account_id: str = "SbXkL2"
+    currency: str = "USD"
+    google_ads_tz: str = "America/New_York"
+    ga4_tz: str = "America/New_York"
+    meta_tz: str = "America/Los_Angeles"
+    klaviyo_tz: str = "UTC"
+
+
+GA4_EVENT_NAMES = ("view_item", "add_to_cart", "begin_checkout", "purchase",
+                   "newsletter_signup", "generate_lead", None)
+GA4_KEY_EVENTS = frozenset({"purchase", "generate_lead"})
+
+META_ACTION_TYPES: dict[int, tuple[str, ...]] = {
+    # One event, several views of it: never to be added together.
+    VIEW: ("offsite_conversion.fb_pixel_view_content", "view_content", "omni_view_content"),
+    CART: ("offsite_conversion.fb_pixel_add_to_cart", "add_to_cart", "omni_add_to_cart"),
+    CHECKOUT: ("offsite_conversion.fb_pixel_initiate_checkout", "initiate_checkout",
+               "omni_initiated_checkout"),
+    PURCHASE: ("offsite_conversion.fb_pixel_purchase", "purchase", "omni_purchase",
+               "onsite_web_purchase"),
+    SIGNUP: ("offsite_conversion.fb_pixel_complete_registration", "complete_registration",
+             "omni_complete_registration"),
+    LEAD: ("offsite_conversion.fb_pixel_lead", "lead"),
+}
+META_WINDOWS = ("1d_click", "7d_click", "28d_click", "1d_view", "1d_ev")
+META_DEFAULT_WINDOWS = ("7d_click", "1d_view")
+META_REMOVED_WINDOWS = ("7d_view", "28d_view")
+
+KLAVIYO_METRICS = (
+    KlaviyoMetric("VwPrd1", "Viewed Product", VIEW),
+    KlaviyoMetric("AdCrt2", "Added to Cart", CART),
+    KlaviyoMetric("StChk3", "Started Checkout", CHECKOUT),
+    KlaviyoMetric("PlOrd4", "Placed Order", PURCHASE),
+    KlaviyoMetric("SbLst5", "Subscribed to List", SIGNUP),
+)
+
+
+@dataclass(frozen=True)
+class WorldSpec:
+    seed: int = 7
+    start: dt.date = dt.date(2026, 8, 1)
+    days: int = 60
+    campaigns: int = 6
+    faults: frozenset[str] = frozenset()
+    as_of: dt.datetime | None = None  # None: the end of the last day
+    accounts: Accounts = field(default_factory=Accounts)
+
+    def __post_init__(self) -> None:
+        unknown = set(self.faults) - FAULTS
+        if unknown:
+            raise ValueError(f"unknown fault(s) {sorted(unknown)}; known: {sorted(FAULTS)}")
+        if self.days < 1 or self.campaigns < 1:
+            raise ValueError("a world needs at least one day and one campaign")
+
+
+@dataclass
+class Day:
+    """Everybody who clicked (or, for Meta, only saw an ad) on one UTC day, and what they did.
+
+    Arrays are aligned per person; ``times[s]`` holds the epoch seconds of step ``s`` (NaN when
+    the person never did it)."""
+
+    day: int
+    campaign: np.ndarray
+    click_ts: np.ndarray
+    view_through: np.ndarray  # bool: saw a Meta ad, did not click
+    ga4_seen: np.ndarray  # bool: GA4 tag allowed (consent, ad blockers)
+    identified: np.ndarray  # bool: known to Klaviyo (an email)
+    times: np.ndarray  # (len(STEPS), n) epoch seconds or NaN
+    order_value: np.ndarray
+
+    @property
+    def size(self) -> int:
+        return int(self.campaign.size)
+
+
+def _seed(*parts: object) -> int:
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
+
+
+@cache
+def _zone(name: str) -> ZoneInfo:
+    return ZoneInfo(name)
+
+
+@lru_cache(maxsize=65_536)
+def _offset_for_hour(tz: str, hour: int) -> int:
+    moment = dt.datetime.fromtimestamp(hour * 3600, dt.UTC).astimezone(_zone(tz))
+    offset = moment.utcoffset()
+    return int(offset.total_seconds()) if offset else 0
+
+
+def local_day_numbers(ts: np.ndarray, tz: str) -> np.ndarray:
+    """Epoch seconds -> days since the epoch of the calendar date in ``tz`` (exact, DST-aware)."""
+    if ts.size == 0:
+        return ts.astype(np.int64)
+    hours = np.floor(ts / 3600).astype(np.int64)
+    unique, inverse = np.unique(hours, return_inverse=True)
+    offsets = np.array([_offset_for_hour(tz, int(h)) for h in unique], dtype=np.int64)
+    return np.floor((ts + offsets[inverse]) / DAY).astype(np.int64)
+
+
+def epoch_day(day: dt.date) -> int:
+    return (day - dt.date(1970, 1, 1)).days
+
+
+def from_epoch_day(n: int) -> dt.date:
+    return dt.date(1970, 1, 1) + dt.timedelta(days=int(n))
+
+
+class World:
+    """The synthetic advertiser. Cheap to build; days are generated when first asked for."""
+
+    def __init__(self, spec: WorldSpec | None = None) -> None:
+        self.spec = spec or WorldSpec()
+        accounts = self.spec.accounts
+        if "tz_shift" in self.spec.faults:
+            accounts = replace(accounts, ga4_tz="Asia/Tokyo")
+        self.accounts = accounts
+        self.first_day = epoch_day(self.spec.start)
+        self.last_day = self.first_day + self.spec.days - 1
+        end_of_world = (self.last_day + 1) * DAY
+        self.as_of_ts = (self.spec.as_of.timestamp() if self.spec.as_of else float(end_of_world))
+        self.campaigns = _make_campaigns(self.spec.seed, self.spec.campaigns)
+        self.google_ads_actions = _make_google_ads_actions(self.spec.faults)
+        self.klaviyo_metrics = KLAVIYO_METRICS
+        self._day = lru_cache(maxsize=48)(self._generate_day)
+
+    # -- time ---------------------------------------------------------------------------
+    @property
+    def as_of(self) -> dt.datetime:
+        return dt.datetime.fromtimestamp(self.as_of_ts, dt.UTC)
+
+    def advance(self, days: float) -> None:
+        """Move "now" forward: conversions that happen meanwhile become visible."""
+        self.as_of_ts += days * DAY
+
+    def set_as_of(self, moment: dt.datetime) -> None:
+        if moment.tzinfo is None:
+            raise ValueError("as_of must be timezone-aware")
+        self.as_of_ts = moment.timestamp()
+
+    @property
+    def start(self) -> dt.date:
+        return from_epoch_day(self.first_day)
+
+    @property
+    def end(self) -> dt.date:
+        return from_epoch_day(self.last_day)
+
+    def campaigns_on(self, platform: str) -> list[Campaign]:
+        return [c for c in self.campaigns if c.platform == platform]
+
+    # -- generation -----------------------------------------------------------------------
+    def day(self, day_number: int) -> Day:
+        """Everybody whose click (or Meta impression) falls on UTC day ``day_number``."""
+        return self._day(day_number)
+
+    def _generate_day(self, day_number: int) -> Day:
+        if not self.first_day <= day_number <= self.last_day:
+            return _empty_day(day_number)
+        rng = np.random.default_rng(_seed(self.spec.seed, "day", day_number))
+        camps = self.campaigns
+        weekday = from_epoch_day(day_number).weekday()
+        season = 1.15 if weekday < 5 else 0.8
+        means = np.array([c.clicks_per_day for c in camps]) * season
+        clicks = rng.poisson(means)
+        meta = np.array([c.platform == "meta" for c in camps])
+        viewers = rng.poisson(means * 0.25 * meta)  # saw a Meta ad, came back on their own
+        campaign = np.concatenate([np.repeat(np.arange(len(camps)), clicks),
+                                   np.repeat(np.arange(len(camps)), viewers)])
+        n = campaign.size
+        view_through = np.zeros(n, dtype=bool)
+        view_through[int(clicks.sum()):] = True
+        click_ts = day_number * DAY + np.sort(rng.uniform(0, DAY, n))
+        rate = {name: np.array([getattr(c, name) for c in camps])[campaign]
+                for name in ("cart_rate", "checkout_rate", "purchase_rate", "signup_rate",
+                             "lead_rate", "order_value_median")}
+        dampen = np.where(view_through, 0.35, 1.0)  # viewers convert less than clickers
+        u = rng.uniform(size=(8, n))
+        times = np.full((len(STEPS), n), np.nan)
+        viewed = u[0] < 0.92
+        times[VIEW] = np.where(viewed, click_ts + rng.exponential(40, n), np.nan)
+        carted = viewed & (u[1] < rate["cart_rate"] * dampen)
+        times[CART] = np.where(carted, times[VIEW] + rng.exponential(600, n), np.nan)
+        checked = carted & (u[2] < rate["checkout_rate"])
+        times[CHECKOUT] = np.where(checked, times[CART] + _mixed_lag(rng, n, 0.7, 600, 2.0),
+                                   np.nan)
+        purchase_rate = rate["purchase_rate"]
+        if "broken_checkout" in self.spec.faults and day_number >= self.first_day + self.spec.days // 2:
+            purchase_rate = purchase_rate * 0.0
+        bought = checked & (u[3] < purchase_rate)
+        times[PURCHASE] = np.where(bought, times[CHECKOUT] + _mixed_lag(rng, n, 0.55, 1200, 5.0),
+                                   np.nan)
+        signed = u[4] < rate["signup_rate"] * dampen
+        times[SIGNUP] = np.where(signed, click_ts + rng.exponential(300, n), np.nan)
+        lead = u[5] < rate["lead_rate"] * dampen
+        times[LEAD] = np.where(lead, click_ts + rng.exponential(1800, n), np.nan)
+        qualified = lead & (u[6] < 0.3)
+        times[QUALIFIED] = np.where(
+            qualified,
+            times[LEAD] + np.minimum(rng.lognormal(np.log(10 * DAY), 0.6, n), MAX_LAG_DAYS * DAY),
+            np.nan)
+        order_value = np.round(rng.lognormal(np.log(rate["order_value_median"]), 0.6, n), 2)
+        identified = checked | signed | lead | (u[7] < 0.3)
+        ga4_seen = rng.uniform(size=n) < 0.92
+        return Day(day_number, campaign, click_ts, view_through, ga4_seen, identified, times,
+                   order_value)
+
+    def days_between(self, first: int, last: int) -> Iterator[Day]:
+        for number in range(max(first, self.first_day), min(last, self.last_day) + 1):
+            yield self.day(number)
+
+    # -- identifiers (deterministic per person) -------------------------------------------
+    def person_id(self, day: int, index: int) -> str:
+        return f"p{day}-{index}"
+
+    def gclid(self, day: int, index: int) -> str:
+        return "Cj0KCQ" + _token(self.spec.seed, "gclid", day, index, 40)
+
+    def fbclid(self, day: int, index: int) -> str:
+        return "IwAR" + _token(self.spec.seed, "fbclid", day, index, 32)
+
+    def email(self, day: int, index: int) -> str:
+        """Raw emails exist only inside the world and on the Klaviyo wire (as in reality)."""
+        if index % 4 == 0:  # Gmail users with dots and a tag: Google normalizes them away
+            return f"Jane.Doe+d{day}i{index}@gmail.com"
+        return f"user.{day}.{index}@Example.com"
+
+    # -- platform views -------------------------------------------------------------------
+    def visible(self, ts: np.ndarray) -> np.ndarray:
+        with np.errstate(invalid="ignore"):
+            return ts <= self.as_of_ts
+
+    def google_ads_stats(self, start: dt.date, end: dt.date, *,
+                         by_conversion_date: bool = False) -> Iterator[GoogleAdsStat]:
+        """Daily conversions per campaign and action as Google Ads reports them.
+
+        Filed under the click date (the default, like ``metrics.conversions``) or the
+        conversion date (``metrics.conversions_by_conversion_date``), in the account's time
+        zone; only clicks of Google campaigns, only conversions inside the action's click-through
+        window and before ``as_of``. Rows with no conversions at all are not returned."""
+        tz = self.accounts.google_ads_tz
+        lookback = max(a.click_through_days for a in self.google_ads_actions) + 1
+        lo, hi = epoch_day(start), epoch_day(end)
+        first = lo - 1 - (lookback if by_conversion_date else 0)
+        acc = _DatedSums(lo, hi)
+        google = np.array([c.platform == "google_ads" for c in self.campaigns])
+        for day in self.days_between(first, hi + 1):
+            mine = google[day.campaign] & ~day.view_through
+            click_days = local_day_numbers(day.click_ts, tz)
+            for action in self.google_ads_actions:
+                if action.type.startswith("UPLOAD"):
+                    continue  # offline imports: only what someone uploaded shows up
+                ts = day.times[action.step]
+                ok = mine & self.visible(ts) & (ts - day.click_ts <= action.click_through_days * DAY)
+                idx = np.nonzero(ok)[0]
+                if idx.size == 0:
+                    continue
+                dates = local_day_numbers(ts[idx], tz) if by_conversion_date else click_days[idx]
+                values = (day.order_value[idx] if action.step == PURCHASE
+                          else np.full(idx.size, action.default_value))
+                acc.add(dates, day.campaign[idx], action.id, values)
+            yield from (GoogleAdsStat(from_epoch_day(d), self.campaigns[c], self._action(a), n, v)
+                        for d, c, a, n, v in acc.flush_before(day.day - 1))
+        yield from (GoogleAdsStat(from_epoch_day(d), self.campaigns[c], self._action(a), n, v)
+                    for d, c, a, n, v in acc.flush_before(None))
+
+    def _action(self, action_id: int) -> GoogleAdsAction:
+        return next(a for a in self.google_ads_actions if a.id == action_id)
+
+    def google_ads_clicks(self, date: dt.date) -> Iterator[Click]:
+        """Clicks of Google campaigns on one account-time-zone day (``click_view``)."""
+        tz = self.accounts.google_ads_tz
+        target = epoch_day(date)
+        google = np.array([c.platform == "google_ads" for c in self.campaigns])
+        for day in self.days_between(target - 1, target + 1):
+            days = local_day_numbers(day.click_ts, tz)
+            mine = google[day.campaign] & ~day.view_through & (days == target)
+            mine &= self.visible(day.click_ts)
+            for i in np.nonzero(mine)[0]:
+                yield Click(date, self.campaigns[int(day.campaign[i])], self.gclid(day.day, int(i)),
+                            float(day.click_ts[i]))
+
+    def ga4_rows(self, start: dt.date, end: dt.date) -> Iterator[Ga4Row]:
+        """Event counts per property-time-zone day, session source / medium / campaign, event.
+
+        GA4 files events under the day they happened; it misses people who block its tag;
+        people who only saw a Meta ad arrive as (direct) / (none)."""
+        tz = self.accounts.ga4_tz
+        lo, hi = epoch_day(start), epoch_day(end)
+        acc = _DatedSums(lo, hi)
+        steps = [s for s, name in enumerate(GA4_EVENT_NAMES) if name]
+        direct = len(self.campaigns)
+        for day in self.days_between(lo - 1 - HORIZON_DAYS, hi + 1):
+            seen = day.ga4_seen
+            source_index = np.where(day.view_through, direct, day.campaign)
+            for step in steps:
+                ts = day.times[step]
+                idx = np.nonzero(seen & self.visible(ts))[0]
+                if idx.size == 0:
+                    continue
+                values = day.order_value[idx] if step == PURCHASE else np.zeros(idx.size)
+                acc.add(local_day_numbers(ts[idx], tz), source_index[idx], step, values)
+            for d, c, s, n, v in acc.flush_before(day.day - 1):
+                yield self._ga4_row(d, c, s, n, v)
+        for d, c, s, n, v in acc.flush_before(None):
+            yield self._ga4_row(d, c, s, n, v)
+
+    def _ga4_row(self, d: int, c: int, step: int, n: int, v: float) -> Ga4Row:
+        event = GA4_EVENT_NAMES[step] or ""
+        if c == len(self.campaigns):
+            source, medium, name = "(direct)", "(none)", "(not set)"
+        else:
+            camp = self.campaigns[c]
+            source, medium, name = camp.source, camp.medium, camp.name
+        key = n if event in GA4_KEY_EVENTS else 0
+        return Ga4Row(from_epoch_day(d), source, medium, name, event, n, key, v)
+
+    def meta_insights(self, start: dt.date, end: dt.date, *,
+                      report_time: str = "impression") -> Iterator[MetaInsight]:
+        """Per ad-account-time-zone day and Meta campaign: delivery and actions per window.
+
+        ``report_time="impression"`` (Meta's default) files a conversion under the day of the
+        click or impression that led to it; ``"conversion"`` under the day it happened."""
+        tz = self.accounts.meta_tz
+        lo, hi = epoch_day(start), epoch_day(end)
+        by_conversion = report_time == "conversion"
+        first = lo - 1 - (29 if by_conversion else 0)
+        meta = np.array([c.platform == "meta" for c in self.campaigns])
+        acc = _DatedSums(lo, hi)
+        delivery = _DatedSums(lo, hi)
+        for day in self.days_between(first, hi + 1):
+            mine = meta[day.campaign]
+            click_days = local_day_numbers(day.click_ts, tz)
+            clicked = mine & ~day.view_through & self.visible(day.click_ts)
+            idx = np.nonzero(clicked)[0]
+            delivery.add(click_days[idx], day.campaign[idx], 0, np.zeros(idx.size))
+            for step in META_ACTION_TYPES:
+                ts = day.times[step]
+                lag = ts - day.click_ts
+                for w, window in enumerate(META_WINDOWS):
+                    ok = mine & self.visible(ts) & _in_window(window, lag, day.view_through)
+                    idx = np.nonzero(ok)[0]
+                    if idx.size == 0:
+                        continue
+                    dates = (local_day_numbers(ts[idx], tz) if by_conversion else click_days[idx])
+                    values = day.order_value[idx] if step == PURCHASE else np.zeros(idx.size)
+                    acc.add(dates, day.campaign[idx], step * 10 + w, values)
+            yield from self._meta_flush(acc, delivery, day.day - 1)
+        yield from self._meta_flush(acc, delivery, None)
+
+    def _meta_flush(self, acc: _DatedSums, delivery: _DatedSums,
+                    before: int | None) -> Iterator[MetaInsight]:
+        cells: dict[tuple[int, int], MetaInsight] = {}
+        for d, c, _, n, _v in delivery.flush_before(before):
+            cells[(d, c)] = _new_insight(from_epoch_day(d), self.campaigns[c], n)
+        for d, c, key, n, v in acc.flush_before(before):
+            cell = cells.get((d, c))
+            if cell is None:
+                cell = cells[(d, c)] = _new_insight(from_epoch_day(d), self.campaigns[c], 0)
+            step, window = divmod(key, 10)
+            cell.actions.setdefault(step, {})[META_WINDOWS[window]] = n
+            cell.values.setdefault(step, {})[META_WINDOWS[window]] = v
+        yield from (cells[k] for k in sorted(cells))
+
+    def klaviyo_events(self, start: dt.datetime, end: dt.datetime,
+                       metric: KlaviyoMetric | None = None) -> Iterator[KlaviyoEvent]:
+        """Events of identified people with ``start <= time < end``, in time order per day."""
+        lo_ts, hi_ts = start.timestamp(), min(end.timestamp(), self.as_of_ts + 1e-6)
+        metrics = [metric] if metric else list(self.klaviyo_metrics)
+        first = int(lo_ts // DAY) - HORIZON_DAYS
+        pending: list[tuple[float, str, int, int, int]] = []
+        for day in self.days_between(first, int(hi_ts // DAY)):
+            for m, metric_ in enumerate(metrics):
+                ts = day.times[metric_.step]
+                with np.errstate(invalid="ignore"):
+                    ok = day.identified & (ts >= lo_ts) & (ts < hi_ts)
+                for i in np.nonzero(ok)[0].tolist():
+                    heapq.heappush(pending, (float(ts[i]), self._event_id(day.day, i, metric_),
+                                             day.day, i, m))
+            # later days only hold events after their own start: what is before is final
+            while pending and pending[0][0] < (day.day + 1) * DAY:
+                yield self._pop_event(pending, metrics)
+        while pending:
+            yield self._pop_event(pending, metrics)
+
+    def _pop_event(self, pending: list[tuple[float, str, int, int, int]],
+                   metrics: list[KlaviyoMetric]) -> KlaviyoEvent:
+        _, _, day_number, i, m = heapq.heappop(pending)
+        return self._klaviyo_event(self.day(day_number), i, metrics[m])
+
+    def _event_id(self, day: int, index: int, metric: KlaviyoMetric) -> str:
+        return _token(self.spec.seed, "kev", day, index, 20, metric.step)
+
+    def _klaviyo_event(self, day: Day, i: int, metric: KlaviyoMetric) -> KlaviyoEvent:
+        camp = self.campaigns[int(day.campaign[i])]
+        props: dict[str, object] = {"$event_id": f"{day.day}-{i}-{metric.step}",
+                                    "utm_source": camp.source, "utm_campaign": camp.name}
+        if camp.platform == "google_ads":
+            props["gclid"] = self.gclid(day.day, i)
+        elif camp.platform == "meta" and not day.view_through[i]:
+            props["fbclid"] = self.fbclid(day.day, i)
+        value = float(day.order_value[i]) if metric.step in (CART, CHECKOUT, PURCHASE) else 0.0
+        if value:
+            props["$value"] = value
+        return KlaviyoEvent(
+            id=self._event_id(day.day, i, metric),
+            metric=metric, timestamp=float(day.times[metric.step, i]), value=value,
+            properties=props, profile_id="01" + _token(self.spec.seed, "prof", day.day, i, 24),
+            email=self.email(day.day, i))
+
+    def klaviyo_daily(self, metric: KlaviyoMetric, start: dt.date, end: dt.date,
+                      tz: str) -> dict[dt.date, tuple[int, float]]:
+        """Count and sum of value per day in ``tz`` (what metric aggregates return)."""
+        lo = dt.datetime.combine(start, dt.time(), _zone(tz))
+        hi = dt.datetime.combine(end + dt.timedelta(days=1), dt.time(), _zone(tz))
+        out: dict[dt.date, tuple[int, float]] = {}
+        for event in self.klaviyo_events(lo, hi, metric):
+            date = dt.datetime.fromtimestamp(event.timestamp, _zone(tz)).date()
+            n, v = out.get(date, (0, 0.0))
+            out[date] = (n + 1, v + event.value)
+        return out
+
+
+@dataclass(frozen=True)
+class GoogleAdsStat:
+    date: dt.date
+    campaign: Campaign
+    action: GoogleAdsAction
+    all_conversions: int
+    all_conversions_value: float
+
+    @property
+    def conversions(self) -> int:
+        return self.all_conversions if self.action.primary_for_goal else 0
+
+    @property
+    def conversions_value(self) -> float:
+        return self.all_conversions_value if self.action.primary_for_goal else 0.0
+
+
+@dataclass(frozen=True)
+class Click:
+    date: dt.date
+    campaign: Campaign
+    gclid: str
+    timestamp: float
+
+
+@dataclass(frozen=True)
+class Ga4Row:
+    date: dt.date
+    source: str
+    medium: str
+    campaign_name: str
+    event_name: str
+    event_count: int
+    key_events: int
+    event_value: float
+
+
+@dataclass
+class MetaInsight:
+    date: dt.date
+    campaign: Campaign
+    clicks: int
+    impressions: int
+    spend: float
+    actions: dict[int, dict[str, int]] = field(default_factory=dict)
+    values: dict[int, dict[str, float]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class KlaviyoEvent:
+    id: str
+    metric: KlaviyoMetric
+    timestamp: float
+    value: float
+    properties: dict[str, object]
+    profile_id: str
+    email: str
+
+
+class _DatedSums:
+    """Counts and value sums keyed by (day, campaign, key), emitted in day order once complete.
+
+    Only days in [lo, hi] are kept; ``flush_before(d)`` yields every day < d (all of them for
+    None) sorted, so a caller streaming cohorts in day order emits finished days as it goes."""
+
+    def __init__(self, lo: int, hi: int) -> None:
+        self.lo, self.hi = lo, hi
+        self.cells: dict[int, dict[tuple[int, int], list[float]]] = defaultdict(dict)
+
+    def add(self, days: np.ndarray, campaigns: np.ndarray, key: int, values: np.ndarray) -> None:
+        keep = (days >= self.lo) & (days <= self.hi)
+        for d, c, v in zip(days[keep].tolist(), campaigns[keep].tolist(), values[keep].tolist(),
+                           strict=True):
+            cell = self.cells[d].setdefault((c, key), [0, 0.0])
+            cell[0] += 1
+            cell[1] += v
+
+    def flush_before(self, before: int | None) -> Iterable[tuple[int, int, int, int, float]]:
+        ready = sorted(d for d in self.cells if before is None or d < before)
+        for d in ready:
+            cells = self.cells.pop(d)
+            for (c, key), (n, v) in sorted(cells.items()):
+                yield d, c, key, int(n), round(v, 2)
+
+
+def _in_window(window: str, lag: np.ndarray, view_through: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore"):
+        if window.endswith("_click"):
+            days = int(window.split("d_")[0])
+            return ~view_through & (lag <= days * DAY)
+        if window == "1d_view":
+            return view_through & (lag <= DAY)
+        return np.zeros(lag.shape, dtype=bool)  # 1d_ev: no engaged-view video ads here
+
+
+def _new_insight(date: dt.date, campaign: Campaign, clicks: int) -> MetaInsight:
+    impressions = int(clicks * 55 + 100)
+    return MetaInsight(date, campaign, clicks, impressions, round(clicks * 0.85, 2))
+
+
+def _mixed_lag(rng: np.random.Generator, n: int, quick_share: float, quick_mean_s: float,
+               slow_median_days: float) -> np.ndarray:
+    """Most people act within the session; the rest come back days or weeks later."""
+    quick = rng.exponential(quick_mean_s, n)
+    slow = np.minimum(rng.lognormal(np.log(slow_median_days * DAY), 1.1, n), MAX_LAG_DAYS * DAY)
+    return np.where(rng.uniform(size=n) < quick_share, quick, slow)
+
+
+def _token(seed: int, kind: str, day: int, index: int, length: int, extra: int = 0) -> str:
+    """A deterministic hex identifier for one person (and step) of the world."""
+    digest = hashlib.blake2b(repr((seed, kind, day, index, extra)).encode(), digest_size=32)
+    return digest.hexdigest()[:length]
+
+
+def _empty_day(day_number: int) -> Day:
+    empty = np.zeros(0)
+    return Day(day_number, empty.astype(np.int64), empty, empty.astype(bool), empty.astype(bool),
+               empty.astype(bool), np.zeros((len(STEPS), 0)), empty)
+
+
+CAMPAIGN_KINDS = (
+    ("google_ads", "google", "cpc", "Search"),
+    ("google_ads", "google", "cpc", "Shopping"),
+    ("meta", "facebook", "paid_social", "Prospecting"),
+    ("google_ads", "google", "cpc", "PMax"),
+    ("meta", "instagram", "paid_social", "Retargeting"),
+    ("klaviyo", "klaviyo", "email", "Newsletter"),
+)
+
+
+def _make_campaigns(seed: int, count: int) -> list[Campaign]:
+    rng = np.random.default_rng(_seed(seed, "campaigns"))
+    out = []
+    for i in range(count):
+        platform, source, medium, label = CAMPAIGN_KINDS[i % len(CAMPAIGN_KINDS)]
+        out.append(Campaign(
+            index=i, id=str(20_000_000_000 + i * 7919), name=f"{label} {i + 1:03d}",
+            platform=platform, source=source, medium=medium,
+            clicks_per_day=float(np.round(rng.lognormal(np.log(40), 0.5), 1)),
+            cart_rate=float(np.clip(rng.beta(4, 12), 0.05, 0.6)),
+            checkout_rate=float(np.clip(rng.beta(6, 6), 0.15, 0.9)),
+            purchase_rate=float(np.clip(rng.beta(6, 5), 0.15, 0.9)),
+            signup_rate=float(np.clip(rng.beta(2, 40), 0.005, 0.2)),
+            lead_rate=float(np.clip(rng.beta(2, 60), 0.002, 0.1)),
+            order_value_median=float(np.round(rng.lognormal(np.log(70), 0.3), 2)),
+        ))
+    return out
+
+
+def _make_google_ads_actions(faults: frozenset[str]) -> tuple[GoogleAdsAction, ...]:
+    dup = "duplicate_tag" in faults
+    micro = "micro_in_column" in faults
+    a = GoogleAdsAction
+    return (
+        a(6_101, "Purchase", PURCHASE, "PURCHASE", "WEBPAGE", "WEBSITE", True, "MANY_PER_CLICK",
+          0.0, 90, 1),
+        a(6_102, "GA4 purchase", PURCHASE, "PURCHASE", "GOOGLE_ANALYTICS_4_PURCHASE", "WEBSITE",
+          dup, "MANY_PER_CLICK", 0.0, 30, 1),
+        a(6_103, "Add to cart", CART, "ADD_TO_CART", "WEBPAGE", "WEBSITE", micro,
+          "MANY_PER_CLICK", 5.0, 30, 1),
+        a(6_104, "Begin checkout", CHECKOUT, "BEGIN_CHECKOUT", "WEBPAGE", "WEBSITE", False,
+          "ONE_PER_CLICK", 10.0, 30, 1),
+        a(6_105, "Product view", VIEW, "PAGE_VIEW", "WEBPAGE", "WEBSITE", False, "ONE_PER_CLICK",
+          0.0, 30, 1),
+        a(6_106, "Newsletter signup", SIGNUP, "SIGNUP", "WEBPAGE", "WEBSITE", False,
+          "ONE_PER_CLICK", 2.0, 30, 1),
+        a(6_107, "Lead form", LEAD, "SUBMIT_LEAD_FORM", "WEBPAGE", "WEBSITE", False,
+          "ONE_PER_CLICK", 0.0, 30, 1),
+        a(6_108, "Qualified lead (offline)", QUALIFIED, "QUALIFIED_LEAD", "UPLOAD_CLICKS",
+          "WEBSITE", True, "ONE_PER_CLICK", 150.0, 90, 0),
+        a(6_109, "GA4 add to cart", CART, "ADD_TO_CART", "GOOGLE_ANALYTICS_4_CUSTOM", "WEBSITE",
+          False, "MANY_PER_CLICK", 0.0, 30, 1),
+        a(6_110, "GA4 sign up", SIGNUP, "SIGNUP", "GOOGLE_ANALYTICS_4_CUSTOM", "WEBSITE", False,
+          "ONE_PER_CLICK", 0.0, 30, 1),
+    )
