@@ -149,3 +149,56 @@ class Upload(_Frozen):
     identifiers: Identifiers = Identifiers()
     status: UploadStatus = UploadStatus.PLANNED
     response: str = ""
+
+
+class PlatformConversion(_Frozen):
+    """A conversion as a platform defines it (a Google Ads conversion action, a GA4 event, a
+    Meta action type, a Klaviyo metric), with its settings and its canonical mapping."""
+
+    platform: Platform
+    account_id: str
+    platform_id: str
+    name: str
+    settings: dict[str, str | int | float | bool | None] = {}
+    conversion: str | None = None
+    kind: Kind | None = None
+    in_column: bool | None = None
+
+
+class ConversionMap:
+    """Looks up the canonical definition of a platform's conversion name."""
+
+    def __init__(self, definitions: list[ConversionDefinition]) -> None:
+        self.definitions = definitions
+        self._by_name = {(platform, name): d for d in definitions for platform in Platform
+                         for name in d.names.on(platform)}
+
+    def lookup(self, platform: Platform, name: str) -> ConversionDefinition | None:
+        return self._by_name.get((platform, name))
+
+    def mapped(self, conversion: PlatformConversion) -> PlatformConversion:
+        definition = self.lookup(conversion.platform, conversion.name)
+        if definition is None:
+            return conversion
+        return conversion.model_copy(update={"conversion": definition.name,
+                                             "kind": definition.kind})
+
+
+MACRO_HINTS = ("purchase", "order", "qualified", "converted_lead", "subscribe_paid", "deal",
+               "won", "sale", "book_appointment", "request_quote", "demo")
+MICRO_HINTS = ("view", "cart", "checkout", "signup", "sign_up", "subscribed", "register",
+               "download", "lead", "contact", "page", "engagement", "click", "video", "search")
+
+
+def infer_kind(name: str, category: str = "") -> tuple[Kind, str]:
+    """A best guess at macro or micro from a conversion's name and category, and why.
+
+    Macro hints win over micro ones ("Qualified lead" is macro although "lead" is micro)."""
+    text = f"{category} {name}".lower().replace(" ", "_").replace("-", "_")
+    for hint in MACRO_HINTS:
+        if hint in text:
+            return Kind.MACRO, f"name or category contains {hint!r}"
+    for hint in MICRO_HINTS:
+        if hint in text:
+            return Kind.MICRO, f"name or category contains {hint!r}"
+    return Kind.MICRO, "no hint in name or category: assumed micro until configured"

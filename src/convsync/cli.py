@@ -1,0 +1,240 @@
+"""The convsync command line: parses, calls the pipeline, prints. Nothing else lives here.
+
+Exit codes: 0 ok, 1 failed, 2 bad usage or config, 3 partly done.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from enum import IntEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from convsync import __version__
+from convsync.redact import Redactor
+from convsync.redact import install as install_redaction
+from convsync.settings import (
+    ClientConfig,
+    ConfigError,
+    Secrets,
+    check_config,
+    load_config,
+    load_secrets,
+)
+
+app = typer.Typer(
+    help="Keep an advertiser's conversion data honest across Google Ads, GA4, Meta and Klaviyo.",
+    no_args_is_help=True, add_completion=False, rich_markup_mode=None)
+config_app = typer.Typer(help="Check client configuration files.", no_args_is_help=True)
+sandbox_app = typer.Typer(help="Run local simulators of the four platforms (no accounts needed).",
+                          no_args_is_help=True)
+app.add_typer(config_app, name="config")
+app.add_typer(sandbox_app, name="sandbox")
+
+console = Console(stderr=True)
+out = Console()
+
+
+class Exit(IntEnum):
+    OK = 0
+    FAILED = 1
+    BAD_INPUT = 2
+    PARTIAL = 3
+
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON summary "
+                                                       "on stdout instead of tables.")]
+ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="Client config file (TOML).",
+                                            exists=False, dir_okay=False)]
+
+
+def _emit(summary: dict[str, Any], as_json: bool, human: Callable[[], None]) -> None:
+    if as_json:
+        print(json.dumps(summary, default=str), flush=True)
+    else:
+        human()
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"convsync {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug details.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """Keep an advertiser's conversion data honest across Google Ads, GA4, Meta and Klaviyo."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
+                        handlers=[RichHandler(console=console, show_path=False)])
+
+
+@config_app.command("check")
+def config_check(
+    file: Annotated[Path, typer.Argument(help="The client config file to check.")],
+    with_secrets: Annotated[bool, typer.Option(
+        "--with-secrets", help="Also require each enabled platform's credentials (use this on "
+                               "the machine that runs the syncs).")] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Validate a client config file and name each problem with its key and the fix."""
+    problems = check_config(file, require_secrets=with_secrets)
+    errors = [p for p in problems if p.severity == "error"]
+    summary = {"file": str(file), "ok": not errors,
+               "problems": [vars(p) for p in problems]}
+
+    def human() -> None:
+        if not problems:
+            console.print(f"[green]ok[/green] {file}")
+        for problem in problems:
+            colour = "red" if problem.severity == "error" else "yellow"
+            console.print(f"[{colour}]{problem.severity}[/{colour}] "
+                          f"[bold]{problem.key}[/bold]: {problem.message}", highlight=False)
+        if errors:
+            console.print(f"{file}: {len(errors)} error(s)")
+
+    _emit(summary, as_json, human)
+    raise typer.Exit(Exit.BAD_INPUT if errors else Exit.OK)
+
+
+@sandbox_app.command("serve")
+def sandbox_serve(
+    config_out: Annotated[Path | None, typer.Option(
+        help="Write a ready client config pointing at the sandbox to this file (its fake "
+             "secrets go beside it).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the synthetic world.")] = 7,
+    scale: Annotated[str, typer.Option(help="World size: small (60 days x 6 campaigns), "
+                                            "medium (180 x 40) or large (365 x 200).")] = "small",
+    days: Annotated[int | None, typer.Option(help="Days of the world (overrides --scale).")] = None,
+    campaigns: Annotated[int | None, typer.Option(
+        help="Campaigns of the world (overrides --scale).")] = None,
+    end: Annotated[str | None, typer.Option(
+        help="Last day of the world, YYYY-MM-DD (default: yesterday, so relative date ranges "
+             "like LAST_30_DAYS hold data).")] = None,
+    fault: Annotated[list[str] | None, typer.Option(
+        help="World fault to plant (repeatable): duplicate_tag, micro_in_column, tz_shift, "
+             "broken_checkout.")] = None,
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    port_base: Annotated[int, typer.Option(
+        help="First of six consecutive ports (0: any free ports).")] = 0,
+    state_dir: Annotated[Path, typer.Option(help="Where the TLS certificate is kept.")] = Path(
+        "var/sandbox"),
+    as_json: JsonFlag = False,
+) -> None:
+    """Serve the four platform simulators until stopped (Ctrl-C)."""
+    from convsync.sandbox import server
+    from convsync.sandbox.world import SCALES, World, WorldSpec
+
+    if scale not in SCALES:
+        raise typer.BadParameter(f"use one of {', '.join(SCALES)}", param_hint="--scale")
+    default_days, default_campaigns = SCALES[scale]
+    n_days = days or default_days
+    last = dt.date.fromisoformat(end) if end else dt.date.today() - dt.timedelta(days=1)
+    try:
+        spec = WorldSpec(seed=seed, start=last - dt.timedelta(days=n_days - 1), days=n_days,
+                         campaigns=campaigns or default_campaigns,
+                         faults=frozenset(fault or ()),
+                         as_of=dt.datetime.now(dt.UTC) if end is None else None)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
+    running = server.start(World(spec), state_dir.resolve(), host, port_base)
+    secrets = (server.write_client_config(config_out, running) if config_out else None)
+    summary = {"endpoints": running.endpoints, "config": str(config_out) if config_out else None,
+               "secrets_file": str(secrets) if secrets else None, "ca_file": str(running.cert),
+               "world": server.describe(running.world)}
+
+    def human() -> None:
+        table = Table(title="convsync sandbox", show_header=True)
+        table.add_column("platform")
+        table.add_column("endpoint")
+        for name, endpoint in running.endpoints.items():
+            table.add_row(name, endpoint)
+        out.print(table)
+        world = summary["world"]
+        out.print(f"world: {world['start']} .. {world['end']}, {world['campaigns']} campaigns, "
+                  f"seed {world['seed']}, now {world['as_of']}")
+        if config_out:
+            out.print(f"client config: {config_out} (try: convsync config check {config_out})")
+        out.print("serving until Ctrl-C")
+
+    _emit(summary, as_json, human)
+    sys.stdout.flush()
+    _serve_until_stopped()
+    running.stop()
+
+
+def _serve_until_stopped() -> None:
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    while not stop.wait(3600):
+        pass
+
+
+@app.command()
+def discover(config: ConfigOption, as_json: JsonFlag = False) -> None:
+    """Connect to each enabled platform and list its conversions, mapped or not."""
+    from convsync import pipeline
+    from convsync.store import Store
+
+    client, secrets = _load(config)
+    with Store.open(client.store_url()) as store:
+        result = pipeline.discover(client, secrets, store)
+    unmapped = [c for o in result.outcomes for c in o.unmapped]
+    summary = result.summary() | {"store": client.store_url(),
+                                  "snippet": pipeline.mapping_snippet(unmapped)}
+
+    def human() -> None:
+        table = Table(title=f"Conversions defined on each platform: {result.client}")
+        for column in ("platform", "account", "platform conversion", "maps to", "kind",
+                       "in column"):
+            table.add_column(column)
+        for outcome in result.outcomes:
+            for c in outcome.conversions:
+                in_column = "" if c.in_column is None else ("yes" if c.in_column else "no")
+                table.add_row(c.platform.value, c.account_id, c.name,
+                              c.conversion or "[yellow]unmapped[/yellow]",
+                              c.kind.value if c.kind else "", in_column)
+            if outcome.error:
+                table.add_row(outcome.platform.value, "", f"[red]{outcome.error}[/red]", "", "",
+                              "")
+        out.print(table)
+        if unmapped:
+            out.print(f"{len(unmapped)} unmapped; to map them, paste into {config}:")
+            out.print(summary["snippet"], markup=False, highlight=False)
+        out.print(f"stored in {client.store_url()}")
+
+    _emit(summary, as_json, human)
+    if result.failed:
+        raise typer.Exit(Exit.PARTIAL if len(result.failed) < len(result.outcomes) else
+                         Exit.FAILED)
+
+
+def _load(path: Path) -> tuple[ClientConfig, Secrets]:
+    """The config and its secrets, or exit 2 naming each problem."""
+    try:
+        config = load_config(path)
+        secrets = load_secrets(config)
+    except ConfigError as error:
+        console.print(str(error), highlight=False)
+        raise typer.Exit(Exit.BAD_INPUT) from None
+    install_redaction(Redactor(secrets.values()))
+    return config, secrets
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

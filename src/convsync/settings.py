@@ -1,0 +1,420 @@
+"""Client configuration (one TOML file per client) and secrets (environment or a secrets file).
+
+This is the only module that reads the environment. Everything else receives a
+``ClientConfig`` and a ``Secrets``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import tomllib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from convsync.model import ConversionDefinition, Kind, Platform, PlatformNames
+
+META_WINDOWS = ("1d_click", "7d_click", "28d_click", "1d_view", "1d_ev")
+META_REMOVED_WINDOWS = ("7d_view", "28d_view")
+GOOGLE_ADS_BUDGETS = {"explorer": 2_880, "basic": 15_000}
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _names(value: Any) -> Any:
+    """Accept one platform name as a plain string as well as a list of names."""
+    return [value] if isinstance(value, str) else value
+
+
+class ClientSection(_Section):
+    name: str = Field(min_length=1)
+    timezone: str = "UTC"
+    currency: str = "USD"
+    store_url: str = ""
+    secrets_file: Path | None = None
+    lookback_days: int = Field(default=30, ge=0, le=540)
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            hint = difflib.get_close_matches(value, _all_zones(), n=1)
+            raise ValueError(
+                f"unknown time zone {value!r}: use an IANA name such as 'America/New_York'"
+                + (f" (did you mean {hint[0]!r}?)" if hint else "")
+            ) from None
+        return value
+
+    @field_validator("currency")
+    @classmethod
+    def _iso_currency(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Z]{3}", value):
+            raise ValueError(f"currency {value!r} must be a three-letter ISO 4217 code like 'USD'")
+        return value
+
+
+class _PlatformSection(_Section):
+    enabled: bool = True
+    endpoint: str | None = None
+    lookback_days: int | None = Field(default=None, ge=0, le=540)
+
+
+class GoogleAdsSection(_PlatformSection):
+    customer_ids: list[str] = Field(min_length=1)
+    login_customer_id: str | None = None
+    ca_file: Path | None = None
+    access_level: Literal["explorer", "basic", "standard"] = "basic"
+    daily_operation_budget: int | None = Field(default=None, ge=1)
+    conversion_date_basis: bool = False
+    pull_clicks: bool = False
+
+    @field_validator("customer_ids", mode="before")
+    @classmethod
+    def _ids(cls, value: Any) -> Any:
+        return [_customer_id(v) for v in _names(value)]
+
+    @field_validator("login_customer_id", mode="before")
+    @classmethod
+    def _login(cls, value: Any) -> Any:
+        return None if value in (None, "") else _customer_id(value)
+
+    @property
+    def operation_budget(self) -> int | None:
+        """Search/SearchStream operations per day for the Cloud project (None: unlimited)."""
+        return self.daily_operation_budget or GOOGLE_ADS_BUDGETS.get(self.access_level)
+
+
+class Ga4Section(_PlatformSection):
+    property_id: str
+    transport: Literal["grpc", "rest"] = "grpc"
+    ca_file: Path | None = None
+    custom_dimensions: list[str] = []
+
+    @field_validator("property_id", mode="before")
+    @classmethod
+    def _property(cls, value: Any) -> Any:
+        text = str(value).removeprefix("properties/")
+        if not text.isdigit():
+            raise ValueError(f"GA4 property id {value!r} must be digits, like '123456789'")
+        return text
+
+
+class MetaSection(_PlatformSection):
+    ad_account_ids: list[str] = Field(min_length=1)
+    pixel_id: str | None = None
+    api_version: str = "v26.0"
+    attribution_windows: list[str] = ["7d_click", "1d_view"]
+    action_report_time: Literal["impression", "conversion", "mixed"] = "impression"
+
+    @field_validator("ad_account_ids", mode="before")
+    @classmethod
+    def _accounts(cls, value: Any) -> Any:
+        ids = [str(v) for v in _names(value)]
+        for account in ids:
+            if not re.fullmatch(r"(act_)?\d+", account):
+                raise ValueError(f"Meta ad account id {account!r} must look like 'act_1234567890'")
+        return [a if a.startswith("act_") else f"act_{a}" for a in ids]
+
+    @field_validator("attribution_windows")
+    @classmethod
+    def _windows(cls, value: list[str]) -> list[str]:
+        for window in value:
+            if window in META_REMOVED_WINDOWS:
+                raise ValueError(
+                    f"attribution window {window!r} is no longer returned by Meta since "
+                    f"2026-01-12; use one of {', '.join(META_WINDOWS)}")
+            if window not in META_WINDOWS:
+                raise ValueError(f"unknown attribution window {window!r}; "
+                                 f"use one of {', '.join(META_WINDOWS)}")
+        return value
+
+
+class KlaviyoSection(_PlatformSection):
+    revision: str = "2026-10-15"
+
+
+class ConversionEntry(_Section):
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
+    kind: Kind
+    ladder_position: int | None = Field(default=None, ge=1)
+    google_ads: list[str] = []
+    ga4: list[str] = []
+    meta: list[str] = []
+    klaviyo: list[str] = []
+    crm: list[str] = []
+
+    @field_validator("google_ads", "ga4", "meta", "klaviyo", "crm", mode="before")
+    @classmethod
+    def _listify(cls, value: Any) -> Any:
+        return _names(value)
+
+    def definition(self) -> ConversionDefinition:
+        return ConversionDefinition(
+            name=self.name, kind=self.kind, ladder_position=self.ladder_position,
+            names=PlatformNames(**{p.value: tuple(getattr(self, p.value)) for p in Platform}))
+
+
+class ClientConfig(_Section):
+    """One client's configuration file, validated."""
+
+    client: ClientSection
+    google_ads: GoogleAdsSection | None = None
+    ga4: Ga4Section | None = None
+    meta: MetaSection | None = None
+    klaviyo: KlaviyoSection | None = None
+    conversions: list[ConversionEntry] = []
+    path: Path | None = Field(default=None, exclude=True)
+
+    @model_validator(mode="after")
+    def _unique_conversions(self) -> ClientConfig:
+        seen: set[str] = set()
+        for entry in self.conversions:
+            if entry.name in seen:
+                raise ValueError(f"conversion {entry.name!r} is defined twice")
+            seen.add(entry.name)
+        return self
+
+    def enabled_platforms(self) -> list[Platform]:
+        return [p for p in (Platform.GOOGLE_ADS, Platform.GA4, Platform.META, Platform.KLAVIYO)
+                if (section := getattr(self, p.value)) is not None and section.enabled]
+
+    def definitions(self) -> list[ConversionDefinition]:
+        return [entry.definition() for entry in self.conversions]
+
+    def lookback_days(self, platform: Platform) -> int:
+        section = getattr(self, platform.value, None)
+        own = getattr(section, "lookback_days", None)
+        return own if own is not None else self.client.lookback_days
+
+    def store_url(self) -> str:
+        """The store URL; a relative SQLite path is taken relative to the config file."""
+        url = self.client.store_url or f"sqlite:///var/{_slug(self.client.name)}.db"
+        prefix = "sqlite:///"
+        if url.startswith(prefix) and not url.startswith(prefix + "/") and self.path:
+            return prefix + str((self.path.parent / url[len(prefix):]).resolve())
+        return url
+
+
+class Secrets(BaseSettings):
+    """Credentials, from CONVSYNC_* environment variables or a dotenv-style secrets file.
+
+    Google: an OAuth refresh token with its client id and secret, or a service account key
+    file, or a ready access token (the sandbox uses one). The developer token is optional:
+    Google sunset it on 2026-09-09 and ignores the header."""
+
+    model_config = SettingsConfigDict(env_prefix="CONVSYNC_", extra="ignore")
+
+    google_refresh_token: SecretStr | None = None
+    google_client_id: str | None = None
+    google_client_secret: SecretStr | None = None
+    google_service_account_file: Path | None = None
+    google_access_token: SecretStr | None = None
+    google_developer_token: SecretStr | None = None
+    meta_access_token: SecretStr | None = None
+    klaviyo_api_key: SecretStr | None = None
+
+    def values(self) -> list[str]:
+        """Every secret value, for redaction."""
+        return [s.get_secret_value() for s in (
+            self.google_refresh_token, self.google_client_secret, self.google_access_token,
+            self.google_developer_token, self.meta_access_token, self.klaviyo_api_key)
+            if s is not None and s.get_secret_value()]
+
+    def missing_for(self, platform: Platform) -> str | None:
+        """What to set for ``platform``, or None when its credentials are there."""
+        if platform in (Platform.GOOGLE_ADS, Platform.GA4):
+            oauth = (self.google_refresh_token and self.google_client_id
+                     and self.google_client_secret)
+            if oauth or self.google_service_account_file or self.google_access_token:
+                return None
+            return ("set CONVSYNC_GOOGLE_REFRESH_TOKEN, CONVSYNC_GOOGLE_CLIENT_ID and "
+                    "CONVSYNC_GOOGLE_CLIENT_SECRET, or CONVSYNC_GOOGLE_SERVICE_ACCOUNT_FILE")
+        if platform is Platform.META and self.meta_access_token is None:
+            return "set CONVSYNC_META_ACCESS_TOKEN"
+        if platform is Platform.KLAVIYO and self.klaviyo_api_key is None:
+            return "set CONVSYNC_KLAVIYO_API_KEY"
+        return None
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a config file: where, what, and how to fix it."""
+
+    key: str
+    message: str
+    severity: Literal["error", "warning"] = "error"
+
+    def __str__(self) -> str:
+        return f"{self.severity}: {self.key}: {self.message}"
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used; ``problems`` names each key to fix."""
+
+    def __init__(self, path: Path, problems: Sequence[Problem]) -> None:
+        self.path = path
+        self.problems = list(problems)
+        lines = "\n".join(f"  {p}" for p in self.problems)
+        super().__init__(f"{path}: {len(self.problems)} problem(s)\n{lines}")
+
+
+def load_config(path: Path) -> ClientConfig:
+    """Read and validate a client config file; raise ConfigError naming every bad key."""
+    config, problems = _parse(path)
+    errors = [p for p in problems if p.severity == "error"]
+    if config is None or errors:
+        raise ConfigError(path, errors)
+    return config
+
+
+def load_secrets(config: ClientConfig | None = None, secrets_file: Path | None = None) -> Secrets:
+    """Secrets from the environment, then from the secrets file (config's or given)."""
+    file = secrets_file or (config.client.secrets_file if config else None)
+    if file is not None and config is not None and config.path and not file.is_absolute():
+        file = config.path.parent / file
+    if file is not None and not file.exists():
+        raise ConfigError(file, [Problem("client.secrets_file",
+                                         f"secrets file {file} does not exist: create it or "
+                                         "remove the key and use environment variables")])
+    return Secrets(_env_file=file) if file else Secrets()  # type: ignore[call-arg]
+
+
+def check_config(path: Path, secrets: Secrets | None = None, *,
+                 require_secrets: bool = False) -> list[Problem]:
+    """Every problem in a config file (errors and warnings), each with its key and fix.
+
+    Missing credentials are warnings unless ``require_secrets``: a config file checked in CI
+    has no secrets at hand, the machine that runs the syncs must."""
+    config, problems = _parse(path)
+    if config is None:
+        return problems
+    try:
+        secrets = secrets or load_secrets(config)
+    except ConfigError as error:
+        return problems + error.problems
+    for platform in config.enabled_platforms():
+        missing = secrets.missing_for(platform)
+        if missing:
+            problems.append(Problem(platform.value, f"{platform.value} is enabled but has no "
+                                    f"credentials: {missing} (or set enabled = false)",
+                                    "error" if require_secrets else "warning"))
+    enabled = set(config.enabled_platforms())
+    for i, entry in enumerate(config.conversions):
+        mapped = {p for p in Platform if getattr(entry, p.value)}
+        if not mapped:
+            problems.append(Problem(f"conversions[{i}] ({entry.name})",
+                                    "mapped to no platform: add its name on at least one "
+                                    "platform, e.g. ga4 = \"purchase\""))
+        elif not mapped & (enabled | {Platform.CRM}):
+            problems.append(Problem(f"conversions[{i}] ({entry.name})",
+                                    "mapped only to platforms that are not enabled", "warning"))
+    if not any(e.kind is Kind.MACRO for e in config.conversions):
+        problems.append(Problem("conversions", "no macro conversion defined: add the purchase "
+                                "or qualified lead with kind = \"macro\"", "warning"))
+    return problems
+
+
+def trust_ca_file(path: Path) -> None:
+    """Make this process's gRPC TLS channels trust ``path`` (the sandbox's certificate).
+
+    The Google clients open only TLS channels and take their roots from this variable when
+    the first channel opens; it replaces the public roots, so set it only for the sandbox."""
+    current = os.environ.get("GRPC_DEFAULT_SSL_ROOTS_FILE_PATH")
+    if current and Path(current).resolve() != path.resolve():
+        raise ConfigError(path, [Problem("ca_file", f"this process already trusts {current}; "
+                                         "one process can trust one sandbox certificate")])
+    if not path.exists():
+        raise ConfigError(path, [Problem("ca_file", f"{path} does not exist: start the sandbox "
+                                         "(convsync sandbox serve) or remove ca_file")])
+    os.environ["GRPC_DEFAULT_SSL_ROOTS_FILE_PATH"] = str(path)
+
+
+def _parse(path: Path) -> tuple[ClientConfig | None, list[Problem]]:
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None, [Problem(str(path), "file not found")]
+    except tomllib.TOMLDecodeError as error:
+        return None, [Problem(str(path), f"not valid TOML: {error}")]
+    try:
+        config = ClientConfig.model_validate({**raw, "path": path.resolve()})
+    except ValidationError as error:
+        return None, [_problem(err, raw) for err in error.errors()]
+    return config, []
+
+
+def _problem(err: Any, raw: dict[str, Any]) -> Problem:
+    loc = [str(part) for part in err["loc"]]
+    key = ".".join(loc).replace(".[", "[")
+    key = re.sub(r"conversions\.(\d+)", r"conversions[\1]", key)
+    if err["type"] == "extra_forbidden":
+        return Problem(key, _unknown_key_message(loc))
+    if err["type"] == "missing":
+        return Problem(key, "required key is missing: add it")
+    message = str(err["msg"]).removeprefix("Value error, ")
+    value = err.get("input")
+    if not isinstance(value, dict | list) and value is not None and repr(value) not in message:
+        message += f" (got {value!r})"
+    return Problem(key, message)
+
+
+def _unknown_key_message(loc: list[str]) -> str:
+    model: type[BaseModel] = ClientConfig
+    for part in loc[:-1]:
+        if part.isdigit():
+            continue
+        field = model.model_fields.get(part)
+        inner = _model_of(field.annotation) if field else None
+        if inner is None:
+            break
+        model = inner
+    known = [name for name in model.model_fields if name != "path"]
+    hint = difflib.get_close_matches(loc[-1], known, n=1)
+    suggestion = f"did you mean {hint[0]!r}?" if hint else f"known keys: {', '.join(known)}"
+    return f"unknown key {loc[-1]!r}: {suggestion}"
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    candidates = [annotation, *getattr(annotation, "__args__", ())]
+    for candidate in candidates:
+        inner = getattr(candidate, "__args__", None)
+        for c in [candidate, *(inner or ())]:
+            if isinstance(c, type) and issubclass(c, BaseModel):
+                return c
+    return None
+
+
+def _customer_id(value: Any) -> str:
+    digits = str(value).replace("-", "")
+    if not re.fullmatch(r"\d{10}", digits):
+        raise ValueError(f"Google Ads customer id {value!r} must be 10 digits, like "
+                         "'123-456-7890' or '1234567890'")
+    return digits
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "client"
+
+
+def _all_zones() -> list[str]:
+    import zoneinfo
+    return sorted(zoneinfo.available_timezones())

@@ -1,0 +1,1 @@
+"""One module per platform: connect with the platform's own SDK, pull, normalize."""

@@ -1,0 +1,138 @@
+"""Config files: the example is valid, and each kind of mistake is named with its key."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from convsync.model import Kind, Platform
+from convsync.settings import ConfigError, Secrets, check_config, load_config, load_secrets
+
+EXAMPLE = Path(__file__).parents[1] / "config" / "example.toml"
+NO_SECRETS = Secrets(_env_file=None)  # type: ignore[call-arg]
+
+
+def variant(tmp_path: Path, old: str, new: str) -> Path:
+    text = EXAMPLE.read_text()
+    assert old in text, f"example.toml no longer contains {old!r}"
+    path = tmp_path / "client.toml"
+    path.write_text(text.replace(old, new, 1))
+    return path
+
+
+def errors(path: Path, secrets: Secrets = NO_SECRETS) -> dict[str, str]:
+    return {p.key: p.message for p in check_config(path, secrets) if p.severity == "error"}
+
+
+def test_example_is_valid_and_complete() -> None:
+    config = load_config(EXAMPLE)
+    assert errors(EXAMPLE) == {}
+    assert config.client.timezone == "America/New_York"
+    assert config.google_ads is not None and config.google_ads.customer_ids == ["1234567890"]
+    assert config.google_ads.login_customer_id == "9876543210"
+    assert config.meta is not None and config.meta.ad_account_ids == ["act_1029384756"]
+    assert config.enabled_platforms() == [Platform.GOOGLE_ADS, Platform.GA4, Platform.META,
+                                          Platform.KLAVIYO]
+    purchase = next(d for d in config.definitions() if d.name == "purchase")
+    assert purchase.kind is Kind.MACRO and purchase.ladder_position == 4
+    assert purchase.names.google_ads == ("Purchase", "GA4 purchase")
+    assert purchase.names.ga4 == ("purchase",)
+    # a relative SQLite path is relative to the config file, not to the working directory
+    assert config.store_url() == f"sqlite:///{EXAMPLE.parent.parent.resolve()}/var/acme-outdoor.db"
+
+
+def test_every_example_key_is_documented() -> None:
+    """Each key in example.toml has a comment line above it (or above its table)."""
+    lines = EXAMPLE.read_text().splitlines()
+    in_conversions = False
+    for i, line in enumerate(lines):
+        if line.startswith("[[conversions]]"):
+            in_conversions = True
+        key = re.match(r"^([a-z_]+) = ", line)
+        if key and not in_conversions:
+            above = lines[i - 1]
+            assert above.startswith("#") or lines[i - 2].startswith("#") or above.startswith(
+                "[") or re.match(r"^[a-z_]+ = ", above), f"{key.group(1)} is not documented"
+
+
+def test_bad_time_zone_names_the_key_and_suggests(tmp_path: Path) -> None:
+    found = errors(variant(tmp_path, 'timezone = "America/New_York"',
+                           'timezone = "America/NewYork"'))
+    assert list(found) == ["client.timezone"]
+    assert "America/New_York" in found["client.timezone"]
+
+
+def test_unknown_key_suggests_the_likely_typo(tmp_path: Path) -> None:
+    found = errors(variant(tmp_path, "customer_ids =", "customer_id ="))
+    assert "google_ads.customer_id" in found
+    assert "did you mean 'customer_ids'" in found["google_ads.customer_id"]
+    # the now-missing required key is named too
+    assert "google_ads.customer_ids" in found
+
+
+def test_unknown_kind_is_named_with_its_conversion(tmp_path: Path) -> None:
+    found = errors(variant(tmp_path, 'kind = "macro"', 'kind = "makro"'))
+    (key, message), = found.items()
+    assert key == "conversions[3].kind"
+    assert "'macro'" in message and "'micro'" in message
+
+
+def test_conversion_mapped_to_no_platform(tmp_path: Path) -> None:
+    path = tmp_path / "client.toml"
+    path.write_text(EXAMPLE.read_text() + '\n[[conversions]]\nname = "ebook"\nkind = "micro"\n')
+    found = errors(path)
+    assert list(found) == ["conversions[7] (ebook)"]
+    assert "no platform" in found["conversions[7] (ebook)"]
+
+
+def test_removed_meta_window_says_why(tmp_path: Path) -> None:
+    found = errors(variant(tmp_path, '["7d_click", "1d_view"]', '["7d_click", "28d_view"]'))
+    message = found["meta.attribution_windows"]
+    assert "28d_view" in message and "2026-01-12" in message
+
+
+def test_missing_secrets_warn_by_default_and_fail_when_required() -> None:
+    problems = check_config(EXAMPLE, NO_SECRETS)
+    assert {p.key for p in problems if p.severity == "warning"} >= {"google_ads", "meta",
+                                                                     "klaviyo", "ga4"}
+    strict = check_config(EXAMPLE, NO_SECRETS, require_secrets=True)
+    meta = next(p for p in strict if p.key == "meta")
+    assert meta.severity == "error" and "CONVSYNC_META_ACCESS_TOKEN" in meta.message
+
+
+def test_developer_token_is_never_required(monkeypatch: pytest.MonkeyPatch,
+                                           tmp_path: Path) -> None:
+    for name in ("GOOGLE_REFRESH_TOKEN", "GOOGLE_CLIENT_ID", "GOOGLE_CLIENT_SECRET"):
+        monkeypatch.setenv(f"CONVSYNC_{name}", f"value-of-{name.lower()}")
+    monkeypatch.setenv("CONVSYNC_META_ACCESS_TOKEN", "meta-token-123")
+    monkeypatch.setenv("CONVSYNC_KLAVIYO_API_KEY", "pk_abc123")
+    monkeypatch.delenv("CONVSYNC_GOOGLE_DEVELOPER_TOKEN", raising=False)
+    assert check_config(EXAMPLE, require_secrets=True) == []
+
+
+def test_secrets_file_is_read_and_missing_one_is_named(tmp_path: Path) -> None:
+    secrets_file = tmp_path / "acme.env"
+    secrets_file.write_text("CONVSYNC_META_ACCESS_TOKEN=from-file-token\n")
+    path = variant(tmp_path, "# secrets_file = ", "secrets_file = ")
+    path.write_text(path.read_text().replace('"/etc/convsync/acme.env"', '"acme.env"'))
+    secrets = load_secrets(load_config(path))
+    assert secrets.meta_access_token is not None
+    assert secrets.meta_access_token.get_secret_value() == "from-file-token"
+    assert "from-file-token" not in repr(secrets)  # SecretStr hides it
+    secrets_file.unlink()
+    with pytest.raises(ConfigError) as error:
+        load_secrets(load_config(path))
+    assert "client.secrets_file" in str(error.value)
+
+
+def test_toml_syntax_error_is_reported(tmp_path: Path) -> None:
+    path = variant(tmp_path, 'name = "Acme Outdoor"', 'name = "Acme Outdoor')
+    (problem,) = check_config(path, NO_SECRETS)
+    assert "not valid TOML" in problem.message and "line" in problem.message
+
+
+def test_customer_ids_accept_dashes_and_reject_garbage(tmp_path: Path) -> None:
+    found = errors(variant(tmp_path, '["123-456-7890"]', '["123-456"]'))
+    assert "10 digits" in found["google_ads.customer_ids"]
