@@ -164,7 +164,7 @@ def sandbox_serve(
         for name, endpoint in running.endpoints.items():
             table.add_row(name, endpoint)
         out.print(table)
-        world = summary["world"]
+        world = server.describe(running.world)
         out.print(f"world: {world['start']} .. {world['end']}, {world['campaigns']} campaigns, "
                   f"seed {world['seed']}, now {world['as_of']}")
         if config_out:
@@ -196,7 +196,8 @@ def discover(config: ConfigOption, as_json: JsonFlag = False) -> None:
         result = pipeline.discover(client, secrets, store)
     unmapped = [c for o in result.outcomes for c in o.unmapped]
     summary = result.summary() | {"store": client.store_url(),
-                                  "snippet": pipeline.mapping_snippet(unmapped)}
+                                  "snippet": pipeline.mapping_snippet(
+                                      unmapped, {d.name for d in client.definitions()})}
 
     def human() -> None:
         table = Table(title=f"Conversions defined on each platform: {result.client}")
@@ -206,8 +207,10 @@ def discover(config: ConfigOption, as_json: JsonFlag = False) -> None:
         for outcome in result.outcomes:
             for c in outcome.conversions:
                 in_column = "" if c.in_column is None else ("yes" if c.in_column else "no")
-                table.add_row(c.platform.value, c.account_id, c.name,
-                              c.conversion or "[yellow]unmapped[/yellow]",
+                alias = c.settings.get("alias_of")
+                maps_to = c.conversion or (f"= {alias} (alias)" if alias
+                                           else "[yellow]unmapped[/yellow]")
+                table.add_row(c.platform.value, c.account_id, c.name, maps_to,
                               c.kind.value if c.kind else "", in_column)
             if outcome.error:
                 table.add_row(outcome.platform.value, "", f"[red]{outcome.error}[/red]", "", "",

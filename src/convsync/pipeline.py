@@ -5,7 +5,9 @@ Each platform runs on its own: one failing is reported and the others go on."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,7 +32,9 @@ class PlatformOutcome:
 
     @property
     def unmapped(self) -> list[PlatformConversion]:
-        return [c for c in self.conversions if c.conversion is None]
+        """Conversions no definition names (views of a mapped Meta action are not)."""
+        return [c for c in self.conversions
+                if c.conversion is None and "alias_of" not in c.settings]
 
 
 @dataclass
@@ -62,6 +66,8 @@ def discover(config: ClientConfig, secrets: Secrets, store: Store,
         try:
             found = list(_platform_conversions(platform, config, secrets, since, until))
             outcome.conversions = [mapping.mapped(c) for c in found]
+            if platform is Platform.META:
+                outcome.conversions = meta.mark_aliases(outcome.conversions)
             store.save_platform_conversions(outcome.conversions)
         except Exception as error:  # one platform failing must not stop the others
             outcome.error = redact(explain(error))
@@ -96,14 +102,19 @@ def explain(error: Exception) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-def mapping_snippet(unmapped: list[PlatformConversion]) -> str:
-    """Ready-to-paste ``[[conversions]]`` tables for platform conversions no definition names."""
+def mapping_snippet(unmapped: list[PlatformConversion], taken: set[str]) -> str:
+    """Ready-to-paste ``[[conversions]]`` tables for platform conversions no definition names.
+
+    ``taken`` holds the canonical names already defined: a clash gets a platform suffix."""
     blocks = []
     for conversion in unmapped:
         kind, why = infer_kind(conversion.name, str(conversion.settings.get("category", "")))
-        slug = "".join(ch if ch.isalnum() else "_" for ch in conversion.name.lower()).strip("_")
+        slug = re.sub(r"[^a-z0-9]+", "_", conversion.name.lower()).strip("_")
+        slug = slug if re.match(r"[a-z]", slug) else f"c_{slug}"
+        if slug in taken:
+            slug = f"{slug}_{conversion.platform.value}"
+        taken = taken | {slug}
         blocks.append("\n".join([
-            "[[conversions]]", f'name = "{slug or "conversion"}"',
-            f'kind = "{kind.value}"  # {why}',
-            f'{conversion.platform.value} = "{conversion.name}"']))
+            "[[conversions]]", f'name = "{slug}"', f'kind = "{kind.value}"  # {why}',
+            f"{conversion.platform.value} = {json.dumps(conversion.name)}"]))
     return "\n\n".join(blocks)

@@ -295,7 +295,7 @@ def load_secrets(config: ClientConfig | None = None, secrets_file: Path | None =
         raise ConfigError(file, [Problem("client.secrets_file",
                                          f"secrets file {file} does not exist: create it or "
                                          "remove the key and use environment variables")])
-    return Secrets(_env_file=file) if file else Secrets()  # type: ignore[call-arg]
+    return Secrets(_env_file=file) if file else Secrets()
 
 
 def check_config(path: Path, secrets: Secrets | None = None, *,

@@ -104,8 +104,8 @@ def serve_rest(platform: RestPlatform, sandbox: Sandbox, host: str = "127.0.0.1"
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length) if length else b""
             parts = urlsplit(self.path)
-            request = Request(self.command, parts.path, parse_qs(parts.query, keep_blank_values=True),
-                              self.headers, body)
+            query = parse_qs(parts.query, keep_blank_values=True)
+            request = Request(self.command, parts.path, query, self.headers, body)
             self._send(_answer(platform, sandbox, request))
 
         def _send(self, response: Response) -> None:

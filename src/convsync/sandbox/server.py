@@ -14,7 +14,14 @@ import grpc
 
 from convsync.sandbox import ga4, google_ads, klaviyo, meta
 from convsync.sandbox.control import FAULT_KINDS, Fault, Sandbox
-from convsync.sandbox.http import ApiError, Handler, Request, Response, serve_rest
+from convsync.sandbox.http import (
+    ApiError,
+    Handler,
+    Request,
+    Response,
+    RestPlatform,
+    serve_rest,
+)
 from convsync.sandbox.tls import ensure_certificate
 from convsync.sandbox.world import (
     CART,
@@ -74,10 +81,12 @@ def start(world: World, state_dir: Path, host: str = "127.0.0.1",
         return port_base + offset if port_base else 0
 
     gads_server, gads_port = google_ads.build_google_ads_server(sandbox, cert, key, host, port(0))
-    ga4_server, ga4_port = ga4.build_ga4_grpc_server(sandbox, cert, key, host, port(1))
+    ga4_property = ga4.Ga4Property(world)  # one quota ledger and cache for gRPC and REST
+    ga4_server, ga4_port = ga4.build_ga4_grpc_server(sandbox, cert, key, host, port(1),
+                                                     ga4=ga4_property)
     running._grpc += [gads_server, ga4_server]
-    rest = {
-        "ga4_rest": ga4.Ga4Rest(sandbox),
+    rest: dict[str, RestPlatform] = {
+        "ga4_rest": ga4.Ga4Rest(sandbox, ga4_property),
         "meta": meta.MetaGraph(sandbox),
         "klaviyo": klaviyo.KlaviyoApi(sandbox),
         "control": ControlApi(sandbox),

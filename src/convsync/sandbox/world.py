@@ -288,7 +288,8 @@ class World:
         times[CHECKOUT] = np.where(checked, times[CART] + _mixed_lag(rng, n, 0.7, 600, 2.0),
                                    np.nan)
         purchase_rate = rate["purchase_rate"]
-        if "broken_checkout" in self.spec.faults and day_number >= self.first_day + self.spec.days // 2:
+        broken_since = self.first_day + self.spec.days // 2
+        if "broken_checkout" in self.spec.faults and day_number >= broken_since:
             purchase_rate = purchase_rate * 0.0
         bought = checked & (u[3] < purchase_rate)
         times[PURCHASE] = np.where(bought, times[CHECKOUT] + _mixed_lag(rng, n, 0.55, 1200, 5.0),
@@ -354,7 +355,8 @@ class World:
                 if action.type.startswith("UPLOAD"):
                     continue  # offline imports: only what someone uploaded shows up
                 ts = day.times[action.step]
-                ok = mine & self.visible(ts) & (ts - day.click_ts <= action.click_through_days * DAY)
+                in_window = ts - day.click_ts <= action.click_through_days * DAY
+                ok = mine & self.visible(ts) & in_window
                 idx = np.nonzero(ok)[0]
                 if idx.size == 0:
                     continue

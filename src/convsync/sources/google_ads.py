@@ -69,9 +69,12 @@ def conversion_actions(client: GoogleAdsClient, customer_id: str) -> Iterator[Pl
 
 
 def _enum_name(message: Any, field: str) -> str:
-    enum = message.DESCRIPTOR.fields_by_name[field].enum_type
-    value = enum.values_by_number.get(getattr(message, field))
-    return value.name if value is not None else str(getattr(message, field))
+    """The name of an enum field's value (proto-plus renames ``type`` to ``type_``)."""
+    fields = message.DESCRIPTOR.fields_by_name
+    field = field if field in fields else f"{field}_"
+    number = getattr(message, field)
+    value = fields[field].enum_type.values_by_number.get(number)
+    return value.name if value is not None else str(number)
 
 
 def explain(error: Exception) -> str | None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -26,6 +25,29 @@ def connect(section: MetaSection, secrets: Secrets, timeout: float = 120) -> Fac
     return FacebookAdsApi(session, api_version=section.api_version)
 
 
+ALIAS_PREFIXES = ("offsite_conversion.fb_pixel_", "onsite_conversion.", "onsite_web_", "omni_")
+IRREGULAR = {"initiated_checkout": "initiate_checkout"}
+
+
+def action_family(action_type: str) -> str:
+    """The event behind an action type: Meta reports one pixel purchase as ``purchase``,
+    ``omni_purchase``, ``offsite_conversion.fb_pixel_purchase`` and ``onsite_web_purchase``,
+    views of the same events that must never be added together."""
+    for prefix in ALIAS_PREFIXES:
+        if action_type.startswith(prefix):
+            action_type = action_type[len(prefix):]
+            break
+    return IRREGULAR.get(action_type, action_type)
+
+
+def mark_aliases(conversions: list[PlatformConversion]) -> list[PlatformConversion]:
+    """Unmapped action types that are views of a mapped one get ``alias_of`` in settings."""
+    mapped = {action_family(c.name): c.conversion for c in conversions if c.conversion}
+    return [c if c.conversion or action_family(c.name) not in mapped else c.model_copy(
+        update={"settings": {**c.settings, "alias_of": mapped[action_family(c.name)]}})
+        for c in conversions]
+
+
 def insights(api: FacebookAdsApi, account_id: str, params: dict[str, Any],
              fields: list[str]) -> Iterator[dict[str, Any]]:
     """Insights rows as plain dicts, following the SDK cursor page by page."""
@@ -38,8 +60,8 @@ def action_types(api: FacebookAdsApi, section: MetaSection, account_id: str, sta
                  end: dt.date) -> Iterator[PlatformConversion]:
     """The action types the account recorded over a date range, with their counts."""
     params = {"level": "account",
-              "time_range": json.dumps({"since": start.isoformat(), "until": end.isoformat()}),
-              "action_attribution_windows": json.dumps(section.attribution_windows),
+              "time_range": {"since": start.isoformat(), "until": end.isoformat()},
+              "action_attribution_windows": section.attribution_windows,
               "action_report_time": section.action_report_time}
     totals: dict[str, float] = {}
     for row in insights(api, account_id, params, ["actions"]):

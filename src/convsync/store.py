@@ -1,0 +1,909 @@
+"""The store: everything convsync keeps between runs, on SQLite (default) or PostgreSQL.
+
+SQLAlchemy Core only. The schema is versioned: ``schema_version`` holds one row per applied
+migration and ``MIGRATIONS`` is the ordered list of migration functions (``MIGRATIONS[0]``
+takes an empty database to version 1). ``Store.open`` applies the pending ones in one
+transaction and refuses a database written by a newer convsync.
+
+Hot paths (``upsert_stats``, ``upsert_journey_events``) run an INSERT ... ON CONFLICT statement
+compiled once per store, with rows passed as plain tuples (see ``_BulkUpsert``): SQLAlchemy's
+per-row parameter processing would otherwise cost more than SQLite itself.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import itertools
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Generic, Self, TypeVar
+
+import sqlalchemy as sa
+from pydantic import BaseModel
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection, Dialect, Engine, make_url
+from sqlalchemy.engine.interfaces import DBAPIConnection
+from sqlalchemy.pool import ConnectionPoolEntry
+from sqlalchemy.schema import SchemaItem
+from sqlalchemy.sql.dml import Insert
+
+from convsync.model import (
+    ConversionDefinition,
+    ConversionStat,
+    Identifiers,
+    JourneyEvent,
+    Kind,
+    Platform,
+    PlatformConversion,
+    PlatformNames,
+    Upload,
+    UploadStatus,
+)
+
+__all__ = [
+    "LATEST_VERSION",
+    "MIGRATIONS",
+    "Run",
+    "Store",
+    "StoreError",
+    "StoreVersionError",
+    "Watermark",
+]
+
+DEFAULT_BATCH_SIZE = 5000
+_STREAM_CHUNK = 2000
+_WRITE = "convsync_write"
+"""Execution option marking a connection that will write (SQLite: BEGIN IMMEDIATE)."""
+
+
+T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
+
+
+class StoreError(RuntimeError):
+    """The store cannot be opened or used as asked."""
+
+
+class StoreVersionError(StoreError):
+    """The database was written by a newer convsync than this one."""
+
+
+def _utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class UtcDateTime(sa.types.TypeDecorator[dt.datetime]):
+    """An aware UTC timestamp on every backend.
+
+    PostgreSQL keeps ``timestamptz``; SQLite has no time zones, so the value is stored as naive
+    UTC text and given back its UTC zone on the way out. Naive input is refused.
+    """
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValueError(f"naive timestamp {value!r}: the store only takes aware datetimes")
+        utc = value.astimezone(dt.UTC)
+        return utc if dialect.name == "postgresql" else utc.replace(tzinfo=None)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        moment: dt.datetime = value
+        if moment.tzinfo is None:
+            return moment.replace(tzinfo=dt.UTC)
+        return moment.astimezone(dt.UTC)
+
+
+_JSON = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
+_MONEY: sa.Double[float] = sa.Double()
+"""Counts and money as double precision, like the model's floats: the platforms report them as
+doubles (Google Ads ``conversions``, fractional under data-driven attribution, and
+``conversions_value``) or as decimal strings parsed to float (Meta), so Numeric would add a
+conversion per value without adding exactness the data never had."""
+
+metadata = sa.MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+IDENTIFIER_COLUMNS = tuple(Identifiers.model_fields)
+"""Identifier columns of journey_events and uploads; the hashed ones must be SHA-256 hex."""
+_HASHED = ("email_sha256_google", "email_sha256_meta", "phone_sha256")
+
+
+def _sha256_hex_check(column: str) -> sa.CheckConstraint:
+    """NULL or 64 lower-case hex digits: a raw email or phone can never land in the column.
+
+    Written with nested replace() so the same text works on SQLite and PostgreSQL."""
+    stripped = column
+    for digit in "0123456789abcdef":
+        stripped = f"replace({stripped}, '{digit}', '')"
+    sql = f"{column} IS NULL OR (length({column}) = 64 AND {stripped} = '')"
+    return sa.CheckConstraint(sql, name=f"{column}_hex")
+
+
+def _identifier_columns() -> list[SchemaItem]:
+    columns: list[SchemaItem] = [sa.Column(name, sa.String) for name in IDENTIFIER_COLUMNS]
+    return columns + [_sha256_hex_check(name) for name in _HASHED]
+
+
+schema_version = sa.Table(
+    "schema_version",
+    metadata,
+    sa.Column("version", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("applied_at", UtcDateTime, nullable=False),
+)
+
+conversion_definitions = sa.Table(
+    "conversion_definitions",
+    metadata,
+    sa.Column("client", sa.String, primary_key=True),
+    sa.Column("name", sa.String, primary_key=True),
+    sa.Column("kind", sa.String(8), nullable=False),
+    sa.Column("ladder_position", sa.Integer),
+    sa.Column("updated_at", UtcDateTime, nullable=False),
+    sa.CheckConstraint("kind IN ('macro', 'micro')", name="kind"),
+)
+
+conversion_platform_names = sa.Table(
+    "conversion_platform_names",
+    metadata,
+    sa.Column("client", sa.String, primary_key=True),
+    sa.Column("name", sa.String, primary_key=True),
+    sa.Column("platform", sa.String(16), primary_key=True),
+    sa.Column("platform_name", sa.String, primary_key=True),
+    sa.Column("position", sa.Integer, nullable=False),
+    sa.ForeignKeyConstraint(
+        ["client", "name"],
+        [conversion_definitions.c.client, conversion_definitions.c.name],
+        ondelete="CASCADE",
+    ),
+    sa.Index(None, "platform", "platform_name"),
+)
+
+platform_conversions = sa.Table(
+    "platform_conversions",
+    metadata,
+    sa.Column("platform", sa.String(16), primary_key=True),
+    sa.Column("account_id", sa.String, primary_key=True),
+    sa.Column("platform_id", sa.String, primary_key=True),
+    sa.Column("name", sa.String, nullable=False),
+    sa.Column("settings", _JSON, nullable=False),
+    sa.Column("conversion", sa.String),
+    sa.Column("kind", sa.String(8)),
+    sa.Column("in_column", sa.Boolean),
+    sa.Column("last_seen", UtcDateTime, nullable=False),
+    sa.Index(None, "platform", "name"),
+)
+
+STATS_KEY = (
+    "platform", "account_id", "date", "campaign_id", "platform_conversion", "basis",
+    "attribution_window",
+)
+daily_stats = sa.Table(
+    "daily_stats",
+    metadata,
+    sa.Column("platform", sa.String(16), primary_key=True),
+    sa.Column("account_id", sa.String, primary_key=True),
+    sa.Column("date", sa.Date, primary_key=True),
+    sa.Column("campaign_id", sa.String, primary_key=True),
+    sa.Column("platform_conversion", sa.String, primary_key=True),
+    sa.Column("basis", sa.String(16), primary_key=True),
+    sa.Column("attribution_window", sa.String(16), primary_key=True),
+    sa.Column("timezone", sa.String, nullable=False),
+    sa.Column("campaign_name", sa.String, nullable=False),
+    sa.Column("conversion", sa.String),
+    sa.Column("kind", sa.String(8)),
+    sa.Column("count", _MONEY, nullable=False),
+    sa.Column("value", _MONEY, nullable=False),
+    sa.Column("currency", sa.String, nullable=False),
+    sa.Column("in_column", sa.Boolean),
+    sa.Column("updated_at", UtcDateTime, nullable=False),
+    sa.Index(None, "date"),
+)
+
+JOURNEY_KEY = ("source_platform", "source_event_id")
+journey_events = sa.Table(
+    "journey_events",
+    metadata,
+    sa.Column("source_platform", sa.String(16), primary_key=True),
+    sa.Column("source_event_id", sa.String, primary_key=True),
+    sa.Column("person_key", sa.String, nullable=False),
+    sa.Column("conversion", sa.String),
+    sa.Column("platform_conversion", sa.String, nullable=False),
+    sa.Column("time", UtcDateTime, nullable=False),
+    sa.Column("value", _MONEY, nullable=False),
+    sa.Column("currency", sa.String, nullable=False),
+    sa.Column("campaign_id", sa.String, nullable=False),
+    *_identifier_columns(),
+    sa.Column("updated_at", UtcDateTime, nullable=False),
+    sa.Index(None, "time"),
+    sa.Index(None, "person_key", "time"),
+)
+
+uploads = sa.Table(
+    "uploads",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("destination", sa.String(16), nullable=False),
+    sa.Column("conversion_action", sa.String, nullable=False),
+    sa.Column("dedupe_key", sa.String, nullable=False),
+    sa.Column("value", _MONEY, nullable=False),
+    sa.Column("currency", sa.String, nullable=False),
+    sa.Column("time", UtcDateTime, nullable=False),
+    *_identifier_columns(),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("response", sa.Text, nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("created_at", UtcDateTime, nullable=False),
+    sa.Column("updated_at", UtcDateTime, nullable=False),
+    sa.UniqueConstraint("destination", "dedupe_key"),
+    sa.Index(None, "destination", "status"),
+)
+
+watermarks = sa.Table(
+    "watermarks",
+    metadata,
+    sa.Column("client", sa.String, primary_key=True),
+    sa.Column("platform", sa.String(16), primary_key=True),
+    sa.Column("account_id", sa.String, primary_key=True),
+    sa.Column("stream", sa.String, primary_key=True),
+    sa.Column("last_complete_date", sa.Date),
+    sa.Column("cursor", sa.String),
+    sa.Column("updated_at", UtcDateTime, nullable=False),
+)
+
+runs = sa.Table(
+    "runs",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("client", sa.String, nullable=False),
+    sa.Column("command", sa.String, nullable=False),
+    sa.Column("started_at", UtcDateTime, nullable=False),
+    sa.Column("finished_at", UtcDateTime),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("summary", _JSON, nullable=False),
+    sa.Index(None, "client", "started_at"),
+)
+
+DATA_TABLES = (
+    conversion_definitions, conversion_platform_names, platform_conversions, daily_stats,
+    journey_events, uploads, watermarks, runs,
+)
+
+
+def _migrate_to_v1(conn: Connection) -> None:
+    """Create every table.
+
+    This builds the *current* definitions above: the day a later migration changes a table,
+    freeze that table's v1 shape here first, so that v1 + v2 + ... always equals the code."""
+    metadata.create_all(conn, tables=list(DATA_TABLES))
+
+
+Migration = Callable[[Connection], None]
+MIGRATIONS: tuple[Migration, ...] = (_migrate_to_v1,)
+"""MIGRATIONS[n] takes the schema from version n to version n + 1."""
+LATEST_VERSION = len(MIGRATIONS)
+
+
+@dataclass(frozen=True)
+class Watermark:
+    """How far one stream of one account is known to be complete."""
+
+    client: str
+    platform: Platform
+    account_id: str
+    stream: str
+    last_complete_date: dt.date | None
+    cursor: str | None
+    updated_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class Run:
+    id: int
+    client: str
+    command: str
+    started_at: dt.datetime
+    finished_at: dt.datetime | None
+    status: str
+    summary: Mapping[str, Any]
+
+
+Values = tuple[Any, ...]
+Processor = Callable[[Any], Any]
+
+
+def _unchanged(value: Any) -> Any:
+    return value
+
+
+class _BulkUpsert:
+    """An INSERT ... ON CONFLICT compiled once for one dialect and run with executemany.
+
+    Rows are plain tuples in table column order, so SQLAlchemy's per-row parameter processing
+    (a dict per row, then a bind processor call per value) is skipped. The row builder still
+    applies each column type's own bind conversion (DATE as text on SQLite, aware UTC
+    timestamps, ...) through ``processor(column)``; ``converted`` names the columns it does
+    that for, and a column type needing a conversion the builder would skip is refused here.
+    """
+
+    def __init__(self, stmt: Insert, dialect: Dialect, converted: Collection[str]) -> None:
+        table = stmt.table
+        assert isinstance(table, sa.Table)
+        columns = [c.name for c in table.c]
+        compiled = stmt.compile(dialect=dialect, column_keys=columns)
+        assert not compiled.positional or list(compiled.positiontup or ()) == columns
+        self.sql = str(compiled)
+        self._names = None if compiled.positional else columns
+        self._processors = {
+            c.name: processor for c in table.c
+            if (processor := c.type.dialect_impl(dialect).bind_processor(dialect))
+        }
+        unconverted = set(self._processors) - set(converted)
+        if unconverted:
+            raise TypeError(f"{table.name}: the row builder skips the {dialect.name} bind "
+                            f"conversion of {sorted(unconverted)}")
+
+    def processor(self, column: str) -> Processor:
+        return self._processors.get(column, _unchanged)
+
+    def execute(self, conn: Connection, rows: list[Values]) -> None:
+        if self._names is None:
+            conn.exec_driver_sql(self.sql, rows)
+        else:
+            names = self._names
+            conn.exec_driver_sql(self.sql, [dict(zip(names, row, strict=True)) for row in rows])
+
+
+def _upsert_insert(dialect: Dialect, table: sa.Table, key: Sequence[str]) -> Insert:
+    """INSERT ... ON CONFLICT (key) DO UPDATE every other column to the new values."""
+    insert = sqlite.insert if dialect.name == "sqlite" else postgresql.insert
+    stmt = insert(table)
+    updates = {c.name: stmt.excluded[c.name] for c in table.c if c.name not in key}
+    return stmt.on_conflict_do_update(index_elements=list(key), set_=updates)
+
+
+def _insert_new_only(dialect: Dialect, table: sa.Table, key: Sequence[str]) -> Insert:
+    insert = sqlite.insert if dialect.name == "sqlite" else postgresql.insert
+    return insert(table).on_conflict_do_nothing(index_elements=list(key))
+
+
+# Row builders. Enum members go to the driver as they are: they are str subclasses, which
+# sqlite3 and psycopg bind as their value, and skipping ``.value`` saves a descriptor call each.
+
+_STATS_CONVERTED = ("date", "count", "value", "in_column", "updated_at")
+"""Columns whose bind conversion the daily_stats row builder (or _bulk_upsert) applies."""
+
+
+def _stat_row_builder(upsert: _BulkUpsert) -> Callable[[ConversionStat, Any], Values]:
+    """ConversionStat -> daily_stats row; ``now`` comes already converted.
+
+    Dates and flags repeat across rows, so their (pure) conversions are memoized."""
+    date, in_column = (functools.lru_cache(maxsize=4096)(upsert.processor(column))
+                       for column in ("date", "in_column"))
+    count, value = upsert.processor("count"), upsert.processor("value")
+
+    def row(s: ConversionStat, now: Any) -> Values:
+        return (s.platform, s.account_id, date(s.date), s.campaign_id, s.platform_conversion,
+                s.basis, s.window, s.timezone, s.campaign_name, s.conversion, s.kind,
+                count(s.count), value(s.value), s.currency, in_column(s.in_column), now)
+
+    return row
+
+
+_JOURNEY_CONVERTED = ("time", "value", "updated_at")
+"""Columns whose bind conversion the journey_events row builder (or _bulk_upsert) applies."""
+
+
+def _journey_row_builder(upsert: _BulkUpsert) -> Callable[[JourneyEvent, Any], Values]:
+    """JourneyEvent -> journey_events row; ``now`` comes already converted."""
+    time, value = upsert.processor("time"), upsert.processor("value")
+
+    def row(e: JourneyEvent, now: Any) -> Values:
+        i = e.identifiers
+        return (e.source_platform, e.source_event_id, e.person_key, e.conversion,
+                e.platform_conversion, time(e.time), value(e.value), e.currency, e.campaign_id,
+                i.gclid, i.gbraid, i.wbraid, i.fbc, i.fbp, i.email_sha256_google,
+                i.email_sha256_meta, i.phone_sha256, i.external_id, now)
+
+    return row
+
+
+class _Reader(Generic[M]):
+    """Selects a model's fields (its identifiers as their own columns) and builds the model
+    from each row by position, which is much cheaper than named access on every row."""
+
+    def __init__(self, model: type[M], table: sa.Table,
+                 renamed: Mapping[str, str] | None = None) -> None:
+        self._model = model
+        self._nested = "identifiers" in model.model_fields
+        self._fields = tuple(name for name in model.model_fields if name != "identifiers")
+        names = [(renamed or {}).get(name, name) for name in self._fields]
+        if self._nested:
+            names += IDENTIFIER_COLUMNS
+        self.columns = [table.c[name] for name in names]
+
+    def __call__(self, row: sa.Row[Any]) -> M:
+        data: dict[str, Any] = dict(zip(self._fields, row, strict=False))
+        if self._nested:
+            data["identifiers"] = dict(zip(IDENTIFIER_COLUMNS, row[len(self._fields):],
+                                           strict=True))
+        return self._model.model_validate(data)
+
+
+_read_stat = _Reader(ConversionStat, daily_stats, {"window": "attribution_window"})
+_read_journey_event = _Reader(JourneyEvent, journey_events)
+_read_upload = _Reader(Upload, uploads)
+
+
+def _upload_params(u: Upload, now: dt.datetime) -> dict[str, Any]:
+    return {
+        "destination": u.destination.value, "conversion_action": u.conversion_action,
+        "dedupe_key": u.dedupe_key, "value": u.value, "currency": u.currency, "time": u.time,
+        **u.identifiers.model_dump(), "status": u.status.value, "response": u.response,
+        "attempts": 0, "created_at": now, "updated_at": now,
+    }
+
+
+def _chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    if size < 1:
+        raise ValueError(f"batch_size must be at least 1, not {size}")
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
+
+
+def _engine_for(url: str, busy_timeout_ms: int) -> Engine:
+    parsed = make_url(url)
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        engine = sa.create_engine(parsed)
+        _configure_sqlite(engine, busy_timeout_ms)
+        return engine
+    if backend == "postgresql":
+        if parsed.get_driver_name() != "psycopg":
+            parsed = parsed.set(drivername="postgresql+psycopg")
+        return sa.create_engine(parsed, pool_pre_ping=True)
+    raise StoreError(
+        f"unsupported database URL {parsed.render_as_string(hide_password=True)!r}: "
+        "use sqlite:///path/to/file.db or postgresql+psycopg://user@host/db"
+    )
+
+
+def _configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:
+    """WAL, foreign keys, a busy timeout, and real transactions (DDL included).
+
+    pysqlite only opens a transaction before DML on its own, so it is switched to autocommit
+    and convsync emits BEGIN itself: IMMEDIATE for writers (they queue on busy_timeout
+    instead of failing on a lock upgrade), DEFERRED for readers (they never block writers).
+    """
+
+    def on_connect(dbapi_connection: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        for pragma in (f"busy_timeout = {int(busy_timeout_ms)}", "journal_mode = WAL",
+                       "foreign_keys = ON", "synchronous = NORMAL"):
+            cursor.execute(f"PRAGMA {pragma}")
+        cursor.close()
+
+    def on_begin(conn: Connection) -> None:
+        mode = "IMMEDIATE" if conn.get_execution_options().get(_WRITE) else "DEFERRED"
+        conn.exec_driver_sql(f"BEGIN {mode}")
+
+    sa.event.listen(engine, "connect", on_connect)
+    sa.event.listen(engine, "begin", on_begin)
+
+
+class Store:
+    """All of convsync's persistent state. Open with ``Store.open(url)``; close when done.
+
+    ``clock`` gives the aware UTC "now" stamped on rows (tests move it by hand)."""
+
+    def __init__(self, engine: Engine, *, clock: Callable[[], dt.datetime] = _utc_now) -> None:
+        self._engine = engine
+        self._clock = clock
+        dialect = engine.dialect
+        self._stats_upsert = _BulkUpsert(_upsert_insert(dialect, daily_stats, STATS_KEY),
+                                         dialect, _STATS_CONVERTED)
+        self._stat_row = _stat_row_builder(self._stats_upsert)
+        self._journey_upsert = _BulkUpsert(_upsert_insert(dialect, journey_events, JOURNEY_KEY),
+                                           dialect, _JOURNEY_CONVERTED)
+        self._journey_row = _journey_row_builder(self._journey_upsert)
+        self.applied_migrations: tuple[int, ...] = ()
+        """Schema versions this open migrated to (empty when the schema was current)."""
+
+    @classmethod
+    def open(cls, url: str, *, clock: Callable[[], dt.datetime] = _utc_now,
+             busy_timeout_ms: int = 30_000) -> Store:
+        """Open (creating if needed) the store at ``url`` and bring its schema up to date.
+
+        ``sqlite:///path`` creates the parent directory and the file on first use;
+        ``postgresql+psycopg://user:password@host/db`` needs the database to exist.
+        """
+        store = cls(_engine_for(url, busy_timeout_ms), clock=clock)
+        try:
+            store.applied_migrations = store._migrate()
+        except BaseException:
+            store.close()
+            raise
+        return store
+
+    @property
+    def url(self) -> str:
+        """The database URL, password hidden."""
+        return self._engine.url.render_as_string(hide_password=True)
+
+    @property
+    def dialect(self) -> str:
+        return self._engine.dialect.name
+
+    @property
+    def engine(self) -> Engine:
+        """The SQLAlchemy engine, for ad-hoc read queries (reports, diagnostics)."""
+        return self._engine
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Store({self.url!r})"
+
+    # -- transactions and schema -------------------------------------------------------------
+
+    @contextmanager
+    def _writing(self) -> Iterator[Connection]:
+        """One write transaction (SQLite: BEGIN IMMEDIATE)."""
+        with self._engine.connect() as conn:
+            conn.execution_options(**{_WRITE: True})
+            with conn.begin():
+                yield conn
+
+    def _migrate(self) -> tuple[int, ...]:
+        with self._writing() as conn:
+            if self.dialect == "postgresql":  # serialize concurrent first opens
+                conn.execute(sa.select(sa.func.pg_advisory_xact_lock(0x636F6E76)))
+            schema_version.create(conn, checkfirst=True)
+            current = conn.execute(sa.select(sa.func.max(schema_version.c.version))).scalar()
+            current = current or 0
+            if current > LATEST_VERSION:
+                raise StoreVersionError(
+                    f"the store at {self.url} has schema version {current}, but this convsync "
+                    f"only knows versions up to {LATEST_VERSION}: upgrade convsync, or point "
+                    "it at another database"
+                )
+            applied = tuple(range(current + 1, LATEST_VERSION + 1))
+            for version in applied:
+                MIGRATIONS[version - 1](conn)
+                conn.execute(schema_version.insert().values(version=version,
+                                                            applied_at=self._clock()))
+            return applied
+
+    def schema_version(self) -> int:
+        with self._engine.connect() as conn:
+            return conn.execute(sa.select(sa.func.max(schema_version.c.version))).scalar() or 0
+
+    def count_rows(self, table: str) -> int:
+        if table not in metadata.tables:
+            raise ValueError(f"no table {table!r}; tables: {', '.join(sorted(metadata.tables))}")
+        with self._engine.connect() as conn:
+            counted = conn.execute(sa.select(sa.func.count()).select_from(metadata.tables[table]))
+            return counted.scalar_one()
+
+    # -- conversion definitions --------------------------------------------------------------
+
+    def save_definitions(self, defs: Sequence[ConversionDefinition], client: str) -> None:
+        """Make ``defs`` the client's whole set of definitions (the config is the truth)."""
+        now = self._clock()
+        names = [{"client": client, "name": d.name, "platform": p.value, "platform_name": n,
+                  "position": position}
+                 for d in defs for p in Platform for position, n in enumerate(d.names.on(p))]
+        with self._writing() as conn:
+            conn.execute(conversion_platform_names.delete().where(
+                conversion_platform_names.c.client == client))
+            conn.execute(conversion_definitions.delete().where(
+                conversion_definitions.c.client == client))
+            if defs:
+                conn.execute(conversion_definitions.insert(), [
+                    {"client": client, "name": d.name, "kind": d.kind.value,
+                     "ladder_position": d.ladder_position, "updated_at": now} for d in defs])
+            if names:
+                conn.execute(conversion_platform_names.insert(), names)
+
+    def definitions(self, client: str) -> list[ConversionDefinition]:
+        """The client's definitions, by ladder position (unladdered last), then name."""
+        defs = conversion_definitions
+        names = conversion_platform_names
+        with self._engine.connect() as conn:
+            rows = conn.execute(sa.select(defs).where(defs.c.client == client).order_by(
+                defs.c.ladder_position.nulls_last(), defs.c.name)).all()
+            named = conn.execute(sa.select(names).where(names.c.client == client)
+                                 .order_by(names.c.position)).all()
+        per_definition: dict[str, dict[str, list[str]]] = {}
+        for n in named:
+            per_definition.setdefault(n.name, {}).setdefault(n.platform, []).append(
+                n.platform_name)
+        return [
+            ConversionDefinition(
+                name=r.name, kind=Kind(r.kind), ladder_position=r.ladder_position,
+                names=PlatformNames(**{p: tuple(v) for p, v in
+                                       per_definition.get(r.name, {}).items()}),
+            )
+            for r in rows
+        ]
+
+    # -- what the platforms call their conversions -------------------------------------------
+
+    def save_platform_conversions(self, items: Iterable[PlatformConversion],
+                                  seen_at: dt.datetime | None = None) -> int:
+        """Upsert the platforms' own conversion definitions, seen at ``seen_at`` (now)."""
+        now = seen_at or self._clock()
+        table = platform_conversions
+        stmt = _upsert_insert(self._engine.dialect, table,
+                              ("platform", "account_id", "platform_id"))
+        stored = 0
+        for chunk in _chunks(items, DEFAULT_BATCH_SIZE):
+            with self._writing() as conn:
+                conn.execute(stmt, [
+                    {"platform": c.platform.value, "account_id": c.account_id,
+                     "platform_id": c.platform_id, "name": c.name, "settings": c.settings,
+                     "conversion": c.conversion, "kind": c.kind.value if c.kind else None,
+                     "in_column": c.in_column, "last_seen": now} for c in chunk])
+            stored += len(chunk)
+        return stored
+
+    def platform_conversions(self, platform: Platform | str | None = None,
+                             account_id: str | None = None,
+                             seen_since: dt.datetime | None = None) -> list[PlatformConversion]:
+        """Stored platform conversions; ``seen_since`` drops those no discovery saw lately."""
+        table = platform_conversions
+        query = sa.select(table).order_by(table.c.platform, table.c.account_id, table.c.name)
+        if platform is not None:
+            query = query.where(table.c.platform == Platform(platform).value)
+        if account_id is not None:
+            query = query.where(table.c.account_id == account_id)
+        if seen_since is not None:
+            query = query.where(table.c.last_seen >= seen_since)
+        with self._engine.connect() as conn:
+            return [
+                PlatformConversion(
+                    platform=Platform(r.platform), account_id=r.account_id,
+                    platform_id=r.platform_id, name=r.name, settings=r.settings,
+                    conversion=r.conversion, kind=Kind(r.kind) if r.kind else None,
+                    in_column=r.in_column)
+                for r in conn.execute(query)
+            ]
+
+    # -- daily stats ---------------------------------------------------------------------------
+
+    def upsert_stats(self, rows: Iterable[ConversionStat],
+                     batch_size: int = DEFAULT_BATCH_SIZE) -> int:
+        """Store daily cells; a cell already stored (same natural key) takes the new figures.
+
+        One transaction per batch of ``batch_size`` rows. Returns the number of rows given."""
+        return self._bulk_upsert(self._stats_upsert, self._stat_row, rows, batch_size)
+
+    def stats(self, platform: Platform | str | None = None, since: dt.date | None = None,
+              until: dt.date | None = None,
+              conversion: str | None = None) -> Iterator[ConversionStat]:
+        """Stream stored cells, ``since`` and ``until`` inclusive, in natural-key order."""
+        table = daily_stats
+        query = sa.select(*_read_stat.columns).order_by(*(table.c[name] for name in STATS_KEY))
+        if platform is not None:
+            query = query.where(table.c.platform == Platform(platform).value)
+        if since is not None:
+            query = query.where(table.c.date >= since)
+        if until is not None:
+            query = query.where(table.c.date <= until)
+        if conversion is not None:
+            query = query.where(table.c.conversion == conversion)
+        return map(_read_stat, self._stream(query))
+
+    # -- journey events ------------------------------------------------------------------------
+
+    def upsert_journey_events(self, events: Iterable[JourneyEvent],
+                              batch_size: int = DEFAULT_BATCH_SIZE) -> int:
+        """Store person-level events; the same (source_platform, source_event_id) is one row."""
+        return self._bulk_upsert(self._journey_upsert, self._journey_row, events, batch_size)
+
+    def journey_events(self, since: dt.datetime | None = None,
+                       until: dt.datetime | None = None) -> Iterator[JourneyEvent]:
+        """Stream events with ``since <= time < until``, oldest first."""
+        table = journey_events
+        query = (sa.select(*_read_journey_event.columns)
+                 .order_by(table.c.time, *(table.c[n] for n in JOURNEY_KEY)))
+        if since is not None:
+            query = query.where(table.c.time >= since)
+        if until is not None:
+            query = query.where(table.c.time < until)
+        return map(_read_journey_event, self._stream(query))
+
+    # -- the upload ledger ---------------------------------------------------------------------
+
+    def plan_uploads(self, planned: Iterable[Upload],
+                     batch_size: int = DEFAULT_BATCH_SIZE) -> int:
+        """Add uploads whose (destination, dedupe_key) is new; returns how many were added.
+
+        An existing key is left exactly as it is (status, value, attempts): exactly-once."""
+        table = uploads
+        stmt = _insert_new_only(self._engine.dialect, table, ("destination", "dedupe_key"))
+        stmt = stmt.returning(table.c.id)
+        added = 0
+        for chunk in _chunks(planned, batch_size):
+            now = self._clock()
+            with self._writing() as conn:
+                result = conn.execute(stmt, [_upload_params(u, now) for u in chunk])
+                added += len(result.all())
+        return added
+
+    def mark_upload(self, destination: Platform | str, dedupe_key: str, status: UploadStatus,
+                    response: str = "", *, attempt: bool = True) -> None:
+        """Record an upload's new status and the platform's response.
+
+        ``attempt`` counts one more send attempt; pass False when recording the later outcome
+        of an attempt already counted (for instance SENT -> ACCEPTED from request status)."""
+        self.mark_uploads(destination, [(dedupe_key, status, response)], attempt=attempt)
+
+    def mark_uploads(self, destination: Platform | str,
+                     outcomes: Iterable[tuple[str, UploadStatus, str]], *,
+                     attempt: bool = True) -> None:
+        """``mark_upload`` for many (dedupe_key, status, response) in one transaction."""
+        table = uploads
+        stmt = (
+            table.update()
+            .where(table.c.destination == sa.bindparam("b_destination"),
+                   table.c.dedupe_key == sa.bindparam("b_dedupe_key"))
+            .values(status=sa.bindparam("b_status"), response=sa.bindparam("b_response"),
+                    updated_at=sa.bindparam("b_now", type_=UtcDateTime),
+                    attempts=table.c.attempts + (1 if attempt else 0))
+        )
+        where = Platform(destination).value
+        now = self._clock()
+        params = [{"b_destination": where, "b_dedupe_key": key,
+                   "b_status": UploadStatus(status).value, "b_response": response, "b_now": now}
+                  for key, status, response in outcomes]
+        if not params:
+            return
+        with self._writing() as conn:
+            known = set(conn.execute(
+                sa.select(table.c.dedupe_key).where(
+                    table.c.destination == where,
+                    table.c.dedupe_key.in_([p["b_dedupe_key"] for p in params]))).scalars())
+            missing = [p["b_dedupe_key"] for p in params if p["b_dedupe_key"] not in known]
+            if missing:
+                raise KeyError(f"no planned {where} upload with dedupe key(s) {missing[:5]}")
+            conn.execute(stmt, params)
+
+    def get_upload(self, destination: Platform | str, dedupe_key: str) -> Upload | None:
+        table = uploads
+        with self._engine.connect() as conn:
+            row = conn.execute(sa.select(*_read_upload.columns).where(
+                table.c.destination == Platform(destination).value,
+                table.c.dedupe_key == dedupe_key)).one_or_none()
+        return _read_upload(row) if row is not None else None
+
+    def upload_attempts(self, destination: Platform | str, dedupe_key: str) -> int:
+        table = uploads
+        with self._engine.connect() as conn:
+            attempts = conn.execute(sa.select(table.c.attempts).where(
+                table.c.destination == Platform(destination).value,
+                table.c.dedupe_key == dedupe_key)).scalar()
+        if attempts is None:
+            raise KeyError(f"no {destination} upload with dedupe key {dedupe_key!r}")
+        return int(attempts)
+
+    def pending_uploads(
+        self, destination: Platform | str, *,
+        statuses: Sequence[UploadStatus] = (UploadStatus.PLANNED, UploadStatus.FAILED),
+        limit: int | None = None,
+    ) -> list[Upload]:
+        """Uploads still to send (planned, or failed and retryable), oldest first."""
+        table = uploads
+        query = (
+            sa.select(*_read_upload.columns)
+            .where(table.c.destination == Platform(destination).value,
+                   table.c.status.in_([UploadStatus(s).value for s in statuses]))
+            .order_by(table.c.id)
+            .limit(limit)
+        )
+        with self._engine.connect() as conn:
+            return [_read_upload(row) for row in conn.execute(query)]
+
+    # -- watermarks ----------------------------------------------------------------------------
+
+    def get_watermark(self, client: str, platform: Platform | str, account_id: str,
+                      stream: str) -> Watermark | None:
+        table = watermarks
+        with self._engine.connect() as conn:
+            row = conn.execute(sa.select(table).where(
+                table.c.client == client, table.c.platform == Platform(platform).value,
+                table.c.account_id == account_id, table.c.stream == stream)).one_or_none()
+        if row is None:
+            return None
+        return Watermark(client=row.client, platform=Platform(row.platform),
+                         account_id=row.account_id, stream=row.stream,
+                         last_complete_date=row.last_complete_date, cursor=row.cursor,
+                         updated_at=row.updated_at)
+
+    def set_watermark(self, client: str, platform: Platform | str, account_id: str,
+                      stream: str, *, last_complete_date: dt.date | None = None,
+                      cursor: str | None = None) -> None:
+        """Replace the stream's watermark (a backfill may move it backwards on purpose)."""
+        key = ("client", "platform", "account_id", "stream")
+        stmt = _upsert_insert(self._engine.dialect, watermarks, key)
+        with self._writing() as conn:
+            conn.execute(stmt, {"client": client, "platform": Platform(platform).value,
+                                "account_id": account_id, "stream": stream,
+                                "last_complete_date": last_complete_date, "cursor": cursor,
+                                "updated_at": self._clock()})
+
+    # -- runs ----------------------------------------------------------------------------------
+
+    def start_run(self, client: str, command: str) -> int:
+        """Record a run as started (status ``running``) and return its id."""
+        with self._writing() as conn:
+            result = conn.execute(runs.insert().values(
+                client=client, command=command, started_at=self._clock(), status="running",
+                summary={}).returning(runs.c.id))
+            return int(result.scalar_one())
+
+    def finish_run(self, run_id: int, status: str, summary: Mapping[str, Any]) -> None:
+        """Close a run with its status (``ok``, ``failed``, ...) and a JSON-able summary,
+        e.g. ``{"requests": {"google_ads": 3}, "rows": 1200, "errors": []}``."""
+        with self._writing() as conn:
+            updated = conn.execute(runs.update().where(runs.c.id == run_id).values(
+                finished_at=self._clock(), status=status, summary=dict(summary)))
+            if updated.rowcount != 1:
+                raise KeyError(f"no run with id {run_id}")
+
+    def recent_runs(self, client: str | None = None, limit: int = 20) -> list[Run]:
+        """The latest runs first."""
+        query = sa.select(runs).order_by(runs.c.started_at.desc(), runs.c.id.desc()).limit(limit)
+        if client is not None:
+            query = query.where(runs.c.client == client)
+        with self._engine.connect() as conn:
+            return [Run(id=r.id, client=r.client, command=r.command, started_at=r.started_at,
+                        finished_at=r.finished_at, status=r.status, summary=r.summary)
+                    for r in conn.execute(query)]
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _bulk_upsert(self, upsert: _BulkUpsert, to_row: Callable[[T, Any], Values],
+                     items: Iterable[T], batch_size: int) -> int:
+        stored = 0
+        for chunk in _chunks(items, batch_size):
+            now = upsert.processor("updated_at")(self._clock())
+            rows = [to_row(item, now) for item in chunk]
+            with self._writing() as conn:
+                upsert.execute(conn, rows)
+            stored += len(rows)
+        return stored
+
+    def _stream(self, query: sa.Select[Any]) -> Iterator[sa.Row[Any]]:
+        """Rows of ``query`` fetched in chunks (server-side cursor on PostgreSQL)."""
+        with self._engine.connect() as conn:
+            result = conn.execution_options(yield_per=_STREAM_CHUNK).execute(query)
+            yield from result

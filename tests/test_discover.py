@@ -1,0 +1,103 @@
+"""End to end: the whole sandbox, a config written by it, and `discover` through the four SDKs."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from convsync import pipeline
+from convsync.cli import app
+from convsync.model import Kind, Platform
+from convsync.sandbox import server
+from convsync.sandbox.world import World, WorldSpec
+from convsync.settings import check_config, load_config, load_secrets
+from convsync.store import Store
+
+EXAMPLE = Path(__file__).parents[1] / "config" / "example.toml"
+
+
+@pytest.fixture(scope="module")
+def running(tls_files: tuple[Path, Path]) -> Iterator[server.RunningSandbox]:
+    # a world ending yesterday, as `convsync sandbox serve` makes it: "last 30 days" has data
+    start = dt.date.today() - dt.timedelta(days=40)
+    world = World(WorldSpec(seed=21, start=start, days=40, campaigns=6))
+    with server.start(world, tls_files[0].parent) as sandbox:
+        yield sandbox
+
+
+@pytest.fixture
+def config_path(running: server.RunningSandbox, tmp_path: Path) -> Path:
+    path = tmp_path / "sandbox.toml"
+    server.write_client_config(path, running)
+    return path
+
+
+def test_written_config_is_valid_with_its_secrets(config_path: Path) -> None:
+    assert check_config(config_path, require_secrets=True) == []
+    secrets_file = config_path.with_name("sandbox.secrets.env")
+    assert secrets_file.stat().st_mode & 0o077 == 0  # not readable by others
+
+
+def test_sandbox_conversions_match_the_example_config(config_path: Path) -> None:
+    """config/example.toml documents the names the sandbox world uses."""
+    assert load_config(config_path).definitions() == load_config(EXAMPLE).definitions()
+
+
+def test_discover_finds_every_platform_conversion(config_path: Path,
+                                                  running: server.RunningSandbox) -> None:
+    config = load_config(config_path)
+    world = running.world
+    with Store.open(config.store_url()) as store:
+        result = pipeline.discover(config, load_secrets(config), store, today=world.end)
+        stored = list(store.platform_conversions())
+    assert result.failed == []
+    by_platform = {o.platform: o for o in result.outcomes}
+    actions = {c.name: c for c in by_platform[Platform.GOOGLE_ADS].conversions}
+    assert set(actions) == {a.name for a in world.google_ads_actions}
+    assert actions["Purchase"].in_column is True and actions["Add to cart"].in_column is False
+    assert actions["Purchase"].conversion == "purchase"
+    assert actions["Purchase"].kind is Kind.MACRO
+    assert actions["Add to cart"].settings["category"] == "ADD_TO_CART"
+    ga4_events = {c.name for c in by_platform[Platform.GA4].conversions}
+    assert {"purchase", "add_to_cart", "view_item", "generate_lead"} <= ga4_events
+    metrics = {c.name for c in by_platform[Platform.KLAVIYO].conversions}
+    assert metrics == {m.name for m in world.klaviyo_metrics}
+    meta = {c.name: c for c in by_platform[Platform.META].conversions}
+    assert meta["offsite_conversion.fb_pixel_purchase"].conversion == "purchase"
+    # the other views of the same purchases are kept, marked, and not offered for mapping
+    assert meta["omni_purchase"].conversion is None
+    assert meta["omni_purchase"].settings["alias_of"] == "purchase"
+    unmapped = {c.name for c in by_platform[Platform.META].unmapped}
+    assert unmapped == {"link_click", "landing_page_view"}
+    assert len(stored) == sum(len(o.conversions) for o in result.outcomes)
+
+
+def test_discover_command_reports_a_failing_platform_and_goes_on(
+        config_path: Path, running: server.RunningSandbox) -> None:
+    running.sandbox.inject("klaviyo", "server_error")
+    result = CliRunner().invoke(app, ["discover", "--config", str(config_path), "--json"])
+    assert result.exit_code == 3, result.output
+    summary = json.loads(result.stdout)
+    assert "503" in summary["platforms"]["klaviyo"]["error"]
+    assert summary["platforms"]["google_ads"]["error"] is None
+    assert summary["platforms"]["google_ads"]["conversions"] == 10
+    snippet = summary["snippet"]
+    assert '[[conversions]]' in snippet and 'meta = "link_click"' in snippet
+    assert "omni_purchase" not in snippet
+    # no secret leaks into what is printed
+    for secret in server.SANDBOX_SECRETS.values():
+        assert secret not in result.output
+
+
+def test_a_bad_credential_is_named_not_leaked(config_path: Path) -> None:
+    env = config_path.with_name("sandbox.secrets.env")
+    env.write_text(env.read_text().replace("pk_sandbox_0123456789", "sk_wrong_kind_of_key"))
+    result = CliRunner().invoke(app, ["discover", "--config", str(config_path), "--json"])
+    assert result.exit_code == 3
+    error = json.loads(result.stdout)["platforms"]["klaviyo"]["error"]
+    assert "401" in error and "sk_wrong_kind_of_key" not in result.output

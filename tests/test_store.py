@@ -1,0 +1,483 @@
+"""The store on SQLite and, when CONVSYNC_TEST_POSTGRES_URL is set, on PostgreSQL.
+
+Start a throwaway server for the PostgreSQL half with
+``export CONVSYNC_TEST_POSTGRES_URL="$(scripts/start_test_postgres | tail -n 1)"``."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import sqlite3
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from convsync import store as store_module
+from convsync.model import (
+    Basis,
+    ConversionDefinition,
+    ConversionStat,
+    Identifiers,
+    JourneyEvent,
+    Kind,
+    Platform,
+    PlatformConversion,
+    PlatformNames,
+    Upload,
+    UploadStatus,
+)
+from convsync.store import LATEST_VERSION, Store, StoreError, StoreVersionError
+
+POSTGRES_URL = os.environ.get("CONVSYNC_TEST_POSTGRES_URL")
+T0 = dt.datetime(2026, 10, 1, 12, 0, tzinfo=dt.UTC)
+PARIS = dt.timezone(dt.timedelta(hours=2))
+SHA_A = "a" * 64
+SHA_B = "0123456789abcdef" * 4
+
+
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self, now: dt.datetime = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> dt.datetime:
+        return self.now
+
+    def tick(self, **delta: float) -> dt.datetime:
+        self.now += dt.timedelta(**delta)
+        return self.now
+
+
+@pytest.fixture(params=[
+    "sqlite",
+    pytest.param("postgresql", marks=[
+        pytest.mark.postgres,
+        pytest.mark.skipif(POSTGRES_URL is None, reason=(
+            "CONVSYNC_TEST_POSTGRES_URL is not set; start a server with "
+            "scripts/start_test_postgres and export the URL it prints")),
+    ]),
+])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A URL to an empty database: a new SQLite file, or a new PostgreSQL schema."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'nested' / 'dir' / 'convsync.db'}"
+        return
+    assert POSTGRES_URL is not None
+    schema = f"test_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(POSTGRES_URL)
+    with admin.begin() as conn:
+        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    scoped = sa.make_url(POSTGRES_URL).update_query_dict({"options": f"-csearch_path={schema}"})
+    try:
+        yield scoped.render_as_string(hide_password=False)
+    finally:
+        with admin.begin() as conn:
+            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def store(url: str, clock: Clock) -> Iterator[Store]:
+    with Store.open(url, clock=clock) as opened:
+        yield opened
+
+
+def stat(day: int, count: float = 1.0, **fields: object) -> ConversionStat:
+    values: dict[str, object] = {
+        "platform": Platform.GOOGLE_ADS, "account_id": "1234567890",
+        "date": dt.date(2026, 9, 1) + dt.timedelta(days=day), "timezone": "Europe/Paris",
+        "campaign_id": "111", "campaign_name": "Brand", "platform_conversion": "Purchase",
+        "conversion": "purchase", "kind": Kind.MACRO, "count": count, "value": count * 40.0,
+        "currency": "EUR", "basis": Basis.CLICK_DATE, "window": "", "in_column": True,
+    }
+    return ConversionStat.model_validate(values | fields)
+
+
+def event(n: int, time: dt.datetime, **fields: object) -> JourneyEvent:
+    values: dict[str, object] = {
+        "person_key": f"person-{n % 3}", "conversion": "add_to_cart",
+        "platform_conversion": "Added to Cart", "time": time, "value": 2.5 * n,
+        "currency": "USD", "source_platform": Platform.KLAVIYO, "source_event_id": f"ev-{n}",
+        "campaign_id": "c9",
+        "identifiers": Identifiers(gclid=f"gclid-{n}", fbp="fb.1.1.2", email_sha256_google=SHA_A,
+                                   email_sha256_meta=SHA_B, external_id=f"crm-{n}"),
+    }
+    return JourneyEvent.model_validate(values | fields)
+
+
+def upload(key: str, value: float = 50.0) -> Upload:
+    return Upload(destination=Platform.META, conversion_action="Lead", dedupe_key=key,
+                  value=value, currency="EUR", time=T0 - dt.timedelta(hours=3),
+                  identifiers=Identifiers(fbc="fb.1.1.abc", email_sha256_meta=SHA_B))
+
+
+def version_rows(store: Store) -> list[tuple[int, dt.datetime]]:
+    table = store_module.schema_version
+    with store.engine.connect() as conn:
+        rows = conn.execute(sa.select(table.c.version, table.c.applied_at)
+                            .order_by(table.c.version))
+        return [(r.version, r.applied_at) for r in rows]
+
+
+def sqlite_path(url: str) -> Path | None:
+    parsed = sa.make_url(url)
+    return Path(parsed.database or "") if parsed.get_backend_name() == "sqlite" else None
+
+
+# -- opening and migrations ----------------------------------------------------------------
+
+
+def test_fresh_store_gets_the_latest_schema(url: str, clock: Clock) -> None:
+    with Store.open(url, clock=clock) as store:
+        assert store.schema_version() == LATEST_VERSION
+        assert store.applied_migrations == tuple(range(1, LATEST_VERSION + 1))
+        assert [v for v, _ in version_rows(store)] == list(range(1, LATEST_VERSION + 1))
+        tables = set(sa.inspect(store.engine).get_table_names())
+        assert tables == set(store_module.metadata.tables)
+        for table in store_module.DATA_TABLES:
+            assert store.count_rows(table.name) == 0
+    path = sqlite_path(url)
+    if path is not None:
+        assert path.is_file()
+        with sqlite3.connect(path) as raw:
+            assert raw.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
+def test_reopening_runs_no_migration_and_keeps_data(url: str, clock: Clock) -> None:
+    with Store.open(url, clock=clock) as store:
+        store.upsert_stats([stat(0), stat(1)])
+        store.set_watermark("acme", Platform.META, "act_1", "insights",
+                            last_complete_date=dt.date(2026, 9, 30))
+        applied = version_rows(store)
+    clock.tick(days=1)
+    with Store.open(url, clock=clock) as again:
+        assert again.applied_migrations == ()
+        assert version_rows(again) == applied
+        assert list(again.stats()) == [stat(0), stat(1)]
+        watermark = again.get_watermark("acme", Platform.META, "act_1", "insights")
+        assert watermark is not None
+        assert watermark.last_complete_date == dt.date(2026, 9, 30)
+
+
+def test_concurrent_first_opens_migrate_once(url: str) -> None:
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        stores = list(pool.map(lambda _: Store.open(url), range(4)))
+    try:
+        assert sorted(s.applied_migrations for s in stores) == (
+            [()] * 3 + [tuple(range(1, LATEST_VERSION + 1))])
+        assert [v for v, _ in version_rows(stores[0])] == list(range(1, LATEST_VERSION + 1))
+    finally:
+        for opened in stores:
+            opened.close()
+
+
+def test_store_from_a_newer_convsync_is_refused(url: str) -> None:
+    with Store.open(url) as store, store.engine.begin() as conn:
+        conn.execute(store_module.schema_version.insert().values(
+            version=LATEST_VERSION + 1, applied_at=T0))
+    with pytest.raises(StoreVersionError) as refused:
+        Store.open(url)
+    message = str(refused.value)
+    assert f"schema version {LATEST_VERSION + 1}" in message
+    assert f"up to {LATEST_VERSION}" in message
+    assert "upgrade convsync" in message
+
+
+def test_a_failing_migration_leaves_nothing_behind(
+        url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Migrations and their version row commit together, DDL included (SQLite too)."""
+    with Store.open(url):
+        pass
+
+    def half_done(conn: sa.Connection) -> None:
+        conn.execute(sa.text("CREATE TABLE half_done (id INTEGER)"))
+        raise RuntimeError("migration bug")
+
+    monkeypatch.setattr(store_module, "MIGRATIONS", (*store_module.MIGRATIONS, half_done))
+    monkeypatch.setattr(store_module, "LATEST_VERSION", LATEST_VERSION + 1)
+    with pytest.raises(RuntimeError, match="migration bug"):
+        Store.open(url)
+    monkeypatch.undo()
+    with Store.open(url) as store:
+        assert store.schema_version() == LATEST_VERSION
+        assert "half_done" not in sa.inspect(store.engine).get_table_names()
+
+
+def test_unsupported_url_is_refused_without_its_password() -> None:
+    with pytest.raises(StoreError, match="unsupported database URL") as refused:
+        Store.open("mysql://user:hunter2@db.example/convsync")
+    assert "hunter2" not in str(refused.value)
+
+
+def test_sqlite_enforces_foreign_keys(tmp_path: Path) -> None:
+    with Store.open(f"sqlite:///{tmp_path / 'fk.db'}") as store, \
+            pytest.raises(sa.exc.IntegrityError, match="FOREIGN KEY"), \
+            store.engine.begin() as conn:
+        conn.execute(store_module.conversion_platform_names.insert().values(
+            client="acme", name="ghost", platform="meta", platform_name="Purchase", position=0))
+
+
+# -- daily stats -----------------------------------------------------------------------------
+
+
+def test_storing_the_same_day_twice_keeps_one_row_with_the_newest_figures(
+        store: Store, clock: Clock) -> None:
+    first = [stat(0, 1.0), stat(1, 2.0), stat(1, 7.0, basis=Basis.CONVERSION_DATE),
+             stat(1, 3.0, window="7d_click", platform=Platform.META)]
+    assert store.upsert_stats(first) == 4
+    later = clock.tick(hours=6)
+    restated = [stat(1, 2.5, campaign_name="Brand (renamed)", in_column=False)]
+    assert store.upsert_stats(restated) == 1
+
+    assert store.count_rows("daily_stats") == 4
+    assert list(store.stats(platform=Platform.GOOGLE_ADS, since=stat(1).date)) == [
+        restated[0], first[2]]
+    table = store_module.daily_stats
+    with store.engine.connect() as conn:
+        stamps = dict(conn.execute(sa.select(table.c.basis, table.c.updated_at).where(
+            table.c.date == stat(1).date, table.c.platform == "google_ads")).all())
+    assert stamps == {"click_date": later, "conversion_date": T0}
+    assert all(stamp.tzinfo == dt.UTC for stamp in stamps.values())
+
+
+def test_batches_larger_than_batch_size(store: Store) -> None:
+    rows = [stat(day, float(day)) for day in range(23)]
+    rows.append(stat(4, 99.0))  # same cell again in a later batch: the last figures win
+    rows.append(stat(21, 77.0))  # and again within one batch (rows 20 to 24)
+    assert store.upsert_stats(iter(rows), batch_size=5) == 25
+    assert store.count_rows("daily_stats") == 23
+    stored = {s.date: s.count for s in store.stats()}
+    assert stored == {s.date: s.count for s in rows}
+    assert (stored[stat(4).date], stored[stat(21).date]) == (99.0, 77.0)
+    with pytest.raises(ValueError, match="batch_size"):
+        store.upsert_stats(rows, batch_size=0)
+
+
+def test_stats_round_trip_and_filters(store: Store) -> None:
+    rows = [
+        stat(0), stat(0, conversion=None, kind=None, platform_conversion="Unmapped thing",
+                      in_column=None),
+        stat(2, platform=Platform.GA4, timezone="America/New_York", in_column=None,
+             basis=Basis.CONVERSION_DATE),
+        stat(5, platform=Platform.KLAVIYO, conversion="newsletter_signup", kind=Kind.MICRO,
+             currency="", value=0.0, in_column=None),
+    ]
+    store.upsert_stats(rows)
+    assert sorted(store.stats(), key=repr) == sorted(rows, key=repr)
+    assert list(store.stats(platform="ga4")) == [rows[2]]
+    day2 = stat(2).date
+    assert {s.platform for s in store.stats(since=day2, until=day2)} == {Platform.GA4}
+    assert list(store.stats(conversion="newsletter_signup")) == [rows[3]]
+    assert list(store.stats(until=stat(-1).date)) == []
+
+
+def test_stats_stream_in_chunks(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store_module, "_STREAM_CHUNK", 7)
+    store.upsert_stats(stat(day) for day in range(30))
+    streamed = store.stats()
+    assert next(streamed) == stat(0)
+    assert [s.date for s in streamed] == [stat(day).date for day in range(1, 30)]
+
+
+# -- journey events --------------------------------------------------------------------------
+
+
+def test_journey_events_round_trip_with_aware_utc_times(store: Store, clock: Clock) -> None:
+    local = dt.datetime(2026, 9, 3, 9, 30, 15, 123456, tzinfo=PARIS)
+    events = [event(n, local + dt.timedelta(hours=n)) for n in range(5)]
+    events.append(event(9, local, identifiers=Identifiers(), conversion=None))
+    assert store.upsert_journey_events(events, batch_size=4) == 6
+
+    stored = list(store.journey_events())
+    assert sorted(stored, key=lambda e: e.source_event_id) == sorted(
+        events, key=lambda e: e.source_event_id)
+    assert all(e.time.tzinfo == dt.UTC for e in stored)
+    assert stored[0].time == dt.datetime(2026, 9, 3, 7, 30, 15, 123456, tzinfo=dt.UTC)
+    window = list(store.journey_events(since=local + dt.timedelta(hours=1),
+                                       until=local + dt.timedelta(hours=3)))
+    assert [e.source_event_id for e in window] == ["ev-1", "ev-2"]
+
+    clock.tick(minutes=5)
+    store.upsert_journey_events([event(1, local, value=123.0), *events[2:]])
+    assert store.count_rows("journey_events") == 6
+    again = {e.source_event_id: e for e in store.journey_events()}
+    assert again["ev-1"].value == 123.0
+    assert again["ev-1"].time == local
+
+
+def test_no_raw_pii_column_exists(store: Store) -> None:
+    inspector = sa.inspect(store.engine)
+    columns = {(table, c["name"]) for table in inspector.get_table_names()
+               for c in inspector.get_columns(table)}
+    personal = {(t, c) for t, c in columns
+                if any(word in c for word in ("email", "phone", "mail", "tel"))}
+    assert personal == {(t, c) for t in ("journey_events", "uploads")
+                        for c in ("email_sha256_google", "email_sha256_meta", "phone_sha256")}
+
+
+def test_a_raw_email_is_refused_in_a_hash_column(store: Store) -> None:
+    raw = event(1, T0, identifiers=Identifiers(email_sha256_google="Jane.Doe@gmail.com"))
+    with pytest.raises(sa.exc.IntegrityError, match="email_sha256_google"):
+        store.upsert_journey_events([event(0, T0), raw])
+    assert store.count_rows("journey_events") == 0
+    with pytest.raises(sa.exc.IntegrityError, match="phone_sha256"):
+        store.plan_uploads([upload("k").model_copy(update={
+            "identifiers": Identifiers(phone_sha256="+33612345678" + "0" * 52)})])
+
+
+def test_naive_timestamps_are_refused(store: Store) -> None:
+    """The model refuses naive times; the column type refuses them too, as a second lock."""
+    with pytest.raises(sa.exc.StatementError, match="naive timestamp"), \
+            store.engine.begin() as conn:
+        conn.execute(store_module.runs.insert().values(
+            client="acme", command="pull", started_at=dt.datetime(2026, 1, 1), status="x",
+            summary={}))
+
+
+# -- the upload ledger ---------------------------------------------------------------------
+
+
+def test_plan_uploads_is_exactly_once(store: Store, clock: Clock) -> None:
+    assert store.plan_uploads([upload("a"), upload("b"), upload("c")]) == 3
+    store.mark_upload(Platform.META, "b", UploadStatus.SENT, '{"events_received": 1}')
+    clock.tick(hours=1)
+
+    replanned = [upload("a", value=999.0), upload("b", value=999.0), upload("c"), upload("d")]
+    assert store.plan_uploads(replanned, batch_size=2) == 1
+    assert store.count_rows("uploads") == 4
+    sent = store.get_upload(Platform.META, "b")
+    assert sent is not None
+    assert (sent.status, sent.value, sent.response) == (
+        UploadStatus.SENT, 50.0, '{"events_received": 1}')
+    first = store.get_upload(Platform.META, "a")
+    assert first == upload("a")
+    assert [u.dedupe_key for u in store.pending_uploads(Platform.META)] == ["a", "c", "d"]
+    assert store.pending_uploads(Platform.GOOGLE_ADS) == []
+
+
+def test_mark_upload_records_status_response_and_attempts(store: Store) -> None:
+    store.plan_uploads([upload("a"), upload("b")])
+    store.mark_upload(Platform.META, "a", UploadStatus.FAILED, "HTTP 503")
+    assert [u.dedupe_key for u in store.pending_uploads("meta")] == ["a", "b"]
+    store.mark_upload(Platform.META, "a", UploadStatus.SENT, "fbtrace 1")
+    store.mark_upload(Platform.META, "a", UploadStatus.ACCEPTED, "ok", attempt=False)
+    store.mark_uploads(Platform.META, [("b", UploadStatus.REJECTED, "invalid fbc")])
+
+    assert store.upload_attempts(Platform.META, "a") == 2
+    assert store.upload_attempts(Platform.META, "b") == 1
+    accepted = store.get_upload(Platform.META, "a")
+    assert accepted is not None
+    assert (accepted.status, accepted.response) == (UploadStatus.ACCEPTED, "ok")
+    assert store.pending_uploads(Platform.META) == []
+    assert [u.dedupe_key for u in store.pending_uploads(
+        Platform.META, statuses=[UploadStatus.REJECTED])] == ["b"]
+    with pytest.raises(KeyError, match="never-planned"):
+        store.mark_upload(Platform.META, "never-planned", UploadStatus.SENT)
+    with pytest.raises(KeyError):
+        store.mark_upload(Platform.GOOGLE_ADS, "a", UploadStatus.SENT)
+    assert store.get_upload(Platform.META, "nope") is None
+
+
+# -- definitions and platform conversions ---------------------------------------------------
+
+
+def test_definitions_round_trip_and_are_replaced_per_client(store: Store) -> None:
+    purchase = ConversionDefinition(
+        name="purchase", kind=Kind.MACRO, ladder_position=4,
+        names=PlatformNames(google_ads=("Purchase (web)", "Purchase (app)"), ga4=("purchase",),
+                            meta=("offsite_conversion.fb_pixel_purchase",),
+                            klaviyo=("Placed Order",)))
+    cart = ConversionDefinition(name="add_to_cart", kind=Kind.MICRO, ladder_position=2,
+                                names=PlatformNames(ga4=("add_to_cart",)))
+    lead = ConversionDefinition(name="lead", kind=Kind.MICRO)
+    store.save_definitions([purchase, cart, lead], "acme")
+    store.save_definitions([cart], "globex")
+    assert store.definitions("acme") == [cart, purchase, lead]
+
+    store.save_definitions([purchase], "acme")
+    assert store.definitions("acme") == [purchase]
+    assert store.definitions("globex") == [cart]
+    assert store.count_rows("conversion_platform_names") == 6
+
+
+def test_platform_conversions_round_trip(store: Store, clock: Clock) -> None:
+    action = PlatformConversion(
+        platform=Platform.GOOGLE_ADS, account_id="1234567890", platform_id="987",
+        name="Purchase", conversion="purchase", kind=Kind.MACRO, in_column=True,
+        settings={"category": "PURCHASE", "type": "WEBPAGE", "status": "ENABLED",
+                  "primary_for_goal": True, "counting_type": "ONE_PER_CLICK",
+                  "default_value": 1.5, "click_through_lookback_window_days": 30})
+    metric = PlatformConversion(platform=Platform.KLAVIYO, account_id="", platform_id="Xy7",
+                                name="Viewed Product")
+    assert store.save_platform_conversions([action, metric]) == 2
+    assert store.platform_conversions() == [action, metric]
+
+    clock.tick(days=1)
+    demoted = action.model_copy(update={"in_column": False,
+                                        "settings": {**action.settings,
+                                                     "primary_for_goal": False}})
+    store.save_platform_conversions([demoted])
+    assert store.platform_conversions(Platform.GOOGLE_ADS, "1234567890") == [demoted]
+    assert store.platform_conversions(seen_since=clock.now) == [demoted]
+    assert store.count_rows("platform_conversions") == 2
+
+
+# -- watermarks and runs ---------------------------------------------------------------------
+
+
+def test_watermarks_round_trip(store: Store, clock: Clock) -> None:
+    assert store.get_watermark("acme", Platform.GA4, "properties/1", "events") is None
+    store.set_watermark("acme", Platform.GA4, "properties/1", "events",
+                        last_complete_date=dt.date(2026, 9, 20))
+    store.set_watermark("acme", Platform.KLAVIYO, "", "events", cursor="page-token-7")
+    later = clock.tick(hours=2)
+    store.set_watermark("acme", "ga4", "properties/1", "events",
+                        last_complete_date=dt.date(2026, 9, 21))
+
+    ga4 = store.get_watermark("acme", Platform.GA4, "properties/1", "events")
+    assert ga4 is not None
+    assert (ga4.last_complete_date, ga4.cursor, ga4.updated_at) == (
+        dt.date(2026, 9, 21), None, later)
+    klaviyo = store.get_watermark("acme", Platform.KLAVIYO, "", "events")
+    assert klaviyo is not None
+    assert (klaviyo.last_complete_date, klaviyo.cursor) == (None, "page-token-7")
+    assert store.get_watermark("globex", Platform.GA4, "properties/1", "events") is None
+    assert store.count_rows("watermarks") == 2
+
+
+def test_runs_round_trip(store: Store, clock: Clock) -> None:
+    first = store.start_run("acme", "pull")
+    clock.tick(minutes=3)
+    summary = {"requests": {"google_ads": 3, "meta": 12}, "rows": 5120,
+               "errors": ["klaviyo: 429 after 5 retries"]}
+    store.finish_run(first, "partial", summary)
+    clock.tick(minutes=1)
+    second = store.start_run("acme", "push")
+    store.start_run("globex", "pull")
+
+    recent = store.recent_runs("acme")
+    assert [r.id for r in recent] == [second, first]
+    assert (recent[0].status, recent[0].finished_at, recent[0].summary) == ("running", None, {})
+    done = recent[1]
+    assert (done.command, done.status, done.summary) == ("pull", "partial", summary)
+    assert done.started_at == T0
+    assert done.finished_at == T0 + dt.timedelta(minutes=3)
+    assert done.finished_at is not None and done.finished_at.tzinfo == dt.UTC
+    assert len(store.recent_runs(limit=2)) == 2
+    with pytest.raises(KeyError):
+        store.finish_run(10_000, "ok", {})
+
+
+def test_count_rows_names_the_tables_on_a_typo(store: Store) -> None:
+    with pytest.raises(ValueError, match="daily_stats"):
+        store.count_rows("daily_stat")
