@@ -57,10 +57,10 @@ def service(running: tuple[Sandbox, int]) -> Any:
     return make_client(running[1]).get_service("GoogleAdsService")
 
 
-def stream(service: Any, world: World, query: str, **request: Any) -> list[Any]:
+def stream(service: Any, world: World, query: str) -> list[Any]:
     rows = []
-    batches = service.search_stream(request={
-        "customer_id": world.accounts.google_ads_customer_id, "query": query, **request})
+    batches = service.search_stream(customer_id=world.accounts.google_ads_customer_id,
+                                    query=query)
     for batch in batches:
         rows.extend(batch.results)
     return rows
@@ -354,27 +354,28 @@ def test_customer_and_manager_are_checked(running: tuple[Sandbox, int], world: W
     port = running[1]
     query = "SELECT campaign.id FROM campaign"
     accounts = world.accounts
+    # a chained get_service(...).search(...) may lose its channel: keep the service around
     managed = make_client(port, login_customer_id=accounts.google_ads_manager_id)
-    rows = list(managed.get_service("GoogleAdsService").search(
-        customer_id=accounts.google_ads_customer_id, query=query))
+    service = managed.get_service("GoogleAdsService")
+    rows = list(service.search(customer_id=accounts.google_ads_customer_id, query=query))
     assert [r.campaign.id for r in rows] == [int(c.id) for c in world.campaigns_on("google_ads")]
     for client, customer_id in ((make_client(port), "1111111111"),
                                 (make_client(port, login_customer_id="5555555555"),
                                  accounts.google_ads_customer_id)):
+        service = client.get_service("GoogleAdsService")
         with pytest.raises(GoogleAdsException) as caught:
-            list(client.get_service("GoogleAdsService").search(customer_id=customer_id,
-                                                                query=query))
+            list(service.search(customer_id=customer_id, query=query))
         assert reasons(caught.value) == [("authorization_error", "USER_PERMISSION_DENIED")]
         assert caught.value.error.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
 def test_a_call_without_credentials_is_unauthenticated(running: tuple[Sandbox, int],
                                                        world: World) -> None:
-    client = make_client(running[1], credentials=AnonymousCredentials())
+    service = make_client(running[1], credentials=AnonymousCredentials()).get_service(
+        "GoogleAdsService")
     with pytest.raises(api_exceptions.Unauthenticated) as caught:
-        list(client.get_service("GoogleAdsService").search(
-            customer_id=world.accounts.google_ads_customer_id,
-            query="SELECT campaign.id FROM campaign"))
+        list(service.search(customer_id=world.accounts.google_ads_customer_id,
+                            query="SELECT campaign.id FROM campaign"))
     assert "missing required authentication credential" in caught.value.message
 
 
