@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -136,3 +137,19 @@ def test_toml_syntax_error_is_reported(tmp_path: Path) -> None:
 def test_customer_ids_accept_dashes_and_reject_garbage(tmp_path: Path) -> None:
     found = errors(variant(tmp_path, '["123-456-7890"]', '["123-456"]'))
     assert "10 digits" in found["google_ads.customer_ids"]
+
+
+def test_sandbox_ca_replaces_a_system_roots_path(monkeypatch: pytest.MonkeyPatch,
+                                                 tls_files: tuple[Path, Path],
+                                                 tmp_path: Path) -> None:
+    """Machines often set GRPC_DEFAULT_SSL_ROOTS_FILE_PATH to the system bundle already."""
+    from convsync import settings
+
+    monkeypatch.setenv("GRPC_DEFAULT_SSL_ROOTS_FILE_PATH", "/etc/ssl/certs/ca-certificates.crt")
+    monkeypatch.setattr(settings, "_trusted_ca", None)
+    settings.trust_ca_file(tls_files[0])
+    assert os.environ["GRPC_DEFAULT_SSL_ROOTS_FILE_PATH"] == str(tls_files[0])
+    other = tmp_path / "other.pem"
+    other.write_text("x")
+    with pytest.raises(ConfigError, match="already trusts"):
+        settings.trust_ca_file(other)

@@ -338,14 +338,18 @@ def trust_ca_file(path: Path) -> None:
 
     The Google clients open only TLS channels and take their roots from this variable when
     the first channel opens; it replaces the public roots, so set it only for the sandbox."""
-    current = os.environ.get("GRPC_DEFAULT_SSL_ROOTS_FILE_PATH")
-    if current and Path(current).resolve() != path.resolve():
-        raise ConfigError(path, [Problem("ca_file", f"this process already trusts {current}; "
+    global _trusted_ca
+    if _trusted_ca is not None and _trusted_ca != path.resolve():
+        raise ConfigError(path, [Problem("ca_file", f"this process already trusts {_trusted_ca}; "
                                          "one process can trust one sandbox certificate")])
     if not path.exists():
         raise ConfigError(path, [Problem("ca_file", f"{path} does not exist: start the sandbox "
                                          "(convsync sandbox serve) or remove ca_file")])
     os.environ["GRPC_DEFAULT_SSL_ROOTS_FILE_PATH"] = str(path)
+    _trusted_ca = path.resolve()
+
+
+_trusted_ca: Path | None = None
 
 
 def _parse(path: Path) -> tuple[ClientConfig | None, list[Problem]]:

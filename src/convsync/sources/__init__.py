@@ -1,1 +1,62 @@
-"""One module per platform: connect with the platform's own SDK, pull, normalize."""
+"""One module per platform: connect with the platform's own SDK, pull, normalize.
+
+Every source offers its data as ``Stream``s: named, per account, each a function from a date
+range to normalized rows (``ConversionStat`` or ``JourneyEvent``) yielded in date order, so
+the pipeline can commit as it goes and resume a killed backfill from the last complete day.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from convsync.model import ConversionStat, JourneyEvent, PlatformConversion
+
+Row = ConversionStat | JourneyEvent
+
+
+@dataclass(frozen=True)
+class Stream:
+    """One kind of data from one account, pulled over a date range.
+
+    ``pull(start, end)`` yields rows for days ``start..end`` (inclusive, in the account's time
+    zone) in nondecreasing date order: once a row of day D is yielded, no row of an earlier day
+    follows. ``chunk_days`` > 0 asks the pipeline to split the range into chunks (for APIs that
+    take one day, or a bounded span, per request); 0 means one pull for the whole range."""
+
+    platform: str
+    name: str
+    account_id: str
+    pull: Callable[[dt.date, dt.date], Iterator[Row]]
+    chunk_days: int = 0
+
+
+@dataclass
+class Requests:
+    """API requests made, per method; the quota that matters is often requests, not rows."""
+
+    counts: Counter[str] = field(default_factory=Counter)
+
+    def add(self, method: str, n: int = 1) -> None:
+        self.counts[method] += n
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+@dataclass
+class Discovery:
+    """Conversion definitions a platform reports (Google Ads actions, Klaviyo metrics, ...)."""
+
+    conversions: list[PlatformConversion] = field(default_factory=list)
+
+
+def row_date(row: Row, timezone: str) -> dt.date:
+    """The day a row belongs to: a stat's own date, an event's time in ``timezone``."""
+    if isinstance(row, ConversionStat):
+        return row.date
+    from zoneinfo import ZoneInfo
+    return row.time.astimezone(ZoneInfo(timezone)).date()
