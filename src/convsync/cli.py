@@ -11,7 +11,8 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from enum import IntEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -22,6 +23,7 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from convsync import __version__
+from convsync.model import Platform
 from convsync.redact import Redactor
 from convsync.redact import install as install_redaction
 from convsync.settings import (
@@ -225,6 +227,112 @@ def discover(config: ConfigOption, as_json: JsonFlag = False) -> None:
     if result.failed:
         raise typer.Exit(Exit.PARTIAL if len(result.failed) < len(result.outcomes) else
                          Exit.FAILED)
+
+
+PlatformOption = Annotated[list[str] | None, typer.Option(
+    "--platform", "-p", help="Only these platforms (repeatable): google_ads, ga4, meta, klaviyo.")]
+
+
+@app.command("pull")
+def pull_command(config: ConfigOption, platform: PlatformOption = None,
+                 as_json: JsonFlag = False) -> None:
+    """Pull new and late conversions since the last run (re-pulling lookback_days)."""
+    _run_pull(config, platform, as_json)
+
+
+@app.command()
+def backfill(
+    config: ConfigOption,
+    since: Annotated[str, typer.Option(help="First day, YYYY-MM-DD.")],
+    until: Annotated[str | None, typer.Option(help="Last day, YYYY-MM-DD (default: "
+                                                   "yesterday).")] = None,
+    platform: PlatformOption = None,
+    restart: Annotated[bool, typer.Option(help="Pull the range again even if an earlier "
+                                               "backfill of it completed.")] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Pull a date range in one go; a backfill killed half-way resumes where it stopped."""
+    first, last = _day(since, "--since"), _day(until, "--until") if until else None
+    if last is not None and last < first:
+        raise typer.BadParameter("--until is before --since", param_hint="--until")
+    _run_pull(config, platform, as_json, since=first, until=last, restart=restart)
+
+
+def _run_pull(path: Path, platform: list[str] | None, as_json: bool, **window: Any) -> None:
+    from convsync import pipeline
+    from convsync.store import Store
+
+    platforms = [_platform(p) for p in platform] if platform else None
+    client, secrets = _load(path)
+    with Store.open(client.store_url()) as store, _progress(as_json) as progress:
+        result = pipeline.pull(client, secrets, store, platforms=platforms,
+                               progress=progress, **window)
+    summary = result.summary() | {"store": client.store_url()}
+
+    def human() -> None:
+        table = Table(title=f"{result.command} {result.client}: {result.since} .. {result.until}")
+        for column in ("platform", "rows", "days", "requests", "unmapped", "errors"):
+            table.add_column(column)
+        for p in result.platforms:
+            s = p.summary()
+            table.add_row(p.platform.value, str(s["rows"]), str(s["days"]), str(s["requests"]),
+                          ", ".join(s["unmapped"]), "\n".join(s["errors"] + s["skipped"]))
+        out.print(table)
+        for warning in result.warnings:
+            console.print(f"[yellow]warning[/yellow] {warning}", highlight=False)
+        unmapped = sorted({(p.platform, n) for p in result.platforms for n in p.unmapped})
+        if unmapped:
+            out.print("Unmapped conversions are stored; map them with `convsync discover "
+                      f"--config {path}` (it prints a ready-to-paste snippet).")
+        out.print(f"stored in {client.store_url()}")
+
+    _emit(summary, as_json, human)
+    if result.failed:
+        raise typer.Exit(Exit.PARTIAL if len(result.failed) < len(result.platforms) else
+                         Exit.FAILED)
+
+
+def _platform(name: str) -> Platform:
+    try:
+        return Platform(name)
+    except ValueError:
+        raise typer.BadParameter(f"unknown platform {name!r}; use google_ads, ga4, meta or "
+                                 "klaviyo", param_hint="--platform") from None
+
+
+def _day(text: str, option: str) -> dt.date:
+    try:
+        return dt.date.fromisoformat(text)
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a date like 2026-10-01",
+                                 param_hint=option) from None
+
+
+class _RichProgress:
+    """A rich progress bar per stream, on a terminal only."""
+
+    def __init__(self) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("days"), console=console, transient=False)
+        self.tasks: dict[str, Any] = {}
+
+    def start(self, label: str, days: int) -> None:
+        self.tasks[label] = self.bar.add_task(label, total=days)
+
+    def advance(self, label: str, done_days: int) -> None:
+        self.bar.update(self.tasks[label], completed=done_days)
+
+
+@contextmanager
+def _progress(quiet: bool) -> Iterator[Any]:
+    if quiet or not console.is_terminal:
+        yield None
+        return
+    progress = _RichProgress()
+    with progress.bar:
+        yield progress
 
 
 def _load(path: Path) -> tuple[ClientConfig, Secrets]:

@@ -12,10 +12,18 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from convsync.model import ConversionMap, Platform, PlatformConversion, infer_kind
+from convsync.model import (
+    ConversionMap,
+    ConversionStat,
+    JourneyEvent,
+    Platform,
+    PlatformConversion,
+    infer_kind,
+)
 from convsync.redact import Redactor
+from convsync.retry import RetryPolicy, retrying
 from convsync.settings import ClientConfig, Secrets
-from convsync.sources import ga4, google_ads, klaviyo, meta
+from convsync.sources import Requests, Row, Stream, ga4, google_ads, klaviyo, meta, row_date
 from convsync.store import Store
 
 log = logging.getLogger(__name__)
@@ -118,3 +126,247 @@ def mapping_snippet(unmapped: list[PlatformConversion], taken: set[str]) -> str:
             "[[conversions]]", f'name = "{slug}"', f'kind = "{kind.value}"  # {why}',
             f"{conversion.platform.value} = {json.dumps(conversion.name)}"]))
     return "\n\n".join(blocks)
+
+
+# -- pull and backfill ---------------------------------------------------------------------
+
+BATCH_ROWS = 5_000
+SOURCES = {Platform.GOOGLE_ADS: google_ads, Platform.GA4: ga4, Platform.META: meta,
+           Platform.KLAVIYO: klaviyo}
+
+
+class Progress:
+    """Where a pull reports how far it got; the CLI shows a bar, tests and cron see nothing."""
+
+    def start(self, label: str, days: int) -> None:
+        """A stream of ``days`` days begins."""
+
+    def advance(self, label: str, done_days: int) -> None:
+        """``done_days`` of the stream's days are complete."""
+
+
+@dataclass
+class PlatformPull:
+    """What one platform's pull did; ``summary()`` is what the JSON output shows."""
+
+    platform: Platform
+    rows: int = 0
+    days: set[dt.date] = field(default_factory=set)
+    unmapped: set[str] = field(default_factory=set)
+    errors: list[str] = field(default_factory=list)
+    requests: Requests = field(default_factory=Requests)
+    skipped: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        return {"rows": self.rows, "days": len(self.days),
+                "first_day": min(self.days).isoformat() if self.days else None,
+                "last_day": max(self.days).isoformat() if self.days else None,
+                "unmapped": sorted(self.unmapped), "errors": self.errors,
+                "requests": self.requests.total, "requests_by_method": dict(
+                    self.requests.counts), "skipped": self.skipped}
+
+
+@dataclass
+class PullResult:
+    client: str
+    command: str
+    since: dt.date
+    until: dt.date
+    platforms: list[PlatformPull]
+    warnings: list[str] = field(default_factory=list)
+    run_id: int | None = None
+
+    @property
+    def failed(self) -> list[PlatformPull]:
+        return [p for p in self.platforms if p.errors]
+
+    def summary(self) -> dict[str, Any]:
+        return {"client": self.client, "command": self.command, "run_id": self.run_id,
+                "since": self.since.isoformat(), "until": self.until.isoformat(),
+                "rows": sum(p.rows for p in self.platforms), "warnings": self.warnings,
+                "platforms": {p.platform.value: p.summary() for p in self.platforms}}
+
+
+@dataclass(frozen=True)
+class Window:
+    """The days one stream pulls, and the watermark key its progress is kept under."""
+
+    start: dt.date
+    end: dt.date
+    key: str
+    backfill: bool
+
+
+def pull(config: ClientConfig, secrets: Secrets, store: Store, *,
+         platforms: list[Platform] | None = None, since: dt.date | None = None,
+         until: dt.date | None = None, restart: bool = False, today: dt.date | None = None,
+         progress: Progress | None = None, sleep: Callable[[float], None] | None = None,
+         ) -> PullResult:
+    """Pull every enabled platform (or those named) into the store.
+
+    Without ``since``: an incremental pull, from each stream's watermark, re-pulling the last
+    ``lookback_days`` because platforms keep attributing conversions to past days; the
+    watermark moves only once the rows are committed. With ``since``: a backfill of
+    ``since..until`` that records its progress after every committed batch, so a run killed
+    half-way resumes where it stopped (``restart`` starts it over)."""
+    today = today or _today(config)
+    backfill = since is not None
+    first = since or today - dt.timedelta(days=max(config.lookback_days(p)
+                                                   for p in Platform if p in SOURCES))
+    last = until or (today - dt.timedelta(days=1) if backfill else today)
+    command = "backfill" if backfill else "pull"
+    result = PullResult(config.client.name, command, first, last, [])
+    result.run_id = store.start_run(config.client.name, command)
+    redact = Redactor(secrets.values())
+    mapping = ConversionMap(config.definitions())
+    store.save_definitions(config.definitions(), config.client.name)
+    chosen = [p for p in config.enabled_platforms() if platforms is None or p in platforms]
+    for platform in chosen:
+        outcome = PlatformPull(platform)
+        result.platforms.append(outcome)
+        source = SOURCES[platform]
+        try:
+            streams = source.streams(config, secrets, mapping, outcome.requests)
+        except Exception as error:  # one platform failing must not stop the others
+            outcome.errors.append(redact(explain(error)))
+            log.error("%s: %s", platform.value, outcome.errors[-1])
+            continue
+        for stream in streams:
+            window = _window(config, store, stream, today, since, until, restart)
+            if window is None:
+                outcome.skipped.append(f"{stream.name} {stream.account_id}: backfill already "
+                                       "complete (use --restart to pull it again)")
+                continue
+            try:
+                _pull_stream(config, store, stream, window, source.RETRY, outcome,
+                             progress or Progress(), sleep)
+            except Exception as error:
+                outcome.errors.append(redact(f"{stream.name} {stream.account_id}: "
+                                             f"{explain(error)}"))
+                log.error("%s: %s", platform.value, outcome.errors[-1])
+    result.warnings += _budget_warnings(config, store, result)
+    status = "ok" if not result.failed else (
+        "partial" if len(result.failed) < len(result.platforms) else "failed")
+    store.finish_run(result.run_id, status, result.summary())
+    return result
+
+
+def _today(config: ClientConfig) -> dt.date:
+    from zoneinfo import ZoneInfo
+    return dt.datetime.now(ZoneInfo(config.client.timezone)).date()
+
+
+def _window(config: ClientConfig, store: Store, stream: Stream, today: dt.date,
+            since: dt.date | None, until: dt.date | None, restart: bool) -> Window | None:
+    client, platform = config.client.name, Platform(stream.platform)
+    if since is not None:
+        end = until or today - dt.timedelta(days=1)
+        key = f"backfill:{stream.name}:{since}:{end}"
+        mark = None if restart else store.get_watermark(client, platform, stream.account_id, key)
+        done = mark.last_complete_date if mark else None
+        if done is not None and done >= end:
+            return None
+        start = max(since, done + dt.timedelta(days=1)) if done else since
+        return Window(start, end, key, backfill=True)
+    lookback = today - dt.timedelta(days=config.lookback_days(platform))
+    mark = store.get_watermark(client, platform, stream.account_id, stream.name)
+    done = mark.last_complete_date if mark else None
+    start = min(done + dt.timedelta(days=1), lookback) if done else lookback
+    return Window(start, until or today, stream.name, backfill=False)
+
+
+def _pull_stream(config: ClientConfig, store: Store, stream: Stream, window: Window,
+                 policy: RetryPolicy, outcome: PlatformPull, progress: Progress,
+                 sleep: Callable[[float], None] | None) -> None:
+    """Pull one stream over its window in batches, retrying transient errors from the last
+    complete day, and move its watermark as batches commit."""
+    label = f"{stream.platform} {stream.name} {stream.account_id}"
+    total_days = (window.end - window.start).days + 1
+    progress.start(label, total_days)
+    resume = window.start
+    chunk = dt.timedelta(days=stream.chunk_days or total_days)
+    retry = retrying(policy, sleep) if sleep else retrying(policy)
+    for attempt in retry:
+        with attempt:
+            while resume <= window.end:
+                chunk_end = min(resume + chunk - dt.timedelta(days=1), window.end)
+                for complete in _commit_batches(config, store, stream, resume, chunk_end,
+                                                outcome):
+                    resume = max(resume, complete + dt.timedelta(days=1))
+                    _mark(config, store, stream, window, complete)
+                    progress.advance(label, (complete - window.start).days + 1)
+                resume = max(resume, chunk_end + dt.timedelta(days=1))
+                _mark(config, store, stream, window, chunk_end)
+                progress.advance(label, (chunk_end - window.start).days + 1)
+    if not window.backfill:
+        _mark(config, store, stream, window, min(window.end, _today(config) - dt.timedelta(
+            days=1)), final=True)
+
+
+def _commit_batches(config: ClientConfig, store: Store, stream: Stream, start: dt.date,
+                    end: dt.date, outcome: PlatformPull) -> Iterator[dt.date]:
+    """Store the stream's rows batch by batch; after each batch yield the last day known
+    complete (the rows come in date order, so every day before the last row's is done)."""
+    batch: list[Row] = []
+    for row in stream.pull(start, end):
+        batch.append(row)
+        if len(batch) >= BATCH_ROWS:
+            last = _store_batch(config, store, batch, outcome)
+            batch = []
+            if last is not None and last > start:
+                yield last - dt.timedelta(days=1 if isinstance(row, ConversionStat) else 2)
+    _store_batch(config, store, batch, outcome)
+
+
+def _store_batch(config: ClientConfig, store: Store, batch: list[Row],
+                 outcome: PlatformPull) -> dt.date | None:
+    stats = [r for r in batch if isinstance(r, ConversionStat)]
+    events = [r for r in batch if isinstance(r, JourneyEvent)]
+    definitions = [r for r in batch if isinstance(r, PlatformConversion)]
+    if stats:
+        store.upsert_stats(stats)
+        outcome.days.update(r.date for r in stats)
+    if events:
+        store.upsert_journey_events(events)
+    if definitions:
+        store.save_platform_conversions(definitions)
+    outcome.rows += len(stats) + len(events)
+    outcome.unmapped.update(r.platform_conversion for r in stats if r.conversion is None)
+    outcome.unmapped.update(r.platform_conversion for r in events if r.conversion is None
+                            and r.platform_conversion != "click")
+    outcome.unmapped.update(r.name for r in definitions if r.conversion is None
+                            and "alias_of" not in r.settings)
+    dated = [d for d in (row_date(r, config.client.timezone) for r in batch[-1:]) if d]
+    return dated[0] if dated else None
+
+
+def _mark(config: ClientConfig, store: Store, stream: Stream, window: Window,
+          complete: dt.date, final: bool = False) -> None:
+    """Record progress: a backfill's after every batch, a pull's watermark at the end only."""
+    if window.backfill or final:
+        store.set_watermark(config.client.name, Platform(stream.platform), stream.account_id,
+                            window.key, last_complete_date=complete)
+
+
+def _budget_warnings(config: ClientConfig, store: Store, result: PullResult) -> list[str]:
+    """Warn when today's Google Ads operations (this store's runs) near the daily budget."""
+    section = config.google_ads
+    budget = section.operation_budget if section else None
+    used_now = sum(p.requests.total for p in result.platforms
+                   if p.platform is Platform.GOOGLE_ADS)
+    if not budget or not used_now:
+        return []
+    midnight = dt.datetime.combine(dt.datetime.now(dt.UTC).date(), dt.time(), dt.UTC)
+    earlier = sum(int(run.summary.get("platforms", {}).get("google_ads", {}).get("requests", 0))
+                  for run in store.recent_runs(config.client.name, limit=500)
+                  if run.started_at >= midnight and run.id != result.run_id)
+    used = earlier + used_now
+    runs_left = (budget - used) // used_now if used < budget else 0
+    message = (f"google_ads: {used} of the project's {budget} daily operations used today by "
+               f"this client ({used_now} by this run); the budget is shared by every client "
+               "synced with the same Cloud project")
+    if used >= budget:
+        return [message + ": it has run out, further queries will fail until it resets"]
+    if used >= 0.8 * budget or runs_left < 24:
+        return [message + f": about {runs_left} more runs like this one fit today"]
+    return []

@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 
 from convsync.model import ConversionStat, JourneyEvent, PlatformConversion
 
-Row = ConversionStat | JourneyEvent
+Row = ConversionStat | JourneyEvent | PlatformConversion
+"""What a stream yields: aggregate cells, person-level events, or (undated) the conversion
+definitions the platform reports, such as Google Ads conversion actions."""
 
 
 @dataclass(frozen=True)
@@ -47,16 +49,11 @@ class Requests:
         return sum(self.counts.values())
 
 
-@dataclass
-class Discovery:
-    """Conversion definitions a platform reports (Google Ads actions, Klaviyo metrics, ...)."""
-
-    conversions: list[PlatformConversion] = field(default_factory=list)
-
-
-def row_date(row: Row, timezone: str) -> dt.date:
+def row_date(row: Row, timezone: str) -> dt.date | None:
     """The day a row belongs to: a stat's own date, an event's time in ``timezone``."""
     if isinstance(row, ConversionStat):
         return row.date
-    from zoneinfo import ZoneInfo
-    return row.time.astimezone(ZoneInfo(timezone)).date()
+    if isinstance(row, JourneyEvent):
+        from zoneinfo import ZoneInfo
+        return row.time.astimezone(ZoneInfo(timezone)).date()
+    return None
