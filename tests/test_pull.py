@@ -31,8 +31,8 @@ def running(tls_files: tuple[Path, Path]) -> Iterator[server.RunningSandbox]:
 def config(running: server.RunningSandbox, tmp_path: Path) -> ClientConfig:
     path = tmp_path / "client.toml"
     server.write_client_config(path, running)
-    text = path.read_text().replace('[google_ads]\n', '[google_ads]\nconversion_date_basis = true\n')
-    path.write_text(text)
+    both_bases = "[google_ads]\nconversion_date_basis = true\n"
+    path.write_text(path.read_text().replace("[google_ads]\n", both_bases))
     return load_config(path)
 
 
