@@ -84,7 +84,7 @@ def forget_first_batch(batches: Any) -> bool:
     google-ads keeps the first response of every stream for its request log
     (``_UnaryStreamWrapper._cache.initial_response_object``): 70 MB held for the whole
     stream. An empty response takes its place, which is what the log then shows."""
-    wrapper = getattr(batches, "_wrapped", None)
+    wrapper: Any = getattr(batches, "_wrapped", None)
     cache = wrapper.get_cache() if hasattr(wrapper, "get_cache") else None
     if cache is None or getattr(cache, "initial_response_object", None) in (None, _EMPTY):
         return False
