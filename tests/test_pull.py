@@ -73,3 +73,71 @@ def test_google_ads_pull_matches_the_world_with_minimal_requests(
     assert google["requests"] == 2 == running.sandbox.requests("google_ads")[
         "google_ads.SearchStream"]
     assert google["days"] == 31 and google["errors"] == []
+
+
+def test_second_pull_adds_no_duplicates_and_picks_up_late_conversions(
+        tls_files: tuple[Path, Path], tmp_path: Path) -> None:
+    spec = WorldSpec(seed=32, start=TODAY - dt.timedelta(days=39), days=40, campaigns=4,
+                     as_of=dt.datetime(2026, 10, 25, 12, tzinfo=dt.UTC))
+    with server.start(World(spec), tls_files[0].parent) as running:
+        path = tmp_path / "late.toml"
+        server.write_client_config(path, running)
+        config = load_config(path)
+        secrets = load_secrets(config)
+        with Store.open(config.store_url()) as store:
+            pipeline.pull(config, secrets, store, platforms=[Platform.GOOGLE_ADS],
+                          today=dt.date(2026, 10, 25))
+            first_rows = store.count_rows("daily_stats")
+            first = stored(store, Platform.GOOGLE_ADS, Basis.CLICK_DATE)
+            running.world.advance(days=6)  # conversions keep arriving for past click days
+            pipeline.pull(config, secrets, store, platforms=[Platform.GOOGLE_ADS], today=TODAY)
+            second = stored(store, Platform.GOOGLE_ADS, Basis.CLICK_DATE)
+            keys = [(s.date, s.campaign_id, s.platform_conversion, s.basis)
+                    for s in store.stats(platform=Platform.GOOGLE_ADS)]
+        assert len(keys) == len(set(keys))  # one row per cell, however often pulled
+        assert store_rows_grew(first_rows, len(keys))
+        truth = google_truth(running.world, TODAY - dt.timedelta(days=36), TODAY,
+                             Basis.CLICK_DATE)
+        assert second == truth
+        late = [k for k in first if k[0] < dt.date(2026, 10, 20) and second[k] > first[k]]
+        assert late, "no past day gained conversions: the lookback did not re-pull"
+
+
+def store_rows_grew(before: int, after: int) -> bool:
+    return after >= before
+
+
+def test_transient_errors_are_retried_and_validation_errors_reported(
+        config: ClientConfig, running: server.RunningSandbox) -> None:
+    running.sandbox.reset_requests()
+    running.sandbox.inject("google_ads", "rate_limit", retry_after=7)
+    running.sandbox.inject("google_ads", "server_error")
+    slept: list[float] = []
+    with Store.open(config.store_url()) as store:
+        result = pipeline.pull(config, load_secrets(config), store,
+                               platforms=[Platform.GOOGLE_ADS], today=TODAY, sleep=slept.append)
+    assert result.failed == []
+    assert slept[0] == 7  # the retry delay Google asked for
+    assert len(slept) == 2
+    assert running.sandbox.requests("google_ads")["google_ads.SearchStream"] == 4
+
+
+def test_a_permission_error_is_not_retried_and_the_others_go_on(
+        running: server.RunningSandbox, tmp_path: Path) -> None:
+    path = tmp_path / "wrong.toml"
+    server.write_client_config(path, running)
+    path.write_text(path.read_text().replace('customer_ids = ["1234567890"]',
+                                             'customer_ids = ["1111111111"]'))
+    config = load_config(path)
+    running.sandbox.reset_requests()
+    slept: list[float] = []
+    with Store.open(config.store_url()) as store:
+        result = pipeline.pull(config, load_secrets(config), store,
+                               platforms=[Platform.GOOGLE_ADS, Platform.KLAVIYO], today=TODAY,
+                               sleep=slept.append)
+        runs = store.recent_runs()
+    google = result.summary()["platforms"]["google_ads"]
+    assert "USER_PERMISSION_DENIED" in google["errors"][0] and slept == []
+    assert running.sandbox.requests("google_ads")["google_ads.SearchStream"] == 1
+    assert result.summary()["platforms"]["klaviyo"]["errors"] == []
+    assert runs[0].status == "partial"

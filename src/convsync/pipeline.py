@@ -231,7 +231,12 @@ def pull(config: ClientConfig, secrets: Secrets, store: Store, *,
             outcome.errors.append(redact(explain(error)))
             log.error("%s: %s", platform.value, outcome.errors[-1])
             continue
+        failed_accounts: set[str] = set()
         for stream in streams:
+            if stream.account_id in failed_accounts:
+                outcome.skipped.append(f"{stream.name} {stream.account_id}: skipped after the "
+                                       "account's earlier error")
+                continue
             window = _window(config, store, stream, today, since, until, restart)
             if window is None:
                 outcome.skipped.append(f"{stream.name} {stream.account_id}: backfill already "
@@ -241,6 +246,7 @@ def pull(config: ClientConfig, secrets: Secrets, store: Store, *,
                 _pull_stream(config, store, stream, window, source.RETRY, outcome,
                              progress or Progress(), sleep)
             except Exception as error:
+                failed_accounts.add(stream.account_id)  # its other streams would fail alike
                 outcome.errors.append(redact(f"{stream.name} {stream.account_id}: "
                                              f"{explain(error)}"))
                 log.error("%s: %s", platform.value, outcome.errors[-1])
