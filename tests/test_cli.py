@@ -43,3 +43,29 @@ def test_config_check_bad_time_zone_exits_2_and_names_the_key(tmp_path: Path) ->
 def test_unknown_scale_is_bad_usage() -> None:
     result = runner.invoke(app, ["sandbox", "serve", "--scale", "huge"])
     assert result.exit_code == 2
+
+
+def test_import_loads_good_rows_and_names_bad_lines(tmp_path: Path) -> None:
+    config = tmp_path / "client.toml"
+    config.write_text(EXAMPLE.read_text().replace(
+        'store_url = "sqlite:///../var/acme-outdoor.db"', 'store_url = "sqlite:///client.db"'))
+    crm_file = EXAMPLE.parent / "crm-example.csv"
+    result = runner.invoke(app, ["import", "--config", str(config), str(crm_file), "--json"])
+    assert result.exit_code == 3, result.output  # partly done: two rows were bad
+    (report,) = json.loads(result.stdout)["files"]
+    assert (report["rows"], report["loaded"], report["bad_rows"]) == (8, 6, 2)
+    assert [e.split(":")[0] for e in report["errors"]] == ["line 6", "line 7"]
+    assert report["unmapped"] == ["deal_won", "demo_booked"]
+    again = runner.invoke(app, ["import", "--config", str(config), str(crm_file), "--json"])
+    assert json.loads(again.stdout)["files"][0]["loaded"] == 6
+    from convsync.store import Store
+    with Store.open(f"sqlite:///{tmp_path / 'client.db'}") as store:
+        assert store.count_rows("journey_events") == 6  # re-import added nothing
+
+
+def test_import_of_a_missing_file_is_bad_input(tmp_path: Path) -> None:
+    config = tmp_path / "client.toml"
+    config.write_text(EXAMPLE.read_text().replace(
+        'store_url = "sqlite:///../var/acme-outdoor.db"', 'store_url = "sqlite:///client.db"'))
+    result = runner.invoke(app, ["import", "--config", str(config), str(tmp_path / "no.csv")])
+    assert result.exit_code == 2

@@ -292,6 +292,61 @@ def _run_pull(path: Path, platform: list[str] | None, as_json: bool, **window: A
                          Exit.FAILED)
 
 
+@app.command("import")
+def import_command(
+    config: ConfigOption,
+    files: Annotated[list[Path], typer.Argument(help="CSV or JSON Lines files of offline "
+                                                     "outcomes (see docs/crm-files.md).")],
+    timezone: Annotated[str | None, typer.Option(
+        help="Time zone of times written without offset (default: [crm] timezone; without "
+             "one, such rows are errors).")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Import CRM outcomes (qualified leads, won deals); bad rows are named and skipped."""
+    from convsync import pipeline
+    from convsync.model import ConversionMap
+    from convsync.sources import crm
+    from convsync.store import Store
+
+    client, _ = _load(config)
+    zone = timezone or (client.crm.timezone if client.crm else None)
+    mapping = ConversionMap(client.definitions())
+    reports = []
+    with Store.open(client.store_url()) as store:
+        run = store.start_run(client.client.name, "import")
+        try:
+            for file in files:
+                reports.append(crm.import_file(store, file, mapping, zone,
+                                               default_currency=client.client.currency))
+        except (crm.CrmFileError, OSError) as error:
+            store.finish_run(run, "failed", {"error": str(error)})
+            console.print(f"[red]error[/red] {error}", highlight=False)
+            raise typer.Exit(Exit.BAD_INPUT) from None
+        summary = {"files": [r.summary() for r in reports], "store": client.store_url()}
+        store.finish_run(run, "partial" if any(r.error_count for r in reports) else "ok",
+                         summary)
+    unmapped = [c for r in reports for c in r.unmapped_conversions()]
+    summary["snippet"] = pipeline.mapping_snippet(unmapped, {d.name for d in client.definitions()})
+
+    def human() -> None:
+        for report in reports:
+            out.print(f"{report.path}: {report.events} loaded, {report.error_count} bad of "
+                      f"{report.rows} rows")
+            for error in report.errors[:20]:
+                console.print(f"  {report.path}:{error.line}: {error.reason}", highlight=False,
+                              markup=False)
+            if report.error_count > 20:
+                console.print(f"  ... and {report.error_count - 20} more (--json lists "
+                              f"{len(report.errors)})")
+        if unmapped:
+            out.print("Unmapped outcomes are stored; to map them, paste into the config:")
+            out.print(summary["snippet"], markup=False, highlight=False)
+
+    _emit(summary, as_json, human)
+    if any(r.error_count for r in reports):
+        raise typer.Exit(Exit.PARTIAL)
+
+
 def _platform(name: str) -> Platform:
     try:
         return Platform(name)

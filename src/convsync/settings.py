@@ -152,6 +152,17 @@ class KlaviyoSection(_PlatformSection):
     revision: str = "2026-10-15"
 
 
+class CrmSection(_Section):
+    """Offline outcome files (CSV / JSON Lines) imported with ``convsync import``."""
+
+    timezone: str | None = None
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str | None) -> str | None:
+        return None if value is None else ClientSection._known_timezone(value)
+
+
 class ConversionEntry(_Section):
     name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
     kind: Kind
@@ -181,6 +192,7 @@ class ClientConfig(_Section):
     ga4: Ga4Section | None = None
     meta: MetaSection | None = None
     klaviyo: KlaviyoSection | None = None
+    crm: CrmSection | None = None
     conversions: list[ConversionEntry] = []
     path: Path | None = Field(default=None, exclude=True)
 

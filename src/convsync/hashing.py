@@ -1,0 +1,76 @@
+"""Identifier normalization and SHA-256 hashing, per Google's and Meta's published rules.
+
+Emails and phone numbers are hashed on arrival and only the hashes are kept. The platforms
+normalize differently, so one hash per rule is computed while the raw value is at hand:
+
+- Google (Data Manager API, "Format user data"): email lower-cased with all whitespace removed;
+  on gmail.com / googlemail.com the dots and a ``+suffix`` of the local part are removed too
+  (``cloudy.sanfrancisco+shopping@gmail.com`` -> ``cloudysanfrancisco@gmail.com``). Phone in
+  E.164: ``+``, country code, digits (``+18005550100``).
+- Meta (Conversions API, customer information parameters ``em`` / ``ph``): email trimmed and
+  lower-cased only; phone as digits with the country code and no ``+``
+  (``16505551212``).
+
+Error messages never repeat the value they refuse: it is personal data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+GMAIL_DOMAINS = frozenset({"gmail.com", "googlemail.com"})
+_WHITESPACE = re.compile(r"\s+")
+_EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
+_PHONE_PUNCTUATION = re.compile(r"[\s().\-/]")
+_PHONE_DIGITS = re.compile(r"[1-9][0-9]{6,14}")
+"""E.164: a country code never starts with 0, at most 15 digits in all."""
+
+
+def sha256_hex(text: str) -> str:
+    """Lower-case hex SHA-256 of the UTF-8 text."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def normalize_email_google(email: str) -> str:
+    """Google's rule: lower-case, no whitespace; gmail local part without dots and +suffix."""
+    text = _WHITESPACE.sub("", email).lower()
+    local, at, domain = text.rpartition("@")
+    if at and domain in GMAIL_DOMAINS:
+        return f"{local.split('+', 1)[0].replace('.', '')}@{domain}"
+    return text
+
+
+def normalize_email_meta(email: str) -> str:
+    """Meta's rule: trim leading and trailing whitespace, lower-case."""
+    return email.strip().lower()
+
+
+def hash_email(email: str) -> tuple[str, str]:
+    """(Google hash, Meta hash) of an email address; ValueError if it is not one."""
+    if not _EMAIL.fullmatch(normalize_email_meta(email)):
+        raise ValueError("not an email address (expected name@domain.tld)")
+    return sha256_hex(normalize_email_google(email)), sha256_hex(normalize_email_meta(email))
+
+
+def normalize_phone(phone: str) -> str:
+    """E.164 (``+`` and digits) from a number written with its country code.
+
+    Spaces, dots, dashes, slashes and parentheses are dropped; a leading ``00`` counts as
+    ``+``. A number without a country code is refused rather than guessed: both platforms
+    need the country code to match it."""
+    text = _PHONE_PUNCTUATION.sub("", phone.strip())
+    if text.startswith("00"):
+        text = "+" + text[2:]
+    if not text.startswith("+"):
+        raise ValueError("phone number has no country code: write it as +<country code>"
+                         "<number>, e.g. +1 650 555 1212")
+    if not _PHONE_DIGITS.fullmatch(text[1:]):
+        raise ValueError("not a phone number (expected + then 7 to 15 digits)")
+    return text
+
+
+def hash_phone(phone: str) -> tuple[str, str]:
+    """(Google hash of ``+16505551212``, Meta hash of ``16505551212``) of a phone number."""
+    e164 = normalize_phone(phone)
+    return sha256_hex(e164), sha256_hex(e164[1:])
