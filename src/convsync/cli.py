@@ -93,7 +93,7 @@ def config_check(
                                "the machine that runs the syncs).")] = False,
     as_json: JsonFlag = False,
 ) -> None:
-    """Validate a client config file and name each problem with its key and the fix."""
+    """Validate a client config file, naming each problem's key and fix."""
     problems = check_config(file, require_secrets=with_secrets)
     errors = [p for p in problems if p.severity == "error"]
     summary = {"file": str(file), "ok": not errors,
@@ -189,7 +189,12 @@ def _serve_until_stopped() -> None:
 
 @app.command()
 def discover(config: ConfigOption, as_json: JsonFlag = False) -> None:
-    """Connect to each enabled platform and list its conversions, mapped or not."""
+    """List each platform's conversions and how they map.
+
+    Connects to every enabled platform, lists the conversions it defines (Google Ads actions
+    with their in-column settings, GA4 events, Meta action types, Klaviyo metrics), maps
+    them to the config's definitions, stores them, and prints a ready-to-paste snippet for
+    the unmapped ones."""
     from convsync import pipeline
     from convsync.store import Store
 
@@ -236,7 +241,11 @@ PlatformOption = Annotated[list[str] | None, typer.Option(
 @app.command("pull")
 def pull_command(config: ConfigOption, platform: PlatformOption = None,
                  as_json: JsonFlag = False) -> None:
-    """Pull new and late conversions since the last run (re-pulling lookback_days)."""
+    """Pull new and late conversions since the last run.
+
+    Pulls each enabled platform from its watermark, re-pulling the last lookback_days
+    because platforms keep attributing conversions to past days; the watermark moves only
+    once the rows are committed. Exit code 3 when a platform failed and the others did not."""
     _run_pull(config, platform, as_json)
 
 
@@ -251,7 +260,10 @@ def backfill(
                                                "backfill of it completed.")] = False,
     as_json: JsonFlag = False,
 ) -> None:
-    """Pull a date range in one go; a backfill killed half-way resumes where it stopped."""
+    """Pull a date range; resumes where a killed run stopped.
+
+    Progress is recorded after every committed batch, so running the same backfill again
+    after a crash or a kill continues from the last complete day."""
     first, last = _day(since, "--since"), _day(until, "--until") if until else None
     if last is not None and last < first:
         raise typer.BadParameter("--until is before --since", param_hint="--until")
@@ -302,7 +314,11 @@ def import_command(
              "one, such rows are errors).")] = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Import CRM outcomes (qualified leads, won deals); bad rows are named and skipped."""
+    """Import CRM outcomes from CSV / JSON Lines files.
+
+    Offline outcomes (qualified leads, won deals) with their identifiers; emails and phones
+    are hashed on arrival. A bad row is reported with its line number and skipped, good rows
+    load, and importing a file again adds nothing twice. Exit code 3 when rows were bad."""
     from convsync import pipeline
     from convsync.model import ConversionMap
     from convsync.sources import crm
