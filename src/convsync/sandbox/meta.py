@@ -27,6 +27,9 @@ Choices where the real API is silent or the world has less detail:
   world when they are read, like the synchronous edge.
 - Pages hold ``limit`` rows and are generated on demand: the ``after`` cursor encodes (row
   date, campaign index), so a year of 200 campaigns never sits in memory.
+- ``max_page_bytes`` (off by default) refuses an insights page whose JSON would be larger, as
+  Graph refuses pages too big to compute: HTTP 500, code 1, "Please reduce the amount of data
+  you're asking for, then retry your request". Graph's real threshold is undocumented.
 - The usage headers count calls in a rolling hour against ``calls_per_hour``; the sandbox
   throttles only when a fault is injected (``rate_limit``: the ads-insights / ads-management
   throttle, code 80000 / 80004, with ``estimated_time_to_regain_access`` in whole minutes;
@@ -565,11 +568,12 @@ class MetaGraph:
     name = "meta"
 
     def __init__(self, sandbox: Sandbox, *, calls_per_hour: int = 2_000,
-                 max_reports: int = 1_024) -> None:
+                 max_reports: int = 1_024, max_page_bytes: int | None = None) -> None:
         self.sandbox = sandbox
         self.world = sandbox.world
         self.usage = Usage(calls_per_hour)
         self.max_reports = max_reports
+        self.max_page_bytes = max_page_bytes
         self._reports: OrderedDict[str, ReportRun] = OrderedDict()
         self._report_ids = itertools.count(1)
         self._lock = threading.Lock()
@@ -797,6 +801,9 @@ class MetaGraph:
         rows = list(itertools.islice(insight_cells(self.world, query, after), limit + 1))
         data = [self._insight_json(cell, query) for _, cell in rows[:limit]]
         body = _paged(data, [p for p, _ in rows[:limit]], len(rows) > limit, request)
+        if self.max_page_bytes is not None and len(json.dumps(body)) > self.max_page_bytes:
+            raise graph_error(500, 1, "Please reduce the amount of data you're asking for, then "
+                                      "retry your request")
         return Response(200, body, content_type=JSON_TYPE)
 
     def _insight_json(self, cell: Cell, query: InsightsQuery) -> dict[str, Any]:
@@ -905,7 +912,8 @@ def _ratio(numerator: float, denominator: float) -> str | None:
 
 
 def serve_meta(sandbox: Sandbox, host: str = "127.0.0.1", port: int = 0, *,
-               calls_per_hour: int = 2_000) -> tuple[ThreadingHTTPServer, MetaGraph]:
+               calls_per_hour: int = 2_000,
+               max_page_bytes: int | None = None) -> tuple[ThreadingHTTPServer, MetaGraph]:
     """Start the simulator; point ``FacebookSession.GRAPH`` at ``http://host:server_port``."""
-    graph = MetaGraph(sandbox, calls_per_hour=calls_per_hour)
+    graph = MetaGraph(sandbox, calls_per_hour=calls_per_hour, max_page_bytes=max_page_bytes)
     return serve_rest(graph, sandbox, host, port), graph
