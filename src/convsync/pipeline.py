@@ -28,8 +28,6 @@ from convsync.store import Store
 
 log = logging.getLogger(__name__)
 
-EXPLAINERS: tuple[Callable[[Exception], str | None], ...] = (
-    google_ads.explain, ga4.explain, meta.explain, klaviyo.explain)
 
 
 @dataclass
@@ -78,7 +76,7 @@ def discover(config: ClientConfig, secrets: Secrets, store: Store,
                 outcome.conversions = meta.mark_aliases(outcome.conversions)
             store.save_platform_conversions(outcome.conversions)
         except Exception as error:  # one platform failing must not stop the others
-            outcome.error = redact(explain(error))
+            outcome.error = redact(explain(error, platform))
             log.error("%s: %s", platform.value, outcome.error)
         outcomes.append(outcome)
     return DiscoverResult(config.client.name, outcomes)
@@ -101,13 +99,9 @@ def _platform_conversions(platform: Platform, config: ClientConfig, secrets: Sec
         yield from klaviyo.metrics(klaviyo.connect(config.klaviyo, secrets))
 
 
-def explain(error: Exception) -> str:
+def explain(error: Exception, platform: Platform) -> str:
     """The platform's own account of an error when it is one, else the exception itself."""
-    for explainer in EXPLAINERS:
-        message = explainer(error)
-        if message:
-            return message
-    return f"{type(error).__name__}: {error}"
+    return SOURCES[platform].explain(error) or f"{type(error).__name__}: {error}"
 
 
 def mapping_snippet(unmapped: list[PlatformConversion], taken: set[str]) -> str:
@@ -228,7 +222,7 @@ def pull(config: ClientConfig, secrets: Secrets, store: Store, *,
         try:
             streams = source.streams(config, secrets, mapping, outcome.requests)
         except Exception as error:  # one platform failing must not stop the others
-            outcome.errors.append(redact(explain(error)))
+            outcome.errors.append(redact(explain(error, platform)))
             log.error("%s: %s", platform.value, outcome.errors[-1])
             continue
         failed_accounts: set[str] = set()
@@ -248,7 +242,7 @@ def pull(config: ClientConfig, secrets: Secrets, store: Store, *,
             except Exception as error:
                 failed_accounts.add(stream.account_id)  # its other streams would fail alike
                 outcome.errors.append(redact(f"{stream.name} {stream.account_id}: "
-                                             f"{explain(error)}"))
+                                             f"{explain(error, platform)}"))
                 log.error("%s: %s", platform.value, outcome.errors[-1])
     result.warnings += _budget_warnings(config, store, result)
     status = "ok" if not result.failed else (

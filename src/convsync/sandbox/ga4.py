@@ -14,6 +14,10 @@ Fidelity decisions:
 - Without ``orderBys`` rows come by the first metric descending (what the API does), ties by
   dimension values ascending so paging is deterministic.
 - Dimensions cited only by ``dimensionFilter`` count towards the 9-dimension limit.
+- The property has one custom dimension, event-scoped on the ``gclid`` parameter
+  (``customEvent:gclid``): Google campaigns' events come one row per gclid, event and day,
+  every other event "(not set)" (``World.ga4_rows(by_gclid=True)``). Any other custom
+  dimension is refused as the API refuses one the property has not registered.
 - Real features the sandbox does not simulate (other dimensions and metrics, expressions,
   cohorts, comparisons, currency conversion, pivot / realtime / metadata methods) answer
   UNIMPLEMENTED (HTTP 501) naming the feature, never a made-up INVALID_ARGUMENT.
@@ -57,6 +61,8 @@ from convsync.sandbox.world import Ga4Row, World
 log = logging.getLogger(__name__)
 
 SERVICE = "google.analytics.data.v1beta.BetaAnalyticsData"
+GCLID_DIMENSION = "customEvent:gclid"
+"""The property's one custom dimension: event-scoped, the ``gclid`` event parameter."""
 DEFAULT_LIMIT = 10_000
 MAX_LIMIT = 250_000
 MAX_DIMENSIONS = 9
@@ -143,6 +149,7 @@ _DIMENSIONS = {
     "sessionMedium": _Dimension(("medium",), _same),
     "sessionCampaignName": _Dimension(("campaign_name",), _same),
     "sessionSourceMedium": _Dimension(("source", "medium"), lambda s, m: f"{s} / {m}"),
+    GCLID_DIMENSION: _Dimension(("gclid",), _same),
 }
 DATE_RANGE_DIMENSION = "dateRange"
 
@@ -261,6 +268,7 @@ class _Query:
     order_bys: list[Any] = field(default_factory=list)  # OrderBy protobufs
     aggregations: list[int] = field(default_factory=list)
     keep_empty_rows: bool = False
+    by_gclid: bool = False  # the gclid custom dimension is requested or filtered on
 
     @property
     def multi_range(self) -> bool:
@@ -289,7 +297,8 @@ def _parse(request: Any, world: World) -> _Query:
                         if name not in metric_names],
         ranges=ranges, limit=limit, offset=offset,
         row_filter=_row_filter(dimension_filter, filter_dimensions),
-        metric_filter=metric_filter, keep_empty_rows=request.keep_empty_rows)
+        metric_filter=metric_filter, keep_empty_rows=request.keep_empty_rows,
+        by_gclid=GCLID_DIMENSION in dimensions + filter_dimensions)
     query.order_bys = _order_bys(request, query)
     query.aggregations = _aggregations(request)
     return query
@@ -592,7 +601,7 @@ def _aggregate(world: World, query: _Query) -> Cells:
     keep = query.row_filter
     cells: dict[tuple[Any, ...], int] = {}
     cell_of_row, numbers = array("q"), array("d")
-    for row in _rows_in(world, query.ranges):
+    for row in _rows_in(world, query.ranges, query.by_gclid):
         labels = labels_on.get(row.date)
         if labels is None or (keep is not None and not keep(row)):
             continue
@@ -627,8 +636,9 @@ def _range_labels_by_date(query: _Query) -> dict[dt.date, list[tuple[str, ...]]]
     return labels
 
 
-def _rows_in(world: World, ranges: list[_DateRange]) -> Iterator[Ga4Row]:
-    """The world's rows over the union of the ranges, each day read once."""
+def _rows_in(world: World, ranges: list[_DateRange], by_gclid: bool) -> Iterator[Ga4Row]:
+    """The world's rows over the union of the ranges, each day read once (one row per gclid
+    for Google campaigns' events when the gclid custom dimension is asked for)."""
     spans = sorted((r.start, r.end) for r in ranges)
     merged: list[list[dt.date]] = []
     for start, end in spans:
@@ -637,7 +647,7 @@ def _rows_in(world: World, ranges: list[_DateRange]) -> Iterator[Ga4Row]:
         else:
             merged.append([start, end])
     for start, end in merged:
-        yield from world.ga4_rows(start, end)
+        yield from world.ga4_rows(start, end, by_gclid=by_gclid)
 
 
 def _keep(query: _Query, values: list[float]) -> bool:

@@ -133,6 +133,13 @@ KLAVIYO_METRICS = (
     KlaviyoMetric("PlOrd4", "Placed Order", PURCHASE),
     KlaviyoMetric("SbLst5", "Subscribed to List", SIGNUP),
 )
+KLAVIYO_VALUED_STEPS = frozenset({CART, CHECKOUT, PURCHASE})
+"""Klaviyo events that carry the order value as ``$value``."""
+
+
+_PendingEvent = tuple[float, str, int, int, int, int, bool, float]
+"""A Klaviyo event waiting for its turn: (time, id, click day, person, metric index, campaign,
+view-through, order value), all it takes to build it once its click day left the day cache."""
 
 
 @dataclass(frozen=True)
@@ -404,19 +411,30 @@ class World:
                 yield Click(date, self.campaigns[int(day.campaign[i])], self.gclid(day.day, int(i)),
                             float(day.click_ts[i]))
 
-    def ga4_rows(self, start: dt.date, end: dt.date) -> Iterator[Ga4Row]:
+    def ga4_rows(self, start: dt.date, end: dt.date, *,
+                 by_gclid: bool = False) -> Iterator[Ga4Row]:
         """Event counts per property-time-zone day, session source / medium / campaign, event.
 
         GA4 files events under the day they happened; it misses people who block its tag;
-        people who only saw a Meta ad arrive as (direct) / (none)."""
+        people who only saw a Meta ad arrive as (direct) / (none).
+
+        ``by_gclid``: the property also has an event-scoped custom dimension ``gclid`` (the
+        landing page's click id, kept as an event parameter): Google campaigns' events come one
+        row per gclid, event and day (a count of 1: each person does each step once); the
+        other rows carry gclid "(not set)". Summed over gclids, the rows are the same."""
         tz = self.accounts.ga4_tz
         lo, hi = epoch_day(start), epoch_day(end)
         acc = _DatedSums(lo, hi)
         steps = [s for s, name in enumerate(GA4_EVENT_NAMES) if name]
         direct = len(self.campaigns)
+        google = np.array([c.platform == "google_ads" for c in self.campaigns])
         for day in self.days_between(lo - 1 - HORIZON_DAYS, hi + 1):
             seen = day.ga4_seen
             source_index = np.where(day.view_through, direct, day.campaign)
+            if by_gclid:
+                source_index = np.where(google[day.campaign],
+                                        _gclid_code(day.day, day.campaign, len(self.campaigns)),
+                                        source_index)
             for step in steps:
                 ts = day.times[step]
                 idx = np.nonzero(seen & self.visible(ts))[0]
@@ -431,13 +449,17 @@ class World:
 
     def _ga4_row(self, d: int, c: int, step: int, n: int, v: float) -> Ga4Row:
         event = GA4_EVENT_NAMES[step] or ""
+        gclid = "(not set)"
+        if c < 0:  # one person of a Google campaign (ga4_rows by_gclid)
+            click_day, index, c = _gclid_person(c, len(self.campaigns))
+            gclid = self.gclid(click_day, index)
         if c == len(self.campaigns):
             source, medium, name = "(direct)", "(none)", "(not set)"
         else:
             camp = self.campaigns[c]
             source, medium, name = camp.source, camp.medium, camp.name
         key = n if event in GA4_KEY_EVENTS else 0
-        return Ga4Row(from_epoch_day(d), source, medium, name, event, n, key, v)
+        return Ga4Row(from_epoch_day(d), source, medium, name, event, n, key, v, gclid)
 
     def meta_insights(self, start: dt.date, end: dt.date, *,
                       report_time: str = "impression") -> Iterator[MetaInsight]:
@@ -489,48 +511,67 @@ class World:
     def klaviyo_events(self, start: dt.datetime, end: dt.datetime,
                        metric: KlaviyoMetric | None = None) -> Iterator[KlaviyoEvent]:
         """Events of identified people with ``start <= time < end``, in time order per day."""
-        lo_ts, hi_ts = start.timestamp(), min(end.timestamp(), self.as_of_ts + 1e-6)
+        lo_ts, hi_ts = self._klaviyo_span(start, end)
         metrics = [metric] if metric else list(self.klaviyo_metrics)
-        first = int(lo_ts // DAY) - HORIZON_DAYS
-        pending: list[tuple[float, str, int, int, int]] = []
-        for day in self.days_between(first, int(hi_ts // DAY)):
+        pending: list[_PendingEvent] = []
+        for day in self.days_between(int(lo_ts // DAY) - HORIZON_DAYS, int(hi_ts // DAY)):
             for m, metric_ in enumerate(metrics):
-                ts = day.times[metric_.step]
-                with np.errstate(invalid="ignore"):
-                    ok = day.identified & (ts >= lo_ts) & (ts < hi_ts)
-                for i in np.nonzero(ok)[0].tolist():
-                    heapq.heappush(pending, (float(ts[i]), self._event_id(day.day, i, metric_),
-                                             day.day, i, m))
+                idx = self._klaviyo_people(day, metric_, lo_ts, hi_ts)
+                for i, ts, c, vt, v in zip(
+                        idx.tolist(), day.times[metric_.step, idx].tolist(),
+                        day.campaign[idx].tolist(), day.view_through[idx].tolist(),
+                        day.order_value[idx].tolist(), strict=True):
+                    heapq.heappush(pending, (ts, self._event_id(day.day, i, metric_), day.day,
+                                             i, m, c, vt, v))
             # later days only hold events after their own start: what is before is final
             while pending and pending[0][0] < (day.day + 1) * DAY:
-                yield self._pop_event(pending, metrics)
+                yield self._klaviyo_event(heapq.heappop(pending), metrics)
         while pending:
-            yield self._pop_event(pending, metrics)
+            yield self._klaviyo_event(heapq.heappop(pending), metrics)
 
-    def _pop_event(self, pending: list[tuple[float, str, int, int, int]],
-                   metrics: list[KlaviyoMetric]) -> KlaviyoEvent:
-        _, _, day_number, i, m = heapq.heappop(pending)
-        return self._klaviyo_event(self.day(day_number), i, metrics[m])
+    def klaviyo_event_times(self, metric: KlaviyoMetric, start: dt.datetime,
+                            end: dt.datetime) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(times, values) of the events ``klaviyo_events(start, end, metric)`` returns, one
+        click day at a time and unordered, without building them: for aggregates."""
+        lo_ts, hi_ts = self._klaviyo_span(start, end)
+        for day in self.days_between(int(lo_ts // DAY) - HORIZON_DAYS, int(hi_ts // DAY)):
+            idx = self._klaviyo_people(day, metric, lo_ts, hi_ts)
+            if idx.size:
+                values = (day.order_value[idx] if metric.step in KLAVIYO_VALUED_STEPS
+                          else np.zeros(idx.size))
+                yield day.times[metric.step, idx], values
+
+    def _klaviyo_span(self, start: dt.datetime, end: dt.datetime) -> tuple[float, float]:
+        return start.timestamp(), min(end.timestamp(), self.as_of_ts + 1e-6)
+
+    @staticmethod
+    def _klaviyo_people(day: Day, metric: KlaviyoMetric, lo_ts: float,
+                        hi_ts: float) -> np.ndarray:
+        """Indexes of the identified people of ``day`` whose ``metric`` falls in [lo, hi)."""
+        ts = day.times[metric.step]
+        with np.errstate(invalid="ignore"):
+            return np.nonzero(day.identified & (ts >= lo_ts) & (ts < hi_ts))[0]
 
     def _event_id(self, day: int, index: int, metric: KlaviyoMetric) -> str:
         return _token(self.spec.seed, "kev", day, index, 20, metric.step)
 
-    def _klaviyo_event(self, day: Day, i: int, metric: KlaviyoMetric) -> KlaviyoEvent:
-        camp = self.campaigns[int(day.campaign[i])]
-        props: dict[str, object] = {"$event_id": f"{day.day}-{i}-{metric.step}",
+    def _klaviyo_event(self, pending: _PendingEvent,
+                       metrics: list[KlaviyoMetric]) -> KlaviyoEvent:
+        ts, event_id, day, i, m, campaign, view_through, order_value = pending
+        metric, camp = metrics[m], self.campaigns[campaign]
+        props: dict[str, object] = {"$event_id": f"{day}-{i}-{metric.step}",
                                     "utm_source": camp.source, "utm_campaign": camp.name}
         if camp.platform == "google_ads":
-            props["gclid"] = self.gclid(day.day, i)
-        elif camp.platform == "meta" and not day.view_through[i]:
-            props["fbclid"] = self.fbclid(day.day, i)
-        value = float(day.order_value[i]) if metric.step in (CART, CHECKOUT, PURCHASE) else 0.0
+            props["gclid"] = self.gclid(day, i)
+        elif camp.platform == "meta" and not view_through:
+            props["fbclid"] = self.fbclid(day, i)
+        value = order_value if metric.step in KLAVIYO_VALUED_STEPS else 0.0
         if value:
             props["$value"] = value
         return KlaviyoEvent(
-            id=self._event_id(day.day, i, metric),
-            metric=metric, timestamp=float(day.times[metric.step, i]), value=value,
-            properties=props, profile_id="01" + _token(self.spec.seed, "prof", day.day, i, 24),
-            email=self.email(day.day, i))
+            id=event_id, metric=metric, timestamp=ts, value=value, properties=props,
+            profile_id="01" + _token(self.spec.seed, "prof", day, i, 24),
+            email=self.email(day, i))
 
     def klaviyo_daily(self, metric: KlaviyoMetric, start: dt.date, end: dt.date,
                       tz: str) -> dict[dt.date, tuple[int, float]]:
@@ -589,6 +630,7 @@ class Ga4Row:
     event_count: int
     key_events: int
     event_value: float
+    gclid: str = "(not set)"
 
 
 @dataclass
@@ -664,6 +706,23 @@ def _mixed_lag(rng: np.random.Generator, n: int, quick_share: float, quick_mean_
     quick = rng.exponential(quick_mean_s, n)
     slow = np.minimum(rng.lognormal(np.log(slow_median_days * DAY), 1.1, n), MAX_LAG_DAYS * DAY)
     return np.where(rng.uniform(size=n) < quick_share, quick, slow)
+
+
+_PEOPLE_PER_DAY = 1 << 24
+
+
+def _gclid_code(day: int, campaign: np.ndarray, campaigns: int) -> np.ndarray:
+    """A negative cell code naming each person of a day (and their campaign) for _DatedSums,
+    whose cells are otherwise keyed by campaign index (>= 0)."""
+    person = day * _PEOPLE_PER_DAY + np.arange(campaign.size, dtype=np.int64)
+    return -1 - (person * campaigns + campaign)
+
+
+def _gclid_person(code: int, campaigns: int) -> tuple[int, int, int]:
+    """(click day, person index, campaign index) of a _gclid_code."""
+    person, campaign = divmod(-1 - code, campaigns)
+    day, index = divmod(person, _PEOPLE_PER_DAY)
+    return day, index, campaign
 
 
 def _token(seed: int, kind: str, day: int, index: int, length: int, extra: int = 0) -> str:
