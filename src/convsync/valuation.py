@@ -1,0 +1,970 @@
+"""What each micro conversion is worth: the expected macro value within a horizon H.
+
+For every micro conversion and segment (client, campaign or source) the value of one person
+who did it is ``P(macro within H) x mean macro value``, estimated better than the textbook
+``converted share x average order``:
+
+- **Lag.** A Kaplan-Meier curve of the time from the micro to the first macro, over every
+  cohort (recent ones are right-censored at ``as_of``), gives the share ``G(t)`` of the
+  within-horizon conversions that have happened ``t`` days after the micro. A person followed
+  for ``t < H`` days counts as ``G(t)`` of a person (partial exposure), not as a miss.
+- **Shrinkage.** Segment rates get a Beta prior fitted to all segments (Beta-Binomial
+  empirical Bayes on the lag-corrected exposure). The prior's own uncertainty is kept: its
+  hyperparameters get a posterior on a grid and every interval mixes over it, which is what
+  makes the intervals of sparse segments cover.
+- **Value per macro.** Log order values are normal within a segment with a common spread;
+  segment means are shrunk to the client's (a normal hierarchical model, its spread on a grid
+  too). The mean of a lognormal is far less noisy than a raw average, and log values are
+  winsorized far out, so a few huge orders move it little.
+- **Diagnostics and guard rails.** Volume, lift over people who did not do it, coverage
+  (share of macro converters who did it first), realisation ratio on matured cohorts, an
+  optional size scaling checked on held-out cohorts; no value when the evidence is thin.
+- **Ladder.** ``ladder_weights`` / ``ladder_credits``: the ladder's total (the expected
+  macro value of everyone who entered it) is shared among the steps in proportion to each
+  step's log-lift over the one before, and each share spread over the people who reached
+  the step, so the credits over all paths add up to the total exactly.
+
+Everything here is pure: it takes columns (``Journeys``) and returns frozen rows; the store
+and the command line live elsewhere (``journeys_from_events`` adapts stored events).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import zlib
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from functools import cached_property
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+from scipy import special, stats
+
+from convsync.model import JourneyEvent
+
+FloatArray = npt.NDArray[np.float64]
+IntArray = npt.NDArray[np.int64]
+BoolArray = npt.NDArray[np.bool_]
+
+DAY = 86_400.0
+ALL_SEGMENTS = "*"
+"""The segment name of a conversion's row over all segments."""
+LADDER_ENTRY = "ladder_entry"
+"""The virtual conversion 'first ladder step of a person', whose value is the ladder's total."""
+SegmentBy = Literal["client", "campaign", "source"]
+
+_WINSOR_SD = 4.0
+"""Log order values further than this many robust SDs from the median are pulled in."""
+_SIGMA_PRIOR = (1.0, 1.0)
+"""(pseudo degrees of freedom, variance) of a weak prior on the log-value spread."""
+_GRID = 41
+"""Points per hyperparameter axis of the prior fits' grids."""
+_RATE_SPREAD = 0.35
+"""Mode of the prior SD of segment rates on the logit scale: the campaigns of one client
+typically convert within about 40% of each other (the prior's mean is twice that)."""
+_VALUE_SPREAD = 0.15
+"""Mode of the prior SD of segment mean log order values: average orders typically differ
+by about 15% between the campaigns of one client (the prior's mean is twice that)."""
+_VALUE_SPREAD_MAX = 3.0
+"""Upper end of that SD's grid: the posterior mean of a lognormal mean grows like
+exp(tau^2 / 2), so tau must be bounded for it to exist when the data cannot bound it."""
+
+
+class Recommendation(StrEnum):
+    TRACK_AND_UPLOAD = "track_and_upload"
+    ANALYTICS_ONLY = "analytics_only"
+    DROP_NOISE = "drop_noise"
+
+
+@dataclass(frozen=True)
+class ValuationSettings:
+    """Knobs of the estimator. The defaults are the ones the benchmark scores."""
+
+    min_events: int = 30
+    """Guard rail: no value for a segment with fewer micro events than this."""
+    max_relative_width: float = 2.0
+    """Guard rail: no value when (interval high - low) / value exceeds this."""
+    level: float = 0.90
+    """Coverage of the intervals kept with values and lifts."""
+    noise_lift: float = 1.25
+    """A micro conversion whose lift is surely below this does not predict the macro."""
+    size_scaling: bool = True
+    """Try scaling by the micro event's size (cart value, items); kept only if it predicts
+    held-out cohorts better."""
+    prior_uncertainty: bool = True
+    """False gives plug-in intervals (fitted prior taken as known): for comparison only."""
+    draws: int = 1000
+    """Monte Carlo draws behind each interval."""
+    seed: int = 0
+
+
+@dataclass(frozen=True, eq=False)
+class Journeys:
+    """Person journeys in columns: micro events, macro events, integer-coded.
+
+    Times are epoch seconds (UTC). ``micro_conversion`` indexes ``conversions``,
+    ``micro_segment`` indexes ``segments``; person codes are shared by both tables. A micro
+    event's ``micro_size`` (cart value, items) is NaN when it carries none. ``ladder`` lists
+    the ladder's micro conversions in climbing order (empty: no ladder).
+    """
+
+    conversions: tuple[str, ...]
+    segments: tuple[str, ...]
+    micro_person: IntArray
+    micro_conversion: IntArray
+    micro_segment: IntArray
+    micro_time: FloatArray
+    micro_size: FloatArray
+    macro_person: IntArray
+    macro_time: FloatArray
+    macro_value: FloatArray
+    ladder: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("micro_person", "micro_conversion", "micro_segment", "macro_person"):
+            object.__setattr__(self, name, np.asarray(getattr(self, name), dtype=np.int64))
+        for name in ("micro_time", "micro_size", "macro_time", "macro_value"):
+            object.__setattr__(self, name, np.asarray(getattr(self, name), dtype=np.float64))
+        micro = {len(self.micro_person), len(self.micro_conversion), len(self.micro_segment),
+                 len(self.micro_time), len(self.micro_size)}
+        macro = {len(self.macro_person), len(self.macro_time), len(self.macro_value)}
+        if len(micro) != 1 or len(macro) != 1:
+            raise ValueError("micro columns and macro columns must each have equal lengths")
+        _check_codes("micro_conversion", self.micro_conversion, len(self.conversions))
+        _check_codes("micro_segment", self.micro_segment, len(self.segments))
+        if unknown := set(self.ladder) - set(self.conversions):
+            raise ValueError(f"ladder steps {sorted(unknown)} are not micro conversions")
+
+    @property
+    def persons(self) -> int:
+        """Number of person codes in use (one more than the largest)."""
+        top = [int(a.max()) for a in (self.micro_person, self.macro_person) if len(a)]
+        return max(top, default=-1) + 1
+
+
+def _check_codes(name: str, codes: IntArray, count: int) -> None:
+    if len(codes) and (codes.min() < 0 or codes.max() >= count):
+        raise ValueError(f"{name} holds codes outside 0..{count - 1}")
+
+
+@dataclass(frozen=True)
+class MicroValue:
+    """The value of one micro conversion in one segment (``ALL_SEGMENTS``: over all).
+
+    ``estimate`` is always computed; ``value`` is None when a guard rail withholds it
+    (``reason`` says why). Lift and coverage describe the conversion over all segments.
+    """
+
+    conversion: str
+    segment: str
+    as_of: dt.datetime
+    horizon_days: float
+    volume: int
+    conversions: int
+    exposure: float
+    customer_share: float
+    customer_share_interval: tuple[float, float]
+    mean_macro_value: float
+    estimate: float
+    interval: tuple[float, float]
+    value: float | None
+    lift: float | None
+    lift_interval: tuple[float, float] | None
+    coverage: float | None
+    realisation_ratio: float | None
+    scaled_by_size: bool
+    value_per_size_unit: float | None
+    recommendation: Recommendation
+    reason: str
+
+
+@dataclass(frozen=True)
+class LadderCredit:
+    """What one ladder step uploads per event in one segment.
+
+    ``expected_value`` (V_k) and ``increment`` (V_k - V_k-1) are for reporting; ``credit`` is
+    the rule's upload value: ``share`` of the segment's ladder total over the ``reach``
+    people who reached the step (None when the ladder total is withheld, see ``reason``).
+    """
+
+    conversion: str
+    segment: str
+    position: int
+    reach: int
+    expected_value: float
+    increment: float
+    share: float
+    credit_estimate: float
+    credit: float | None
+    reason: str
+
+
+# ---------------------------------------------------------------- lag: Kaplan-Meier
+
+
+@dataclass(frozen=True, eq=False)
+class SurvivalCurve:
+    """A right-continuous step function: ``survival[i]`` holds on [times[i], times[i+1])."""
+
+    times: FloatArray
+    survival: FloatArray
+
+    def at(self, t: FloatArray | float) -> FloatArray:
+        t = np.asarray(t, dtype=np.float64)
+        if not len(self.times):
+            return np.ones_like(t)
+        index = np.searchsorted(self.times, t, side="right") - 1
+        return np.where(index >= 0, self.survival[np.maximum(index, 0)], 1.0)
+
+
+def kaplan_meier(durations: FloatArray, events: BoolArray) -> SurvivalCurve:
+    """Kaplan-Meier: the share without an event at each event time (events before censoring
+    at tied times)."""
+    durations = np.asarray(durations, dtype=np.float64)
+    order = np.argsort(durations, kind="stable")
+    times, first = np.unique(durations[order], return_index=True)
+    if not len(times):
+        return SurvivalCurve(np.zeros(0), np.zeros(0))
+    deaths = np.add.reduceat(np.asarray(events, dtype=np.float64)[order], first)
+    at_risk = len(durations) - first
+    survival = np.cumprod(1.0 - deaths / at_risk).astype(np.float64)
+    happened = deaths > 0
+    return SurvivalCurve(times[happened], survival[happened])
+
+
+def completed_share(curve: SurvivalCurve, follow_up: FloatArray, horizon: float) -> FloatArray:
+    """The expected share of within-horizon conversions already seen after ``follow_up`` days:
+    F(t) / F(H), with F = 1 - S."""
+    done_by_horizon = 1.0 - float(curve.at(horizon))
+    if done_by_horizon <= 0:
+        return np.ones_like(np.asarray(follow_up, dtype=np.float64))
+    share = (1.0 - curve.at(np.minimum(follow_up, horizon))) / done_by_horizon
+    return np.asarray(np.clip(share, 0.0, 1.0), dtype=np.float64)
+
+
+# ---------------------------------------------------------------- rates: Beta-Binomial EB
+
+
+@dataclass(frozen=True, eq=False)
+class BetaPrior:
+    """A Beta prior on segment rates: a mixture of Beta(alpha_i, beta_i) with weights.
+
+    One component is a known prior; a fitted one is the posterior over a grid of (mean,
+    concentration), so that intervals carry the uncertainty of the fit."""
+
+    alpha: FloatArray
+    beta: FloatArray
+    weight: FloatArray
+
+    @classmethod
+    def known(cls, alpha: float, beta: float) -> BetaPrior:
+        return cls(np.array([alpha]), np.array([beta]), np.array([1.0]))
+
+    @property
+    def mean(self) -> float:
+        return float(self.weight @ (self.alpha / (self.alpha + self.beta)))
+
+    def posterior_mean(self, successes: FloatArray, trials: FloatArray) -> FloatArray:
+        """Each segment's posterior mean rate. The weights are used as they are: a fitted
+        prior's weights already are the posterior over the hyperparameters."""
+        y, n = np.asarray(successes, dtype=np.float64), np.asarray(trials, dtype=np.float64)
+        means = (self.alpha[:, None] + y) / (self.alpha[:, None] + self.beta[:, None] + n)
+        return np.asarray(self.weight @ means, dtype=np.float64)
+
+    def draw(self, successes: FloatArray, trials: FloatArray, rng: np.random.Generator,
+             draws: int) -> FloatArray:
+        """Posterior draws of each segment's rate, shape (draws, segments)."""
+        y, n = np.asarray(successes, dtype=np.float64), np.asarray(trials, dtype=np.float64)
+        pick = rng.choice(len(self.weight), size=draws, p=self.weight)
+        a = self.alpha[pick][:, None] + y
+        b = self.beta[pick][:, None] + (n - y)
+        return np.asarray(rng.beta(a, b), dtype=np.float64)
+
+
+def _beta_binomial_log_like(alpha: FloatArray, beta: FloatArray, successes: FloatArray,
+                            trials: FloatArray) -> FloatArray:
+    """Sum over segments of log P(y | n, alpha, beta) (binomial coefficient dropped), per
+    component; trials may be fractional (lag-corrected exposure)."""
+    a, b = alpha[:, None], beta[:, None]
+    y, n = np.asarray(successes)[None, :], np.asarray(trials)[None, :]
+    seen = special.betaln(a + y, b + n - y).sum(axis=1)
+    return np.asarray(seen - y.shape[1] * special.betaln(alpha, beta), dtype=np.float64)
+
+
+def _normalized(log_weight: FloatArray) -> FloatArray:
+    w = np.exp(log_weight - np.max(log_weight))
+    return np.asarray(w / w.sum(), dtype=np.float64)
+
+
+def fit_beta_prior(successes: FloatArray, trials: FloatArray, *,
+                   plug_in: bool = False) -> BetaPrior:
+    """Empirical Bayes prior of segment rates: the posterior over (logit mean, log
+    concentration) on a grid, refined once around the mass of a coarse pass.
+
+    Hyperprior: flat on the logit of the mean; ``_spread_prior`` on the logit-scale SD of the
+    segment rates. ``plug_in``: the single maximum marginal likelihood point instead, the
+    textbook empirical Bayes prior whose intervals ignore the fit's uncertainty."""
+    y, n = np.asarray(successes, dtype=np.float64), np.asarray(trials, dtype=np.float64)
+    center = special.logit((y.sum() + 0.5) / (n.sum() + 1.0))
+    mu = center + np.linspace(-8.0, 8.0, _GRID)
+    kappa = np.linspace(math.log(0.05), math.log(1e7), _GRID)
+    weight = _beta_grid_posterior(mu, kappa, y, n, with_prior=not plug_in)
+    mu_fine = _refined(mu, weight.sum(axis=1))
+    kappa_fine = _refined(kappa, weight.sum(axis=0))
+    weight = _beta_grid_posterior(mu_fine, kappa_fine, y, n, with_prior=not plug_in)
+    m, k = np.meshgrid(special.expit(mu_fine), np.exp(kappa_fine), indexing="ij")
+    alpha, beta, weight = (m * k).ravel(), ((1 - m) * k).ravel(), weight.ravel()
+    if plug_in:
+        best = int(np.argmax(weight))
+        return BetaPrior.known(float(alpha[best]), float(beta[best]))
+    keep = weight > 1e-12 * weight.max()
+    return BetaPrior(alpha[keep], beta[keep], weight[keep] / weight[keep].sum())
+
+
+def _beta_grid_posterior(logit_mean: FloatArray, log_kappa: FloatArray, y: FloatArray,
+                         n: FloatArray, with_prior: bool) -> FloatArray:
+    m, k = np.meshgrid(special.expit(logit_mean), np.exp(log_kappa), indexing="ij")
+    alpha, beta = (m * k).ravel(), ((1 - m) * k).ravel()
+    log_post = _beta_binomial_log_like(alpha, beta, y, n)
+    if with_prior:
+        log_post = log_post + _spread_log_prior(alpha, beta)
+    return _normalized(log_post).reshape(m.shape)
+
+
+def _spread_log_prior(alpha: FloatArray, beta: FloatArray) -> FloatArray:
+    """log density on log(alpha + beta), at a fixed mean, of the spread prior on the
+    logit-scale SD of the rates, s = sqrt(trigamma(alpha) + trigamma(beta))."""
+    spread = np.sqrt(special.polygamma(1, alpha) + special.polygamma(1, beta))
+    d_spread = np.abs(alpha * special.polygamma(2, alpha) + beta * special.polygamma(2, beta))
+    return np.asarray(_spread_prior(spread, _RATE_SPREAD) + np.log(d_spread / (2.0 * spread)),
+                      dtype=np.float64)
+
+
+def _spread_prior(spread: FloatArray, mode: float) -> FloatArray:
+    """log Gamma(2, 1 / mode) density of a between-segment SD (up to a constant). It vanishes
+    at zero (segments never are exactly alike), which keeps the fit off the no-spread
+    boundary where hierarchical intervals under-cover (Chung et al. 2013); above its mode it
+    fades slowly (mean twice the mode), so the data decide."""
+    return np.asarray(np.log(spread) - spread / mode, dtype=np.float64)
+
+
+def _refined(grid: FloatArray, weight: FloatArray) -> FloatArray:
+    """A finer grid over the part of a coarse grid that holds the posterior mass."""
+    mean = float(weight @ grid)
+    sd = math.sqrt(max(float(weight @ (grid - mean) ** 2), 0.0))
+    half = 6.0 * max(sd, 0.5 * (grid[1] - grid[0]))
+    lo, hi = max(grid[0], mean - half), min(grid[-1], mean + half)
+    return np.linspace(lo, hi, _GRID)
+
+
+# ---------------------------------------------------------------- value per macro
+
+
+@dataclass(frozen=True, eq=False)
+class _ValueModel:
+    """Log order value ~ N(mu_s, sigma2) in segment s, mu_s ~ N(mu, tau^2); tau on a grid
+    with its posterior, mu integrated out (flat prior). Zero-valued orders enter as a pooled
+    share of positive ones."""
+
+    tau: FloatArray
+    weight: FloatArray
+    center: FloatArray
+    center_var: FloatArray
+    sigma2: float
+    df: float
+    positive_share: float
+    seg_mean: FloatArray
+    seg_count: FloatArray
+
+    def _conditional(self, tau: FloatArray) -> tuple[FloatArray, FloatArray]:
+        """Per (tau, segment): the weight of the pooled mean and the segment's own variance."""
+        own = self.sigma2 / np.maximum(self.seg_count, 1e-12)
+        t2 = tau[:, None] ** 2
+        pooled = np.where(self.seg_count > 0, own / (own + t2), 1.0)
+        var = np.where(self.seg_count > 0, own * t2 / (own + t2), t2)
+        return pooled, var
+
+    def mean(self) -> FloatArray:
+        """Posterior mean order value per segment (sigma2 at its estimate)."""
+        if self.positive_share == 0:
+            return np.zeros(len(self.seg_mean))
+        pooled, var = self._conditional(self.tau)
+        loc = pooled * self.center[:, None] + (1 - pooled) * self.seg_mean
+        spread = var + pooled**2 * self.center_var[:, None]
+        per_tau = np.exp(loc + spread / 2 + self.sigma2 / 2)
+        return np.asarray(self.positive_share * (self.weight @ per_tau), dtype=np.float64)
+
+    def draw(self, rng: np.random.Generator, draws: int) -> FloatArray:
+        """Posterior draws of each segment's mean order value, shape (draws, segments)."""
+        if self.positive_share == 0:
+            return np.zeros((draws, len(self.seg_mean)))
+        pick = rng.choice(len(self.weight), size=draws, p=self.weight)
+        pooled, var = self._conditional(self.tau[pick])
+        center = self.center[pick] + np.sqrt(self.center_var[pick]) * rng.standard_normal(draws)
+        loc = pooled * center[:, None] + (1 - pooled) * self.seg_mean
+        mu = loc + np.sqrt(var) * rng.standard_normal(loc.shape)
+        sigma2 = self.df * self.sigma2 / rng.chisquare(self.df, size=(draws, 1))
+        log_mean = np.minimum(mu + sigma2 / 2, 700.0)  # beyond: inf, an unbounded interval
+        return np.asarray(self.positive_share * np.exp(log_mean), dtype=np.float64)
+
+
+def _fit_value_model(values: FloatArray, segment: IntArray, segments: int,
+                     plug_in: bool) -> _ValueModel:
+    positive = values > 0
+    share = float(positive.mean()) if len(values) else 0.0
+    logs, seg = _winsorized(np.log(values[positive])), segment[positive]
+    count = np.bincount(seg, minlength=segments).astype(np.float64)
+    total = np.bincount(seg, weights=logs, minlength=segments)
+    seg_mean = np.divide(total, count, out=np.zeros(segments), where=count > 0)
+    resid = float(((logs - seg_mean[seg]) ** 2).sum()) if len(logs) else 0.0
+    df_data = max(len(logs) - int((count > 0).sum()), 0)
+    df = df_data + _SIGMA_PRIOR[0]
+    sigma2 = (resid + _SIGMA_PRIOR[0] * _SIGMA_PRIOR[1]) / df
+    tau, weight, center, center_var = _tau_posterior(seg_mean, count, sigma2, not plug_in)
+    if plug_in:
+        best = int(np.argmax(weight))
+        tau, weight = tau[best:best + 1], np.ones(1)
+        center, center_var = center[best:best + 1], center_var[best:best + 1]
+        df = 1e9
+    return _ValueModel(tau, weight, center, center_var, sigma2, df, share, seg_mean, count)
+
+
+def _winsorized(logs: FloatArray) -> FloatArray:
+    if len(logs) < 3:
+        return logs
+    median = float(np.median(logs))
+    mad = 1.4826 * float(np.median(np.abs(logs - median)))
+    if mad == 0:
+        return logs
+    return np.clip(logs, median - _WINSOR_SD * mad, median + _WINSOR_SD * mad)
+
+
+def _tau_posterior(seg_mean: FloatArray, count: FloatArray, sigma2: float, with_prior: bool
+                   ) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:
+    """Grid posterior of tau with the ``_spread_prior`` (Gelman et al., BDA 5.4; without it,
+    the marginal likelihood): returns tau, weights, and the conditional mean and variance of
+    the pooled mean."""
+    seen = count > 0
+    ybar, own = seg_mean[seen], sigma2 / count[seen]
+    tau = np.linspace(0.0, _VALUE_SPREAD_MAX, 2 * _GRID + 1)[1:]
+    if not len(ybar):
+        prior = _normalized(_spread_prior(tau, _VALUE_SPREAD))
+        return tau, prior, np.zeros(len(tau)), np.full(len(tau), 1e6)
+    total_var = own[None, :] + tau[:, None] ** 2
+    precision = 1.0 / total_var
+    center_var = 1.0 / precision.sum(axis=1)
+    center = center_var * (precision * ybar).sum(axis=1)
+    log_like = (0.5 * np.log(center_var) - 0.5 * np.log(total_var).sum(axis=1)
+                - 0.5 * (precision * (ybar - center[:, None]) ** 2).sum(axis=1))
+    if with_prior:
+        log_like = log_like + _spread_prior(tau, _VALUE_SPREAD)
+    return tau, _normalized(log_like), center, center_var
+
+
+# ---------------------------------------------------------------- exposures
+
+
+@dataclass(frozen=True, eq=False)
+class _Exposures:
+    """One row per person who did a micro conversion (their first time doing it)."""
+
+    person: IntArray
+    segment: IntArray
+    time: FloatArray
+    age: FloatArray
+    follow_up: FloatArray
+    converted: BoolArray
+    lag: FloatArray
+    value: FloatArray
+    size: FloatArray
+
+    def __len__(self) -> int:
+        return len(self.person)
+
+    def matured(self, horizon: float) -> BoolArray:
+        return np.asarray(self.age >= horizon, dtype=np.bool_)
+
+
+class _Timeline:
+    """The events visible at ``as_of``, indexed to find a person's first macro at or after a
+    moment (whole seconds)."""
+
+    def __init__(self, journeys: Journeys, as_of: dt.datetime, horizon_days: float) -> None:
+        self.journeys = journeys
+        self.now = as_of.timestamp()
+        self.horizon = horizon_days
+        self.micro = self._first_micro_rows(journeys)
+        self.micro_code = journeys.micro_conversion[self.micro]
+        macro = np.flatnonzero(journeys.macro_time <= self.now)
+        order = macro[np.lexsort((journeys.macro_time[macro], journeys.macro_person[macro]))]
+        self.macro_person = journeys.macro_person[order]
+        self.macro_time = journeys.macro_time[order]
+        self.macro_value = journeys.macro_value[order]
+        times = np.concatenate([journeys.micro_time[self.micro], self.macro_time])
+        self.origin = int(np.floor(times.min())) if len(times) else 0
+        self.span = (int(np.ceil(times.max())) - self.origin + 2) if len(times) else 2
+        self.keys = self._key(self.macro_person, self.macro_time)
+
+    def _first_micro_rows(self, journeys: Journeys) -> IntArray:
+        """Rows of the visible micro events that are a person's first of their conversion,
+        ordered by conversion."""
+        rows = np.flatnonzero(journeys.micro_time <= self.now)
+        code, person = journeys.micro_conversion[rows], journeys.micro_person[rows]
+        rows = rows[np.lexsort((journeys.micro_time[rows], person, code))]
+        code, person = journeys.micro_conversion[rows], journeys.micro_person[rows]
+        first = np.ones(len(rows), dtype=np.bool_)
+        first[1:] = (person[1:] != person[:-1]) | (code[1:] != code[:-1])
+        return np.asarray(rows[first], dtype=np.int64)
+
+    def _key(self, person: IntArray, time: FloatArray) -> IntArray:
+        seconds = np.floor(time).astype(np.int64) - self.origin
+        return np.asarray(person * self.span + seconds, dtype=np.int64)
+
+    def first_macro_from(self, person: IntArray, time: FloatArray
+                         ) -> tuple[BoolArray, FloatArray, FloatArray]:
+        """For each (person, time): whether a macro follows, when, and its value."""
+        if not len(self.keys):
+            return np.zeros(len(person), np.bool_), np.full(len(person), np.nan), np.zeros(
+                len(person))
+        index = np.searchsorted(self.keys, self._key(person, time), side="left")
+        inside = np.minimum(index, len(self.keys) - 1)
+        found = (index < len(self.keys)) & (self.macro_person[inside] == person)
+        return (np.asarray(found, dtype=np.bool_), np.where(found, self.macro_time[inside], np.nan),
+                np.where(found, self.macro_value[inside], 0.0))
+
+    def exposures(self, code: int) -> _Exposures:
+        j = self.journeys
+        lo, hi = np.searchsorted(self.micro_code, [code, code + 1])
+        rows = self.micro[lo:hi]
+        person, time = j.micro_person[rows], j.micro_time[rows]
+        age = (self.now - time) / DAY
+        follow_up = np.minimum(age, self.horizon)
+        found, when, value = self.first_macro_from(person, time)
+        lag = (when - time) / DAY
+        converted = found & (lag <= follow_up)
+        return _Exposures(person, j.micro_segment[rows], time, age, follow_up, converted,
+                          np.where(converted, lag, follow_up), np.where(converted, value, 0.0),
+                          j.micro_size[rows])
+
+    @cached_property
+    def first_seen(self) -> FloatArray:
+        """Each person's first visible event of any kind (inf: none)."""
+        first = np.full(self.journeys.persons, np.inf)
+        np.minimum.at(first, self.journeys.micro_person[self.micro],
+                      self.journeys.micro_time[self.micro])
+        np.minimum.at(first, self.macro_person, self.macro_time)
+        return first
+
+    @cached_property
+    def first_macro(self) -> FloatArray:
+        """Each person's first visible macro (inf: none)."""
+        first = np.full(self.journeys.persons, np.inf)
+        np.minimum.at(first, self.macro_person, self.macro_time)
+        return first
+
+
+# ---------------------------------------------------------------- one conversion
+
+
+@dataclass(frozen=True, eq=False)
+class _Fit:
+    """One conversion's estimates per segment present (``codes`` into Journeys.segments)."""
+
+    codes: IntArray
+    volume: FloatArray
+    conversions: FloatArray
+    exposure: FloatArray
+    share: FloatArray
+    macro_value: FloatArray
+    estimate: FloatArray
+    share_draws: FloatArray
+    value_draws: FloatArray
+    history_days: float
+
+
+def _fit(exposures: _Exposures, horizon: float, settings: ValuationSettings,
+         rng: np.random.Generator) -> _Fit:
+    curve = kaplan_meier(exposures.lag, exposures.converted)
+    done = completed_share(curve, exposures.follow_up, horizon)
+    codes, segment = np.unique(exposures.segment, return_inverse=True)
+    volume = np.bincount(segment).astype(np.float64)
+    conversions = np.bincount(segment, weights=exposures.converted).astype(np.float64)
+    exposure = np.maximum(np.bincount(segment, weights=done), conversions).astype(np.float64)
+    prior = fit_beta_prior(conversions, exposure, plug_in=not settings.prior_uncertainty)
+    share = prior.posterior_mean(conversions, exposure)
+    share_draws = prior.draw(conversions, exposure, rng, settings.draws)
+    orders = exposures.converted
+    values = _fit_value_model(exposures.value[orders], segment[orders], len(codes),
+                              plug_in=not settings.prior_uncertainty)
+    macro_value = values.mean()
+    return _Fit(codes.astype(np.int64), volume, conversions, exposure, share, macro_value,
+                share * macro_value, share_draws, share_draws * values.draw(rng, settings.draws),
+                float(exposures.age.max()))
+
+
+def _interval(draws: FloatArray, level: float) -> FloatArray:
+    """Central interval per column, shape (2, columns)."""
+    tail = (1.0 - level) / 2.0
+    return np.asarray(np.quantile(draws, [tail, 1.0 - tail], axis=0), dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class _Diagnostics:
+    lift: float | None
+    lift_interval: tuple[float, float] | None
+    coverage: float | None
+    scaled: bool
+    scale_note: str
+
+
+def _lift(timeline: _Timeline, exposures: _Exposures, level: float
+          ) -> tuple[float | None, tuple[float, float] | None]:
+    """P(macro within H | did it) / P(macro within H | did not), on matured people: a doer
+    from the micro event on, anyone else from their first event on. Katz log interval."""
+    horizon = timeline.horizon
+    doers = exposures.matured(horizon)
+    n1, a = float(doers.sum()), float(exposures.converted[doers].sum())
+    first_seen, first_macro = timeline.first_seen, timeline.first_macro
+    others = np.isfinite(first_seen)
+    others[exposures.person] = False
+    others &= (timeline.now - first_seen) / DAY >= horizon
+    n0 = float(others.sum())
+    c = float(((first_macro[others] - first_seen[others]) / DAY <= horizon).sum())
+    if n1 == 0 or n0 == 0:
+        return None, None
+    if a == 0 or c == 0:
+        a, c, n1, n0 = a + 0.5, c + 0.5, n1 + 1.0, n0 + 1.0
+    ratio = (a / n1) / (c / n0)
+    se = math.sqrt(1 / a - 1 / n1 + 1 / c - 1 / n0)
+    z = float(stats.norm.ppf(0.5 + level / 2))
+    return ratio, (ratio * math.exp(-z * se), ratio * math.exp(z * se))
+
+
+def _coverage(timeline: _Timeline, exposures: _Exposures) -> float | None:
+    """Share of people with a macro conversion who did the micro one at or before it."""
+    first_macro = timeline.first_macro
+    buyers = np.isfinite(first_macro)
+    if not buyers.any():
+        return None
+    first_micro = np.full(len(first_macro), np.inf)
+    first_micro[exposures.person] = exposures.time
+    return float((first_micro[buyers] <= first_macro[buyers]).mean())
+
+
+def _size_scaling(exposures: _Exposures, horizon: float) -> tuple[bool, str]:
+    """Does ``value x size / mean size`` predict the realised macro value of the newest third
+    of matured cohorts better than a flat value, both fitted on the older two thirds?"""
+    sized = np.isfinite(exposures.size) & (exposures.size > 0)
+    if sized.mean() < 0.9:
+        return False, ""
+    usable = exposures.matured(horizon) & sized
+    times = exposures.time[usable]
+    if usable.sum() < 30:
+        return False, ""
+    cut = np.quantile(times, 2 / 3)
+    train, test = times <= cut, times > cut
+    realised, size = exposures.value[usable], exposures.size[usable]
+    if exposures.converted[usable][test].sum() < 30 or size[train].sum() == 0:
+        return False, ""
+    flat = realised[train].mean()
+    per_unit = realised[train].sum() / size[train].sum()
+    flat_error = float(np.mean((realised[test] - flat) ** 2))
+    scaled_error = float(np.mean((realised[test] - per_unit * size[test]) ** 2))
+    if scaled_error >= flat_error:
+        return False, ""
+    gain = 1 - scaled_error / flat_error
+    return True, f"scaled by event size: held-out squared error {gain:.0%} lower than flat"
+
+
+def _diagnostics(timeline: _Timeline, exposures: _Exposures,
+                 settings: ValuationSettings) -> _Diagnostics:
+    lift, lift_interval = _lift(timeline, exposures, settings.level)
+    scaled, note = (_size_scaling(exposures, timeline.horizon) if settings.size_scaling
+                    else (False, ""))
+    return _Diagnostics(lift, lift_interval, _coverage(timeline, exposures), scaled, note)
+
+
+def _withheld(volume: float, conversions: float, estimate: float, interval: FloatArray,
+              history: float, horizon: float, settings: ValuationSettings) -> str:
+    """Why a guard rail withholds the value ('' when none does)."""
+    if volume < settings.min_events:
+        return f"only {volume:.0f} events (needs {settings.min_events})"
+    if history < horizon:
+        return f"{history:.0f} days of history, shorter than the {horizon:g}-day horizon"
+    if conversions == 0 and estimate == 0:
+        return "no macro conversion seen after it"
+    width = (interval[1] - interval[0]) / estimate if estimate > 0 else math.inf
+    if width > settings.max_relative_width:
+        return (f"interval too wide ({width:.1f} x the value, max "
+                f"{settings.max_relative_width:g})")
+    return ""
+
+
+def _recommend(value: float | None, withheld: str, diagnostics: _Diagnostics,
+               settings: ValuationSettings) -> tuple[Recommendation, str]:
+    lift, interval = diagnostics.lift, diagnostics.lift_interval
+    if interval is not None and interval[1] < settings.noise_lift:
+        return Recommendation.DROP_NOISE, (
+            f"lift {lift:.2f} (at most {interval[1]:.2f}): does not predict the macro")
+    if value is None:
+        return Recommendation.ANALYTICS_ONLY, withheld
+    if interval is None:
+        return Recommendation.ANALYTICS_ONLY, "no people without it to compare with: lift unknown"
+    if interval[0] <= 1:
+        return Recommendation.ANALYTICS_ONLY, f"lift {lift:.2f} not clearly above 1"
+    low, high = interval
+    return Recommendation.TRACK_AND_UPLOAD, f"lift {lift:.2f} [{low:.2f}, {high:.2f}]"
+
+
+def _rows(name: str, journeys: Journeys, timeline: _Timeline, exposures: _Exposures,
+          fit: _Fit, as_of: dt.datetime, settings: ValuationSettings) -> list[MicroValue]:
+    horizon = timeline.horizon
+    diagnostics = _diagnostics(timeline, exposures, settings)
+    segments = [journeys.segments[c] for c in fit.codes] + [ALL_SEGMENTS]
+    weight = fit.volume / fit.volume.sum()
+    share_draws = np.column_stack([fit.share_draws, fit.share_draws @ weight])
+    value_draws = np.column_stack([fit.value_draws, fit.value_draws @ weight])
+    share = np.append(fit.share, fit.share @ weight)
+    estimate = np.append(fit.estimate, fit.estimate @ weight)
+    macro_value = np.append(fit.macro_value, estimate[-1] / share[-1] if share[-1] > 0
+                            else fit.macro_value @ weight)
+    volume = np.append(fit.volume, fit.volume.sum())
+    conversions = np.append(fit.conversions, fit.conversions.sum())
+    exposure = np.append(fit.exposure, fit.exposure.sum())
+    share_interval, interval = _interval(share_draws, settings.level), _interval(
+        value_draws, settings.level)
+    realisation = _realisation(exposures, fit, estimate, horizon)
+    sizes = _mean_sizes(exposures, fit.codes)
+    rows = []
+    for i, segment in enumerate(segments):
+        withheld = _withheld(volume[i], conversions[i], estimate[i], interval[:, i],
+                             fit.history_days, horizon, settings)
+        value = None if withheld else float(estimate[i])
+        recommendation, reason = _recommend(value, withheld, diagnostics, settings)
+        if diagnostics.scaled:
+            reason = f"{reason}; {diagnostics.scale_note}"
+        rows.append(MicroValue(
+            conversion=name, segment=segment, as_of=as_of, horizon_days=horizon,
+            volume=int(volume[i]), conversions=int(conversions[i]),
+            exposure=float(exposure[i]), customer_share=float(share[i]),
+            customer_share_interval=(float(share_interval[0, i]), float(share_interval[1, i])),
+            mean_macro_value=float(macro_value[i]), estimate=float(estimate[i]),
+            interval=(float(interval[0, i]), float(interval[1, i])), value=value,
+            lift=diagnostics.lift, lift_interval=diagnostics.lift_interval,
+            coverage=diagnostics.coverage, realisation_ratio=realisation[i],
+            scaled_by_size=diagnostics.scaled,
+            value_per_size_unit=(float(estimate[i] / sizes[i])
+                                 if diagnostics.scaled and sizes[i] > 0 else None),
+            recommendation=recommendation, reason=reason))
+    return rows
+
+
+def _realisation(exposures: _Exposures, fit: _Fit, estimate: FloatArray,
+                 horizon: float) -> list[float | None]:
+    """Realised macro value / value the estimate would have credited, on matured cohorts;
+    per segment, then over all."""
+    matured = exposures.matured(horizon)
+    segment = np.searchsorted(fit.codes, exposures.segment[matured])
+    count = np.bincount(segment, minlength=len(fit.codes)).astype(np.float64)
+    realised = np.bincount(segment, weights=exposures.value[matured], minlength=len(fit.codes))
+    count, realised = np.append(count, count.sum()), np.append(realised, realised.sum())
+    credited = count * np.append(estimate[:-1], np.nan)
+    credited[-1] = credited[:-1].sum()
+    return [float(r / c) if c > 0 else None for r, c in zip(realised, credited, strict=True)]
+
+
+def _mean_sizes(exposures: _Exposures, codes: IntArray) -> FloatArray:
+    sized = np.isfinite(exposures.size)
+    segment = np.searchsorted(codes, exposures.segment[sized])
+    total = np.bincount(segment, weights=exposures.size[sized], minlength=len(codes))
+    count = np.bincount(segment, minlength=len(codes)).astype(np.float64)
+    total, count = np.append(total, total.sum()), np.append(count, count.sum())
+    return np.divide(total, count, out=np.zeros(len(total)), where=count > 0)
+
+
+# ---------------------------------------------------------------- public entry points
+
+
+def estimate_values(journeys: Journeys, as_of: dt.datetime, horizon_days: float = 90.0,
+                    settings: ValuationSettings | None = None) -> list[MicroValue]:
+    """Value every micro conversion per segment, plus one ``ALL_SEGMENTS`` row each.
+
+    Only events at or before ``as_of`` are used (a past ``as_of`` replays an earlier run).
+    A person's first event of a micro conversion is their exposure; the macro counted is their
+    first one at or after it within ``horizon_days``."""
+    settings = settings or ValuationSettings()
+    if as_of.tzinfo is None:
+        raise ValueError("as_of must be timezone-aware")
+    timeline = _Timeline(journeys, as_of, horizon_days)
+    rows: list[MicroValue] = []
+    for code, name in enumerate(journeys.conversions):
+        exposures = timeline.exposures(code)
+        if not len(exposures):
+            continue
+        rng = np.random.default_rng([settings.seed, zlib.crc32(name.encode())])
+        fit = _fit(exposures, horizon_days, settings, rng)
+        rows.extend(_rows(name, journeys, timeline, exposures, fit, as_of, settings))
+    return rows
+
+
+def textbook_values(journeys: Journeys, as_of: dt.datetime, horizon_days: float = 90.0, *,
+                    matured_only: bool = False) -> dict[tuple[str, str], float]:
+    """The textbook rule per (conversion, segment): share converted within the horizon (as far
+    as seen) x the segment's average order; ``matured_only``: on cohorts older than H only."""
+    timeline = _Timeline(journeys, as_of, horizon_days)
+    result: dict[tuple[str, str], float] = {}
+    for code, name in enumerate(journeys.conversions):
+        exposures = timeline.exposures(code)
+        keep = exposures.matured(horizon_days) if matured_only else np.ones(len(exposures), bool)
+        for s in np.unique(exposures.segment):
+            mine = keep & (exposures.segment == s)
+            orders = mine & exposures.converted
+            if mine.any():
+                average = float(exposures.value[orders].mean()) if orders.any() else 0.0
+                result[name, journeys.segments[s]] = float(orders.sum() / mine.sum()) * average
+    return result
+
+
+def ladder_weights(values: Sequence[float], entry_value: float) -> list[float]:
+    """Each step's share of the ladder's value, proportional to its log-lift over the step
+    before (the first step over entering the ladder at all, worth ``entry_value`` per
+    person). A step that lowers the value gets no share."""
+    reference, raw = entry_value, []
+    for value in values:
+        gained = reference > 0 and value > reference
+        raw.append(math.log(value / reference) if gained else 0.0)
+        reference = max(reference, value)
+    total = sum(raw)
+    return [r / total for r in raw] if total > 0 else [0.0] * len(raw)
+
+
+def ladder_credits(weights: Sequence[float], reach: Sequence[float],
+                   entry_total: float) -> list[float]:
+    """Per-event credit of each step: ``weights[k] x entry_total / reach[k]``, over the steps
+    someone reached, so that ``sum(reach[k] x credit[k]) == entry_total``. When no reached
+    step has a weight, the deepest reached step carries the whole total."""
+    shares = _shares(weights, reach)
+    return [share * entry_total / r if r > 0 else 0.0
+            for share, r in zip(shares, reach, strict=True)]
+
+
+def _shares(weights: Sequence[float], reach: Sequence[float]) -> list[float]:
+    kept = [w if r > 0 else 0.0 for w, r in zip(weights, reach, strict=True)]
+    total = sum(kept)
+    if total > 0:
+        return [w / total for w in kept]
+    reached = [k for k, r in enumerate(reach) if r > 0]
+    return [1.0 if reached and k == reached[-1] else 0.0 for k in range(len(reach))]
+
+
+def ladder_entry(journeys: Journeys) -> Journeys:
+    """The journeys reduced to one virtual micro conversion, ``LADDER_ENTRY``: each person's
+    first ladder step (in that step's segment). Its value times its volume is the ladder's
+    total expected macro value."""
+    codes = [journeys.conversions.index(step) for step in journeys.ladder]
+    rows = np.flatnonzero(np.isin(journeys.micro_conversion, codes))
+    rows = rows[np.lexsort((journeys.micro_time[rows], journeys.micro_person[rows]))]
+    first = np.ones(len(rows), dtype=np.bool_)
+    first[1:] = journeys.micro_person[rows][1:] != journeys.micro_person[rows][:-1]
+    rows = rows[first]
+    return Journeys(
+        conversions=(LADDER_ENTRY,), segments=journeys.segments,
+        micro_person=journeys.micro_person[rows], micro_conversion=np.zeros(len(rows), np.int64),
+        micro_segment=journeys.micro_segment[rows], micro_time=journeys.micro_time[rows],
+        micro_size=np.full(len(rows), np.nan), macro_person=journeys.macro_person,
+        macro_time=journeys.macro_time, macro_value=journeys.macro_value)
+
+
+def estimate_ladder(journeys: Journeys, as_of: dt.datetime, horizon_days: float = 90.0,
+                    settings: ValuationSettings | None = None,
+                    values: Sequence[MicroValue] | None = None) -> list[LadderCredit]:
+    """Credits of the ladder steps per segment (and over all), by the lift-share rule.
+
+    ``values``: the rows of ``estimate_values`` for the same arguments, if already computed.
+    """
+    if not journeys.ladder:
+        return []
+    settings = settings or ValuationSettings()
+    if values is None:
+        values = estimate_values(journeys, as_of, horizon_days, settings)
+    by_key = {(v.conversion, v.segment): v for v in values}
+    entries = estimate_values(ladder_entry(journeys), as_of, horizon_days, settings)
+    if not entries:
+        return []
+    entry_all = next(e for e in entries if e.segment == ALL_SEGMENTS)
+    overall = [_estimate_of(by_key.get((step, ALL_SEGMENTS))) for step in journeys.ladder]
+    weights = ladder_weights(overall, entry_all.estimate)
+    credits: list[LadderCredit] = []
+    for entry in entries:
+        steps = [by_key.get((step, entry.segment)) for step in journeys.ladder]
+        credits.extend(_segment_credits(journeys.ladder, entry, steps, weights))
+    return credits
+
+
+def _estimate_of(row: MicroValue | None) -> float:
+    return row.estimate if row is not None else 0.0
+
+
+def _segment_credits(ladder: Sequence[str], entry: MicroValue,
+                     steps: Sequence[MicroValue | None],
+                     weights: Sequence[float]) -> list[LadderCredit]:
+    reach = [row.volume if row is not None else 0 for row in steps]
+    total = entry.volume * entry.estimate
+    shares = _shares(weights, reach)
+    per_event = ladder_credits(weights, reach, total)
+    expected = [_estimate_of(row) for row in steps]
+    withheld = "" if entry.value is not None else f"ladder total withheld: {entry.reason}"
+    return [LadderCredit(
+        conversion=step, segment=entry.segment, position=k + 1, reach=reach[k],
+        expected_value=expected[k], increment=expected[k] - (expected[k - 1] if k else 0.0),
+        share=shares[k], credit_estimate=per_event[k],
+        credit=None if withheld else per_event[k], reason=withheld)
+        for k, step in enumerate(ladder)]
+
+
+def journeys_from_events(events: Iterable[JourneyEvent], macro: Collection[str],
+                         ladder: Sequence[str] = (),
+                         segment_by: SegmentBy = "campaign") -> Journeys:
+    """Columns from stored journey events. Events of a ``macro`` conversion are macro
+    events (their value is the order value); other mapped events are micro events, whose
+    positive value is their size; unmapped events are skipped. ``segment_by`` picks a micro
+    event's segment: its campaign, its source platform, or one segment for the client."""
+    persons: dict[str, int] = {}
+    conversions: dict[str, int] = {step: k for k, step in enumerate(ladder)}
+    segments: dict[str, int] = {}
+    micro: list[tuple[int, int, int, float, float]] = []
+    macros: list[tuple[int, float, float]] = []
+    for event in events:
+        if event.conversion is None:
+            continue
+        person = persons.setdefault(event.person_key, len(persons))
+        moment = event.time.timestamp()
+        if event.conversion in macro:
+            macros.append((person, moment, event.value))
+            continue
+        segment = segments.setdefault(_segment_of(event, segment_by), len(segments))
+        code = conversions.setdefault(event.conversion, len(conversions))
+        micro.append((person, code, segment, moment, event.value if event.value > 0 else np.nan))
+    micro_columns = list(zip(*micro, strict=True)) if micro else [()] * 5
+    macro_columns = list(zip(*macros, strict=True)) if macros else [()] * 3
+    return Journeys(
+        conversions=tuple(conversions), segments=tuple(segments),
+        micro_person=np.array(micro_columns[0], np.int64),
+        micro_conversion=np.array(micro_columns[1], np.int64),
+        micro_segment=np.array(micro_columns[2], np.int64),
+        micro_time=np.array(micro_columns[3], np.float64),
+        micro_size=np.array(micro_columns[4], np.float64),
+        macro_person=np.array(macro_columns[0], np.int64),
+        macro_time=np.array(macro_columns[1], np.float64),
+        macro_value=np.array(macro_columns[2], np.float64), ladder=tuple(ladder))
+
+
+def _segment_of(event: JourneyEvent, segment_by: SegmentBy) -> str:
+    if segment_by == "campaign":
+        return event.campaign_id or "(no campaign)"
+    if segment_by == "source":
+        return str(event.source_platform)
+    return "client"

@@ -1,0 +1,336 @@
+"""The valuation estimator: its pieces on hand-checkable cases, end to end on small synthetic
+journeys with a known truth, and the benchmark's fast form."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from convsync.model import JourneyEvent, Platform
+from convsync.valuation import (
+    ALL_SEGMENTS,
+    BetaPrior,
+    Journeys,
+    MicroValue,
+    Recommendation,
+    ValuationSettings,
+    completed_share,
+    estimate_ladder,
+    estimate_values,
+    fit_beta_prior,
+    journeys_from_events,
+    kaplan_meier,
+    ladder_credits,
+    ladder_weights,
+    textbook_values,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+AS_OF = dt.datetime(2026, 7, 1, tzinfo=dt.UTC)
+DAY = 86_400.0
+
+
+def _row(rows: list[MicroValue], conversion: str, segment: str = ALL_SEGMENTS) -> MicroValue:
+    return next(r for r in rows if r.conversion == conversion and r.segment == segment)
+
+
+def _journeys(people: int, rate: float, lag_days: float, *, days: float = 180.0, seed: int = 1,
+              segments: int = 1, value: float = 100.0,
+              sizes: np.ndarray | None = None) -> Journeys:
+    """One micro conversion ("signup") at a uniform time over ``days`` before AS_OF; a share
+    ``rate`` buys ``lag_days`` later (if that is before AS_OF) for ``value`` (or ``sizes``)."""
+    rng = np.random.default_rng(seed)
+    start = AS_OF.timestamp() - rng.uniform(0, days, people) * DAY
+    buys = rng.random(people) < rate
+    bought = start + lag_days * DAY
+    seen = buys & (bought <= AS_OF.timestamp())
+    values = np.full(people, value) if sizes is None else sizes
+    return Journeys(
+        conversions=("signup",), segments=tuple(f"c{s}" for s in range(segments)),
+        micro_person=np.arange(people), micro_conversion=np.zeros(people, np.int64),
+        micro_segment=np.arange(people) % segments, micro_time=start,
+        micro_size=np.full(people, np.nan) if sizes is None else sizes,
+        macro_person=np.flatnonzero(seen), macro_time=bought[seen], macro_value=values[seen])
+
+
+# ---------------------------------------------------------------- Kaplan-Meier by hand
+
+
+def test_kaplan_meier_matches_the_product_limit_by_hand() -> None:
+    # at risk 6, 5, 3, 1 at the event times 1, 2, 3, 5; a censoring at 2 counts as at risk at 2
+    curve = kaplan_meier(np.array([1.0, 2.0, 2.0, 3.0, 4.0, 5.0]),
+                         np.array([True, True, False, True, False, True]))
+    assert curve.times.tolist() == [1.0, 2.0, 3.0, 5.0]
+    assert curve.survival == pytest.approx([5 / 6, 2 / 3, 4 / 9, 0.0])
+    assert curve.at(np.array([0.5, 2.5, 4.0, 9.0])) == pytest.approx([1.0, 2 / 3, 4 / 9, 0.0])
+
+
+def test_completed_share_is_the_seen_part_of_the_within_horizon_conversions() -> None:
+    curve = kaplan_meier(np.array([1.0, 2.0, 2.0, 3.0, 4.0, 5.0]),
+                         np.array([True, True, False, True, False, True]))
+    # F(4) = 5/9; after 2 days F = 1/3 has happened: 0.6 of it; at or past H: all of it
+    assert completed_share(curve, np.array([0.0, 2.0, 4.0, 7.0]), 4.0) == pytest.approx(
+        [0.0, 0.6, 1.0, 1.0])
+
+
+# ---------------------------------------------------------------- shrinkage
+
+
+def test_known_prior_gives_the_beta_binomial_posterior() -> None:
+    prior = BetaPrior.known(2.0, 8.0)
+    y, n = np.array([0.0, 5.0]), np.array([10.0, 10.0])
+    assert prior.posterior_mean(y, n) == pytest.approx([2 / 20, 7 / 20])
+    draws = prior.draw(y, n, np.random.default_rng(0), 20_000)
+    assert draws.mean(axis=0) == pytest.approx([0.10, 0.35], abs=0.005)
+
+
+def test_fitted_prior_shrinks_small_segments_toward_the_pooled_rate() -> None:
+    rng = np.random.default_rng(3)
+    n = np.full(40, 20.0)
+    y = rng.binomial(20, 0.1, 40).astype(float)  # every segment truly at 10%
+    y[0] = 6.0  # one lucky segment at 30%
+    prior = fit_beta_prior(y, n)
+    assert prior.mean == pytest.approx(y.sum() / n.sum(), rel=0.1)
+    shrunk = prior.posterior_mean(y, n)
+    assert 0.1 < shrunk[0] < 0.2  # most of the way back toward 10%
+    # big segments with real differences keep them
+    big = np.full(40, 5000.0)
+    rates = np.linspace(0.05, 0.25, 40)
+    y_big = np.round(big * rates)
+    assert fit_beta_prior(y_big, big).posterior_mean(y_big, big) == pytest.approx(
+        rates, abs=0.003)
+
+
+def test_plug_in_prior_is_one_point() -> None:
+    y, n = np.array([1.0, 3.0, 2.0, 8.0]), np.array([20.0, 20.0, 20.0, 20.0])
+    plug = fit_beta_prior(y, n, plug_in=True)
+    assert len(plug.weight) == 1
+    assert len(fit_beta_prior(y, n).weight) > 1
+
+
+# ---------------------------------------------------------------- ladder
+
+
+def test_three_step_ladder_credits_add_up_to_its_value() -> None:
+    # view -> cart with q1 = 1/3, cart -> checkout with q2 = 1/2, checkout -> buy 60% of 100
+    values, reach = [10.0, 30.0, 60.0], [1000.0, 1000 / 3, 1000 / 6]
+    total = 1000 * 10.0  # everyone entered at the view
+    weights = ladder_weights(values, entry_value=10.0)
+    assert weights == pytest.approx([0.0, math.log(3) / math.log(6), math.log(2) / math.log(6)])
+    credits = ladder_credits(weights, reach, total)
+    assert credits[1] == pytest.approx(0.6131 * 30, rel=1e-3)  # share x V_k on a pure ladder
+    assert sum(r * c for r, c in zip(reach, credits, strict=True)) == pytest.approx(total)
+    # plain increments count the purchase 3 - q1 - q2 times
+    increments = [10.0, 20.0, 30.0]
+    assert sum(r * c for r, c in zip(reach, increments, strict=True)) == pytest.approx(
+        (3 - 1 / 3 - 1 / 2) * total)
+
+
+def test_ladder_credits_move_shares_of_unreached_steps() -> None:
+    assert ladder_credits([0.0, 0.5, 0.5], [100.0, 40.0, 0.0], 200.0) == pytest.approx(
+        [0.0, 5.0, 0.0])
+    # no weight anywhere (every step as good as entering): the deepest reached step takes all
+    assert ladder_credits([0.0, 0.0, 0.0], [100.0, 40.0, 0.0], 200.0) == pytest.approx(
+        [0.0, 5.0, 0.0])
+    assert ladder_weights([5.0, 4.0, 8.0], entry_value=5.0) == pytest.approx([0.0, 0.0, 1.0])
+
+
+# ---------------------------------------------------------------- end to end
+
+
+def test_censored_cohorts_count_as_partial_exposure() -> None:
+    journeys = _journeys(20_000, rate=0.2, lag_days=30.0)
+    row = _row(estimate_values(journeys, AS_OF, 90.0), "signup")
+    textbook = textbook_values(journeys, AS_OF, 90.0)["signup", "c0"]
+    matured = textbook_values(journeys, AS_OF, 90.0, matured_only=True)["signup", "c0"]
+    assert row.estimate == pytest.approx(20.0, rel=0.04)
+    assert textbook == pytest.approx(20.0 * (1 - 30 / 180), rel=0.05)  # the last 30 days miss
+    assert matured == pytest.approx(20.0, rel=0.08)
+    assert row.interval[0] < 20.0 < row.interval[1]
+    assert row.customer_share == pytest.approx(0.2, rel=0.04)
+    assert row.mean_macro_value == pytest.approx(100.0, rel=1e-3)
+    assert row.exposure == pytest.approx(20_000 * (1 - 30 / 180), rel=0.02)
+    assert row.conversions == pytest.approx(20_000 * 0.2 * (1 - 30 / 180), rel=0.05)
+    assert row.realisation_ratio == pytest.approx(1.0, abs=0.05)
+    assert row.as_of == AS_OF and row.horizon_days == 90.0
+
+
+def test_events_after_as_of_are_not_seen() -> None:
+    journeys = _journeys(5000, rate=0.2, lag_days=5.0, seed=4)
+    earlier = AS_OF - dt.timedelta(days=60)
+    cut = journeys.micro_time <= earlier.timestamp()
+    bought = journeys.macro_time <= earlier.timestamp()
+    truncated = Journeys(
+        conversions=journeys.conversions, segments=journeys.segments,
+        micro_person=journeys.micro_person[cut], micro_conversion=journeys.micro_conversion[cut],
+        micro_segment=journeys.micro_segment[cut], micro_time=journeys.micro_time[cut],
+        micro_size=journeys.micro_size[cut], macro_person=journeys.macro_person[bought],
+        macro_time=journeys.macro_time[bought], macro_value=journeys.macro_value[bought])
+    replay = _row(estimate_values(journeys, earlier), "signup")
+    assert replay == _row(estimate_values(truncated, earlier), "signup")
+    assert replay.volume == int(cut.sum())
+
+
+def test_guard_rails_withhold_thin_segments_and_say_why() -> None:
+    journeys = _journeys(3000, rate=0.1, lag_days=2.0, segments=150, seed=5)
+    rows = estimate_values(journeys, AS_OF, 90.0, ValuationSettings(min_events=30))
+    thin = _row(rows, "signup", "c7")
+    assert thin.volume == 20
+    assert thin.value is None and thin.estimate > 0
+    assert "only 20 events (needs 30)" in thin.reason
+    assert thin.recommendation == Recommendation.ANALYTICS_ONLY
+    whole = _row(rows, "signup")
+    assert whole.value == whole.estimate and whole.volume == 3000
+    wide = estimate_values(journeys, AS_OF, 90.0, ValuationSettings(min_events=1,
+                                                                    max_relative_width=0.01))
+    assert "interval too wide" in _row(wide, "signup", "c7").reason
+    short = estimate_values(journeys, AS_OF, 200.0)
+    assert "shorter than the 200-day horizon" in _row(short, "signup").reason
+
+
+def test_lift_coverage_and_recommendation_on_hand_made_people() -> None:
+    t = AS_OF.timestamp()
+    # persons 0-3 signed up 40 days ago, 0 and 1 bought 5 days later; persons 4-7 only browsed
+    # (another micro conversion) 40 days ago, 4 bought; person 8 bought with no micro at all
+    journeys = Journeys(
+        conversions=("signup", "browse"), segments=("all",),
+        micro_person=np.arange(8), micro_conversion=np.array([0, 0, 0, 0, 1, 1, 1, 1]),
+        micro_segment=np.zeros(8, np.int64), micro_time=np.full(8, t - 40 * DAY),
+        micro_size=np.full(8, np.nan), macro_person=np.array([0, 1, 4, 8]),
+        macro_time=np.array([t - 35 * DAY, t - 35 * DAY, t - 35 * DAY, t - 35 * DAY]),
+        macro_value=np.full(4, 50.0))
+    row = _row(estimate_values(journeys, AS_OF, 30.0, ValuationSettings(min_events=1)), "signup")
+    # doers 2/4; non-doers 2/5 (person 4, and person 8 counted from their purchase)
+    assert row.lift == pytest.approx((2 / 4) / (2 / 5))
+    assert row.lift_interval is not None and row.lift_interval[0] < 1 < row.lift_interval[1]
+    assert row.coverage == pytest.approx(2 / 4)
+    assert row.recommendation == Recommendation.ANALYTICS_ONLY
+
+
+def test_a_strong_micro_conversion_is_tracked_and_a_useless_one_dropped() -> None:
+    rng = np.random.default_rng(8)
+    people, t = 6000, AS_OF.timestamp()
+    start = t - rng.uniform(60, 180, people) * DAY
+    signup = rng.random(people) < 0.5
+    noise = rng.random(people) < 0.5  # unrelated to buying
+    buys = rng.random(people) < np.where(signup, 0.3, 0.03)
+    persons = np.concatenate([np.flatnonzero(signup), np.flatnonzero(noise)])
+    journeys = Journeys(
+        conversions=("signup", "scroll"), segments=("all",), micro_person=persons,
+        micro_conversion=np.repeat([0, 1], [signup.sum(), noise.sum()]),
+        micro_segment=np.zeros(len(persons), np.int64), micro_time=start[persons],
+        micro_size=np.full(len(persons), np.nan), macro_person=np.flatnonzero(buys),
+        macro_time=start[buys] + 3 * DAY, macro_value=np.full(buys.sum(), 80.0))
+    rows = estimate_values(journeys, AS_OF, 30.0)
+    strong, useless = _row(rows, "signup"), _row(rows, "scroll")
+    assert strong.recommendation == Recommendation.TRACK_AND_UPLOAD
+    assert strong.lift is not None and strong.lift > 5
+    assert useless.recommendation == Recommendation.DROP_NOISE
+    assert "does not predict" in useless.reason
+
+
+def test_size_scaling_is_kept_only_when_it_predicts_better() -> None:
+    rng = np.random.default_rng(9)
+    sizes = np.exp(rng.normal(3.0, 0.8, 20_000))
+    scaled = _journeys(20_000, rate=0.3, lag_days=2.0, sizes=sizes, seed=9)
+    row = _row(estimate_values(scaled, AS_OF), "signup")
+    assert row.scaled_by_size and "scaled by event size" in row.reason
+    assert row.value_per_size_unit == pytest.approx(row.estimate / sizes.mean(), rel=1e-6)
+    flat_sizes = _journeys(20_000, rate=0.3, lag_days=2.0, seed=9)
+    unrelated = Journeys(**{**flat_sizes.__dict__, "micro_size": sizes})
+    row = _row(estimate_values(unrelated, AS_OF), "signup")
+    assert not row.scaled_by_size and row.value_per_size_unit is None
+
+
+def test_ladder_credits_over_everyone_add_up_to_the_entry_value() -> None:
+    rng = np.random.default_rng(10)
+    people, t = 30_000, AS_OF.timestamp()
+    start = t - rng.uniform(0, 180, people) * DAY
+    segment = rng.integers(0, 5, people)
+    cart = rng.random(people) < 0.3
+    checkout = cart & (rng.random(people) < 0.5)
+    buys = checkout & (rng.random(people) < 0.4)
+    bought = start + rng.exponential(5.0, people) * DAY
+    seen = buys & (bought <= t)
+    step, person = np.nonzero(np.vstack([np.ones(people, bool), cart, checkout]))
+    journeys = Journeys(
+        conversions=("view", "cart", "checkout"), segments=tuple("abcde"),
+        micro_person=person, micro_conversion=step, micro_segment=segment[person],
+        micro_time=start[person], micro_size=np.full(len(person), np.nan),
+        macro_person=np.flatnonzero(seen), macro_time=bought[seen],
+        macro_value=np.full(seen.sum(), 100.0), ladder=("view", "cart", "checkout"))
+    values = estimate_values(journeys, AS_OF)
+    credits = estimate_ladder(journeys, AS_OF, values=values)
+    per_segment = [c for c in credits if c.segment != ALL_SEGMENTS]
+    view = {v.segment: v for v in values if v.conversion == "view"}
+    entry_total = sum(view[s].volume * view[s].estimate for s in "abcde")
+    assert sum(c.reach * c.credit_estimate for c in per_segment) == pytest.approx(entry_total)
+    assert entry_total == pytest.approx(people * 0.3 * 0.5 * 0.4 * 100, rel=0.05)
+    assert all(c.credit is not None and c.credit >= 0 for c in per_segment)
+    first = [c for c in per_segment if c.position == 1]
+    assert all(c.share == 0.0 for c in first)  # everyone viewed: viewing tells nothing
+    increments = sum(c.reach * c.increment for c in per_segment)
+    assert increments / entry_total == pytest.approx(3 - 0.3 - 0.5, rel=0.05)
+    before = AS_OF - dt.timedelta(days=400)  # nobody on the ladder yet
+    assert estimate_ladder(journeys, before) == []
+
+
+def test_journeys_from_events_codes_people_conversions_and_segments() -> None:
+    t0 = dt.datetime(2026, 5, 1, 12, tzinfo=dt.UTC)
+
+    def event(person: str, conversion: str | None, hours: float, value: float = 0.0,
+              campaign: str = "") -> JourneyEvent:
+        return JourneyEvent(person_key=person, conversion=conversion,
+                            platform_conversion=conversion or "page_scroll",
+                            time=t0 + dt.timedelta(hours=hours), value=value,
+                            source_platform=Platform.GA4, source_event_id=f"{person}{hours}",
+                            campaign_id=campaign)
+
+    events = [event("p1", "view_item", 0, campaign="111"),
+              event("p1", "add_to_cart", 1, 35.0, campaign="111"),
+              event("p2", "newsletter_signup", 2, campaign="222"),
+              event("p1", "purchase", 30, 70.0), event("p3", None, 3)]
+    journeys = journeys_from_events(events, {"purchase"}, ladder=("view_item", "add_to_cart"))
+    assert journeys.conversions == ("view_item", "add_to_cart", "newsletter_signup")
+    assert journeys.segments == ("111", "222")
+    assert journeys.micro_person.tolist() == [0, 0, 1]
+    assert journeys.micro_conversion.tolist() == [0, 1, 2]
+    assert np.isnan(journeys.micro_size[0]) and journeys.micro_size[1] == 35.0
+    assert journeys.macro_person.tolist() == [0] and journeys.macro_value.tolist() == [70.0]
+    assert journeys.macro_time[0] == (t0 + dt.timedelta(hours=30)).timestamp()
+    assert journeys.ladder == ("view_item", "add_to_cart")
+    by_source = journeys_from_events(events, {"purchase"}, segment_by="source")
+    assert by_source.segments == ("ga4",)
+    assert journeys_from_events(events, {"purchase"}, segment_by="client").segments == ("client",)
+
+
+def test_journeys_reject_bad_codes() -> None:
+    with pytest.raises(ValueError, match="micro_segment"):
+        Journeys(conversions=("a",), segments=("s",), micro_person=np.array([0]),
+                 micro_conversion=np.array([0]), micro_segment=np.array([3]),
+                 micro_time=np.array([0.0]), micro_size=np.array([np.nan]),
+                 macro_person=np.array([], np.int64), macro_time=np.array([]),
+                 macro_value=np.array([]))
+
+
+# ---------------------------------------------------------------- the benchmark, fast form
+
+
+def test_benchmark_quick_form_meets_the_targets_loosely() -> None:
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_values.py"), "--quick",
+                           "--json"], capture_output=True, text=True, check=True, timeout=300)
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    assert 0.95 <= figures["calibration_min"] <= figures["calibration_max"] <= 1.05
+    assert figures["nrmse_ratio_vs_textbook_max"] <= 0.90
+    assert 0.80 <= figures["coverage90_min"] <= figures["coverage90_max"] <= 0.97
+    assert figures["coverage90_plug_in_min"] < figures["coverage90_min"]
+    assert 0.97 <= figures["path_sum_ratio_min"] <= figures["path_sum_ratio_max"] <= 1.03
+    assert min(figures["path_sum_ratio_increments_by_lag"].values()) > 1.5
+    assert len(figures["cells"]) == 3 and figures["replicates"] == 12
