@@ -64,7 +64,6 @@ def _pull(config_path: Path, args: argparse.Namespace) -> dict[str, Any]:
     from convsync import pipeline
     from convsync.model import Platform
     from convsync.settings import load_config, load_secrets
-    from convsync.sources import google_ads
     from convsync.store import Store
 
     config = load_config(config_path)
@@ -73,6 +72,7 @@ def _pull(config_path: Path, args: argparse.Namespace) -> dict[str, Any]:
     end = dt.date(2026, 10, 31)
     since = end - dt.timedelta(days=args.days - 1)
     figures: dict[str, Any] = {"days": args.days, "campaigns": args.campaigns, "platforms": {}}
+    minimums = _minimums(args, since, end)
     with Store.open(config.store_url()) as store:
         for platform in platforms or config.enabled_platforms():
             cpu0, wall0 = _cpu(), time.perf_counter()
@@ -80,9 +80,7 @@ def _pull(config_path: Path, args: argparse.Namespace) -> dict[str, Any]:
                                    until=end, today=end + dt.timedelta(days=1))
             cpu, wall = _cpu() - cpu0, time.perf_counter() - wall0
             outcome = result.platforms[0]
-            minimum = {Platform.GOOGLE_ADS: google_ads.min_requests(
-                len(config.google_ads.customer_ids) if config.google_ads else 0, args.days,
-                clicks=bool(config.google_ads and config.google_ads.pull_clicks))}.get(platform)
+            minimum = minimums.get(platform.value)
             figures["platforms"][platform.value] = {
                 "rows": outcome.rows, "seconds": round(wall, 2),
                 "rows_per_s": round(outcome.rows / wall) if wall else 0,
@@ -101,6 +99,36 @@ def _pull(config_path: Path, args: argparse.Namespace) -> dict[str, Any]:
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
     return figures
+
+
+MINIMUMS = """
+import datetime as dt, json, sys
+from convsync.sandbox.world import World, WorldSpec
+from convsync.sources import ga4, google_ads, klaviyo, meta
+days, campaigns, seed = (int(a) for a in sys.argv[1:4])
+since, end = (dt.date.fromisoformat(a) for a in sys.argv[4:6])
+world = World(WorldSpec(seed=seed, start=since, days=days, campaigns=campaigns))
+ga4_rows = sum(1 for _ in world.ga4_rows(since, end))
+lo = dt.datetime.combine(since, dt.time(), dt.UTC) - dt.timedelta(days=1)
+hi = dt.datetime.combine(end, dt.time(), dt.UTC) + dt.timedelta(days=2)
+events = [sum(1 for _ in world.klaviyo_events(lo, hi, m)) for m in world.klaviyo_metrics]
+print(json.dumps({
+    "google_ads": google_ads.min_requests(1, days, clicks=False),
+    "ga4": ga4.min_requests(ga4_rows),
+    "meta": meta.min_requests([sum(1 for _ in world.meta_insights(since, end))]),
+    "klaviyo": klaviyo.min_requests(since, end, events, len(world.klaviyo_metrics)),
+}))
+"""
+
+
+def _minimums(args: argparse.Namespace, since: Any, end: Any) -> dict[str, int]:
+    """The fewest requests the APIs allow for this world, counted from the world itself (in
+    another process, so its memory is not the client's)."""
+    out = subprocess.run([sys.executable, "-c", MINIMUMS, str(args.days), str(args.campaigns),
+                          str(args.seed), since.isoformat(), end.isoformat()],
+                         capture_output=True, text=True, check=True).stdout
+    result: dict[str, int] = json.loads(out)
+    return result
 
 
 def _cpu() -> float:

@@ -14,6 +14,7 @@ import pytest
 from klaviyo_api import KlaviyoAPI
 from openapi_client.exceptions import ApiException
 from openapi_client.models import (
+    GetAccountResponseCollection,
     GetAccounts4XXResponse,
     GetEventResponseCollectionCompoundDocument,
     GetMetricResponseCollectionCompoundDocument,
@@ -21,7 +22,8 @@ from openapi_client.models import (
 )
 
 from convsync.sandbox.control import Sandbox
-from convsync.sandbox.klaviyo import serve_klaviyo
+from convsync.sandbox.http import serve_rest
+from convsync.sandbox.klaviyo import KlaviyoApi, serve_klaviyo
 from convsync.sandbox.world import KlaviyoEvent, KlaviyoMetric, World, WorldSpec
 
 KEY = "pk_sandbox_0123456789"
@@ -403,3 +405,75 @@ def test_requests_are_counted_per_endpoint(fast: KlaviyoAPI, live: Sandbox,
     assert live.requests("klaviyo") == {
         "klaviyo.get_events": len(pages), "klaviyo.get_metrics": 1,
         "klaviyo.query_metric_aggregates": 1}
+
+
+# -- the account, the aggregate fast path, resumed walks, reported limits ------------------------
+
+def test_the_account_validates_and_carries_the_worlds_id_zone_and_currency(
+        typed: KlaviyoAPI, world: World) -> None:
+    page = typed.Accounts.get_accounts()
+    assert isinstance(page, GetAccountResponseCollection)
+    [account] = page.data
+    assert (account.id, account.attributes.timezone, account.attributes.preferred_currency) == (
+        world.accounts.klaviyo_account_id, world.accounts.klaviyo_tz, world.accounts.currency)
+
+
+@pytest.mark.parametrize("tz", ["America/New_York", "Asia/Tokyo"])
+def test_counts_and_sums_alone_match_the_world_and_the_full_computation(
+        fast: KlaviyoAPI, world: World, tz: str) -> None:
+    """Without ``unique`` nor ``by`` the simulator sums the world's arrays in bulk: same
+    answer as event by event."""
+    metric = metric_named(world, "Placed Order")
+    query = aggregate_query(metric, "2026-09-01T00:00:00", "2026-10-10T00:00:00", tz)
+    full = fast.Metrics.query_metric_aggregates(query)["data"]["attributes"]
+    query["data"]["attributes"]["measurements"] = ["sum_value", "count"]
+    bulk = fast.Metrics.query_metric_aggregates(query)["data"]["attributes"]
+    assert bulk["dates"] == full["dates"]
+    served = bulk["data"][0]["measurements"]
+    assert set(served) == {"count", "sum_value"}
+    for name in ("count", "sum_value"):
+        assert served[name] == full["data"][0]["measurements"][name]
+    zone = ZoneInfo(tz)
+    truth = world.klaviyo_daily(metric, dt.date(2026, 9, 1), dt.date(2026, 10, 9), tz)
+    days = [dt.datetime.fromisoformat(d).astimezone(zone).date() for d in bulk["dates"]]
+    assert {d: (int(n), v) for d, n, v in zip(days, served["count"], served["sum_value"],
+                                              strict=True) if n} == {
+        d: (n, round(v, 2)) for d, (n, v) in truth.items()}
+
+
+def test_a_resumed_walk_serves_what_a_fresh_walk_from_the_cursor_serves(
+        fast: KlaviyoAPI, world: World) -> None:
+    """A server resumes the walk it kept after the previous page; another server has no walk
+    and rescans from the cursor: both answer the same, as does the world."""
+    metric = metric_named(world, "Viewed Product")
+    kwargs: dict[str, Any] = {"filter": window_filter(metric, *WEEK), "page_size": 300}
+    sandbox = Sandbox(world)
+    api = KlaviyoApi(sandbox)
+    server = serve_rest(api, sandbox)
+    try:
+        client = KlaviyoAPI(KEY, test_host=f"http://127.0.0.1:{server.server_port}",
+                            max_retries=0, options=FAST)
+        pages = all_pages(client, **kwargs)
+        fresh = all_pages(fast, pages[0]["links"]["next"], **kwargs)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert len(pages) > 3 and api.walks.resumed == len(pages) - 1
+    ids = [[e["id"] for e in page["data"]] for page in pages]
+    assert ids[1:] == [[e["id"] for e in page["data"]] for page in fresh]
+    assert [i for page in ids for i in page] == [
+        e.id for e in world.klaviyo_events(*WEEK, metric)]
+
+
+def test_steady_limits_can_be_lowered_to_exercise_a_client_pace(world: World) -> None:
+    server = serve_klaviyo(Sandbox(world), steady_limits={"get_events": 3})
+    try:
+        client = KlaviyoAPI(KEY, test_host=f"http://127.0.0.1:{server.server_port}",
+                            max_retries=0, options=FAST)
+        remaining = [client.Events.get_events_with_http_info(page_size=1).headers[
+            "RateLimit-Remaining"] for _ in range(4)]
+        limit = client.Metrics.get_metrics_with_http_info().headers["RateLimit-Limit"]
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert (remaining, limit) == (["2", "1", "0", "0"], "150")

@@ -1,11 +1,13 @@
 """The Klaviyo API simulator: JSON:API at revision 2026-10-15, served from the synthetic world.
 
-Endpoints: ``GET /api/metrics``, ``GET /api/metrics/{id}``, ``GET /api/events`` and
-``POST /api/metric-aggregates``, with Klaviyo's authentication (``Authorization:
-Klaviyo-API-Key pk_...``), ``revision`` header, JSON:API error documents, ``RateLimit-*`` headers
-and cursor paging. Everything is recomputed from ``World.klaviyo_*`` on each request: a page
-cursor carries the position of the last event served (timestamp, event id), so paging keeps no
-state and a page never changes once served.
+Endpoints: ``GET /api/accounts``, ``GET /api/metrics``, ``GET /api/metrics/{id}``,
+``GET /api/events`` and ``POST /api/metric-aggregates``, with Klaviyo's authentication
+(``Authorization: Klaviyo-API-Key pk_...``), ``revision`` header, JSON:API error documents,
+``RateLimit-*`` headers and cursor paging. Everything is recomputed from ``World.klaviyo_*`` on
+each request: a page cursor carries the position of the last event served (timestamp, event id),
+so paging keeps no state and a page never changes once served. (A walk through the events is
+kept for a while after a page so that the next page's request can resume it instead of
+rescanning the world: a shortcut that serves exactly what a fresh walk would.)
 
 Events carry whole-second times on the wire (``timestamp`` and ``datetime`` are the world's time
 floored to the second) and every datetime filter compares against that second, so what a filter
@@ -26,13 +28,16 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from http.server import ThreadingHTTPServer
-from itertools import islice
+from itertools import chain, islice
 from typing import Any
 from urllib.parse import urlencode
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import numpy as np
 
 from convsync.sandbox.control import Fault, Sandbox
 from convsync.sandbox.http import ApiError, Handler, Request, Response, serve_rest
@@ -46,10 +51,12 @@ JSON_API = "application/vnd.api+json"
 EVENTS_PAGE_SIZE_DEFAULT = 200
 EVENTS_PAGE_SIZE_MAX = 1000
 STEADY_LIMITS = {"get_events": 3500, "get_metrics": 150, "get_metric": 150,
-                 "query_metric_aggregates": 60}
+                 "query_metric_aggregates": 60, "get_accounts": 15}
 """Requests per minute (Klaviyo's "steady" window) per endpoint, reported in RateLimit-*."""
 
 EVENT_FIELDS = ("timestamp", "event_properties", "datetime", "uuid")
+ACCOUNT_FIELDS = ("test_account", "contact_information", "industry", "timezone",
+                  "preferred_currency", "public_api_key", "locale")
 METRIC_FIELDS = ("name", "created", "updated", "integration")
 PROFILE_FIELDS = ("email", "phone_number", "external_id", "first_name", "last_name",
                   "organization", "locale", "title", "image", "created", "updated",
@@ -366,12 +373,20 @@ def _relationship_links(base: str, kind: str, ident: str, name: str) -> dict[str
             "related": f"{base}/api/{kind}/{ident}/{name}/"}
 
 
+_EVENT_ATTRIBUTES: dict[str, Callable[[KlaviyoEvent, int], Any]] = {
+    "timestamp": lambda event, second: second,
+    "event_properties": lambda event, second: event.properties,
+    "datetime": lambda event, second: _utc(second).isoformat(),
+    "uuid": lambda event, second: str(uuid.uuid5(_UUID_NAMESPACE, event.id)),
+}
+
+
 def event_resource(event: KlaviyoEvent, base: str, fields: list[str] | None,
                    with_attributions: bool) -> dict[str, Any]:
     second = _whole_second(event)
-    attributes = {"timestamp": second, "event_properties": event.properties,
-                  "datetime": _utc(second).isoformat(),
-                  "uuid": str(uuid.uuid5(_UUID_NAMESPACE, event.id))}
+    wanted = _EVENT_ATTRIBUTES.keys() if fields is None else {f.split(".")[0] for f in fields}
+    attributes = {name: make(event, second) for name, make in _EVENT_ATTRIBUTES.items()
+                  if name in wanted}
     relationships: dict[str, Any] = {
         "profile": {"data": {"type": "profile", "id": event.profile_id},
                     "links": _relationship_links(base, "events", event.id, "profile")},
@@ -381,7 +396,7 @@ def event_resource(event: KlaviyoEvent, base: str, fields: list[str] | None,
     if with_attributions:  # the world attributes nothing to Klaviyo messages
         relationships["attributions"] = {
             "data": [], "links": _relationship_links(base, "events", event.id, "attributions")}
-    return {"type": "event", "id": event.id, "attributes": _sparse(attributes, fields),
+    return {"type": "event", "id": event.id, "attributes": attributes,
             "relationships": relationships, "links": {"self": f"{base}/api/events/{event.id}/"}}
 
 
@@ -391,6 +406,25 @@ def profile_resource(event: KlaviyoEvent, base: str, fields: list[str] | None) -
     attributes.update(email=event.email, properties={})
     return {"type": "profile", "id": event.profile_id, "attributes": _sparse(attributes, fields),
             "links": {"self": f"{base}/api/profiles/{event.profile_id}/"}}
+
+
+def account_resource(world: World, base: str, fields: list[str] | None) -> dict[str, Any]:
+    """The account behind the key: id, time zone and currency from the world's accounts."""
+    accounts = world.accounts
+    attributes = {
+        "test_account": False,
+        "contact_information": {
+            "default_sender_name": "Sandbox Outdoor", "default_sender_email": "shop@example.com",
+            "website_url": "https://shop.example.com", "organization_name": "Sandbox Outdoor",
+            "street_address": {"address1": "1 Sandbox Way", "address2": None,
+                               "city": "Boston", "region": "MA", "country": "US",
+                               "zip": "02110"}},
+        "industry": "Retail / Outdoor", "timezone": accounts.klaviyo_tz,
+        "preferred_currency": accounts.currency,
+        "public_api_key": accounts.klaviyo_account_id, "locale": "en-US"}
+    ident = accounts.klaviyo_account_id
+    return {"type": "account", "id": ident, "attributes": _sparse(attributes, fields),
+            "links": {"self": f"{base}/api/accounts/{ident}/"}}
 
 
 def integration_of(metric: KlaviyoMetric) -> dict[str, str]:
@@ -652,6 +686,8 @@ def aggregate(world: World,
     (events that lack a dimension land in a row with empty ``dimensions``, as Klaviyo says)."""
     starts = interval_starts(query.lo, query.hi, query.interval, query.tz)
     edges = [s.timestamp() for s in starts]
+    if not query.by and not query.matches and "unique" not in query.measurements:
+        return starts, [_counted_row(world, query, edges)]
     groups: dict[tuple[str, ...], _Cells] = {}
     if not query.by:
         groups[()] = _Cells.empty(len(starts))
@@ -665,6 +701,18 @@ def aggregate(world: World,
     rows = [{"dimensions": list(key), "measurements": cells.measurements(query.measurements)}
             for key, cells in sorted(groups.items())]
     return starts, rows
+
+
+def _counted_row(world: World, query: AggregateQuery, edges: list[float]) -> dict[str, Any]:
+    """The one row of an ungrouped, unfiltered count / sum_value query, from the world's event
+    times in bulk: a year of a busy metric in well under a second instead of a minute."""
+    counts, sums = np.zeros(len(edges)), np.zeros(len(edges))
+    for times, values in world.klaviyo_event_times(query.metric, query.lo, query.hi):
+        buckets = np.searchsorted(edges, times, side="right") - 1
+        counts += np.bincount(buckets, minlength=len(edges))
+        sums += np.bincount(buckets, weights=values, minlength=len(edges))
+    series = {"count": counts.tolist(), "sum_value": [round(v, 2) for v in sums.tolist()]}
+    return {"dimensions": [], "measurements": {m: series[m] for m in query.measurements}}
 
 
 # -- request gates: revision, authentication, rate-limit headers ----------------------------------
@@ -695,12 +743,13 @@ class SteadyWindows:
     """Fixed one-minute windows per endpoint behind the RateLimit-* headers (not enforced:
     inject a ``rate_limit`` fault to get a 429)."""
 
-    def __init__(self) -> None:
+    def __init__(self, limits: Mapping[str, int] | None = None) -> None:
+        self.limits = {**STEADY_LIMITS, **(limits or {})}
         self._lock = threading.Lock()
         self._windows: dict[str, tuple[float, int]] = {}
 
     def headers(self, label: str) -> dict[str, str]:
-        limit, now = STEADY_LIMITS[label], time.monotonic()
+        limit, now = self.limits[label], time.monotonic()
         with self._lock:
             start, used = self._windows.get(label, (now, 0))
             if now - start >= 60:
@@ -711,6 +760,31 @@ class SteadyWindows:
                 "RateLimit-Reset": str(max(1, math.ceil(60 - (now - start))))}
 
 
+class Walks:
+    """Event walks suspended after a page, keyed by the selection, the world's clock and the
+    position of the page's last event. The next page's request resumes its walk instead of
+    rescanning up to HORIZON_DAYS of the world to find its place; a miss (another clock, an
+    evicted walk, a cursor from elsewhere) walks from the cursor as before, to the same events."""
+
+    def __init__(self, size: int = 16) -> None:
+        self.size = size
+        self.resumed = 0
+        self._lock = threading.Lock()
+        self._walks: OrderedDict[tuple[Any, ...], Iterator[KlaviyoEvent]] = OrderedDict()
+
+    def take(self, key: tuple[Any, ...]) -> Iterator[KlaviyoEvent] | None:
+        with self._lock:
+            walk = self._walks.pop(key, None)
+            self.resumed += walk is not None
+            return walk
+
+    def put(self, key: tuple[Any, ...], walk: Iterator[KlaviyoEvent]) -> None:
+        with self._lock:
+            self._walks[key] = walk
+            while len(self._walks) > self.size:
+                self._walks.popitem(last=False)
+
+
 # -- the platform ---------------------------------------------------------------------------------
 
 _METRIC_PATH = re.compile(r"/api/metrics/([^/]+)")
@@ -718,14 +792,17 @@ _METRIC_PATH = re.compile(r"/api/metrics/([^/]+)")
 
 class KlaviyoApi:
     """The ``RestPlatform`` for Klaviyo. ``api_keys``: the private keys it accepts (default:
-    any key shaped like a private key, ``pk_...``)."""
+    any key shaped like a private key, ``pk_...``); ``steady_limits``: per-minute limits to
+    report instead of Klaviyo's (by method label, e.g. ``{"get_events": 5}``)."""
 
     name = "klaviyo"
 
-    def __init__(self, sandbox: Sandbox, api_keys: frozenset[str] | None = None) -> None:
+    def __init__(self, sandbox: Sandbox, api_keys: frozenset[str] | None = None,
+                 steady_limits: Mapping[str, int] | None = None) -> None:
         self.sandbox = sandbox
         self.api_keys = api_keys
-        self.windows = SteadyWindows()
+        self.windows = SteadyWindows(steady_limits)
+        self.walks = Walks()
 
     @property
     def world(self) -> World:
@@ -755,6 +832,7 @@ class KlaviyoApi:
     def _resolve(self, method: str, path: str) -> tuple[str, Callable[[Request], Response]]:
         metric = _METRIC_PATH.fullmatch(path)
         routes: dict[str, tuple[str, str, Callable[[Request], Response]]] = {
+            "/api/accounts": ("GET", "get_accounts", self._get_accounts),
             "/api/metrics": ("GET", "get_metrics", self._get_metrics),
             "/api/events": ("GET", "get_events", self._get_events),
             "/api/metric-aggregates": ("POST", "query_metric_aggregates", self._aggregates),
@@ -795,6 +873,12 @@ class KlaviyoApi:
                          "Incorrect authentication credentials.")
 
     # handlers ----------------------------------------------------------------------------
+    def _get_accounts(self, request: Request) -> Response:
+        fields = _sparse_fields(request, "account", ACCOUNT_FIELDS)
+        data = [account_resource(self.world, _base_url(request), fields)]
+        return Response(200, {"data": data, "links": _collection_links(request, None)},
+                        content_type=JSON_API)
+
     def _get_metrics(self, request: Request) -> Response:
         fields = _sparse_fields(request, "metric", METRIC_FIELDS)
         wanted = _integration_filter(_filter_conditions(request))
@@ -824,9 +908,8 @@ class KlaviyoApi:
             raise _invalid(f"Invalid filter provided: {error}", parameter="filter") from error
         cursor = request.arg("page[cursor]")
         position = decode_cursor(cursor) if cursor else None
-        page = self._event_page(selection, position, descending, size + 1)
-        next_cursor = encode_cursor(page[size - 1]) if len(page) > size else None
-        page = page[:size]
+        page, more = self._event_page(selection, position, descending, size)
+        next_cursor = encode_cursor(page[-1]) if more else None
         base = _base_url(request)
         body: dict[str, Any] = {
             "data": [event_resource(e, base, fields["event"], "attributions" in includes)
@@ -837,14 +920,25 @@ class KlaviyoApi:
         return Response(200, body, content_type=JSON_API)
 
     def _event_page(self, selection: EventSelection, position: tuple[float, str] | None,
-                    descending: bool, limit: int) -> list[KlaviyoEvent]:
+                    descending: bool, size: int) -> tuple[list[KlaviyoEvent], bool]:
+        """Up to ``size`` events after ``position``, and whether more follow."""
         if selection.empty:
-            return []
-        walk = events_before if descending else events_after
-        events = walk(self.world, selection, position)
-        if selection.profile_id is not None:
-            events = (e for e in events if e.profile_id == selection.profile_id)
-        return list(islice(events, limit))
+            return [], False
+        metric = selection.metric.id if selection.metric else None
+        key = (selection.lo, selection.hi, metric, selection.profile_id, descending,
+               self.world.as_of_ts)
+        events = self.walks.take((*key, position)) if position else None
+        if events is None:
+            walk = events_before if descending else events_after
+            events = walk(self.world, selection, position)
+            if selection.profile_id is not None:
+                events = (e for e in events if e.profile_id == selection.profile_id)
+        page = list(islice(events, size + 1))
+        if len(page) <= size:
+            return page, False
+        last = page[size - 1]
+        self.walks.put((*key, (last.timestamp, last.id)), chain(page[size:], events))
+        return page[:size], True
 
     def _included(self, page: list[KlaviyoEvent], includes: frozenset[str], base: str,
                   fields: dict[str, list[str] | None]) -> list[dict[str, Any]]:
@@ -906,7 +1000,8 @@ def _integration_filter(conditions: list[Condition]) -> dict[str, str]:
 
 
 def serve_klaviyo(sandbox: Sandbox, host: str = "127.0.0.1", port: int = 0, *,
-                  api_keys: frozenset[str] | None = None) -> ThreadingHTTPServer:
+                  api_keys: frozenset[str] | None = None,
+                  steady_limits: Mapping[str, int] | None = None) -> ThreadingHTTPServer:
     """Start the Klaviyo simulator in a daemon thread; point the SDK at
     ``KlaviyoAPI(key, test_host=f"http://{host}:{server.server_port}")``."""
-    return serve_rest(KlaviyoApi(sandbox, api_keys), sandbox, host, port)
+    return serve_rest(KlaviyoApi(sandbox, api_keys, steady_limits), sandbox, host, port)
