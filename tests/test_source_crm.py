@@ -131,8 +131,9 @@ def test_example_file_loads_good_rows_and_reports_bad_ones() -> None:
     assert jane.time == dt.datetime(2026, 11, 2, 14, 15, tzinfo=dt.UTC)
     deal = loaded[1]
     assert (deal.conversion, deal.value, deal.currency) == (None, 1250.0, "USD")
-    by_phone = [e for e in loaded if e.identifiers.phone_sha256]
-    assert [e.identifiers.phone_sha256 for e in by_phone] == [PHONE_GOOGLE, PHONE_GOOGLE]
+    by_phone = [e for e in loaded if e.identifiers.phone_sha256_google]
+    assert [e.identifiers.phone_sha256_google for e in by_phone] == [PHONE_GOOGLE, PHONE_GOOGLE]
+    assert all(e.identifiers.phone_sha256_meta == PHONE_META for e in by_phone)
     assert {e.person_key for e in by_phone} == {f"phone:{PHONE_GOOGLE}"}
     assert by_phone[1].currency == "USD" and by_phone[1].value == 890.0  # "usd" in the file
     assert loaded[-1].identifiers.gbraid == "0AAAAAexampleGbraid"

@@ -322,7 +322,8 @@ def test_no_raw_pii_column_exists(store: Store) -> None:
     personal = {(t, c) for t, c in columns
                 if any(word in c for word in ("email", "phone", "mail", "tel"))}
     assert personal == {(t, c) for t in ("journey_events", "uploads")
-                        for c in ("email_sha256_google", "email_sha256_meta", "phone_sha256")}
+                        for c in ("email_sha256_google", "email_sha256_meta", "phone_sha256_google",
+                                  "phone_sha256_meta")}
 
 
 def test_a_raw_email_is_refused_in_a_hash_column(store: Store) -> None:
@@ -330,9 +331,9 @@ def test_a_raw_email_is_refused_in_a_hash_column(store: Store) -> None:
     with pytest.raises(sa.exc.IntegrityError, match="email_sha256_google"):
         store.upsert_journey_events([event(0, T0), raw])
     assert store.count_rows("journey_events") == 0
-    with pytest.raises(sa.exc.IntegrityError, match="phone_sha256"):
+    with pytest.raises(sa.exc.IntegrityError, match="phone_sha256_google"):
         store.plan_uploads([upload("k").model_copy(update={
-            "identifiers": Identifiers(phone_sha256="+33612345678" + "0" * 52)})])
+            "identifiers": Identifiers(phone_sha256_google="+33612345678" + "0" * 52)})])
 
 
 def test_naive_timestamps_are_refused(store: Store) -> None:

@@ -118,7 +118,8 @@ class Identifiers(_Frozen):
     fbp: str | None = None
     email_sha256_google: str | None = None
     email_sha256_meta: str | None = None
-    phone_sha256: str | None = None
+    phone_sha256_google: str | None = None
+    phone_sha256_meta: str | None = None
     external_id: str | None = None
 
 

@@ -122,7 +122,8 @@ metadata = sa.MetaData(
 
 IDENTIFIER_COLUMNS = tuple(Identifiers.model_fields)
 """Identifier columns of journey_events and uploads; the hashed ones must be SHA-256 hex."""
-_HASHED = ("email_sha256_google", "email_sha256_meta", "phone_sha256")
+_HASHED = ("email_sha256_google", "email_sha256_meta", "phone_sha256_google",
+           "phone_sha256_meta")
 
 
 def _sha256_hex_check(column: str) -> sa.CheckConstraint:
@@ -419,7 +420,8 @@ def _journey_row_builder(upsert: _BulkUpsert) -> Callable[[JourneyEvent, Any], V
         return (e.source_platform, e.source_event_id, e.person_key, e.conversion,
                 e.platform_conversion, time(e.time), value(e.value), e.currency, e.campaign_id,
                 i.gclid, i.gbraid, i.wbraid, i.fbc, i.fbp, i.email_sha256_google,
-                i.email_sha256_meta, i.phone_sha256, i.external_id, now)
+                i.email_sha256_meta, i.phone_sha256_google, i.phone_sha256_meta,
+                i.external_id, now)
 
     return row
 

@@ -83,7 +83,7 @@ from pydantic import (
     model_validator,
 )
 
-from convsync.hashing import hash_email, normalize_phone, sha256_hex
+from convsync.hashing import hash_email, hash_phone, sha256_hex
 from convsync.model import ConversionMap, Identifiers, JourneyEvent, Platform, PlatformConversion
 from convsync.store import Store
 
@@ -108,7 +108,7 @@ ALIASES = {
     "phone_number": "phone",
 }
 REQUIRED_COLUMNS = ("event", "time")
-PERSON_KEYS = (("email", "email_sha256_google"), ("phone", "phone_sha256"),
+PERSON_KEYS = (("email", "email_sha256_google"), ("phone", "phone_sha256_google"),
                ("external_id", "external_id"), *((name, name) for name in CLICK_IDS))
 """(prefix, identifier) a person key is made of: the first identifier present, as
 ``<prefix>:<value>``, the prefixes the other sources use (``email:<Google-rule hash>`` as
@@ -181,8 +181,8 @@ class CrmRow(BaseModel):
     fbp: str | None = None
     email: tuple[str, str] | None = None
     """(Google hash, Meta hash) of the address."""
-    phone: str | None = None
-    """Google's hash of the number in E.164 (the store keeps one phone hash)."""
+    phone: tuple[str, str] | None = None
+    """(Google hash, Meta hash) of the number: E.164 with and without its ``+``."""
     external_id: str | None = None
 
     @field_validator("time", mode="before")
@@ -210,8 +210,8 @@ class CrmRow(BaseModel):
 
     @field_validator("phone", mode="before")
     @classmethod
-    def _hash_phone(cls, value: Any) -> str:
-        return sha256_hex(normalize_phone(str(value)))
+    def _hash_phone(cls, value: Any) -> tuple[str, str]:
+        return hash_phone(str(value))
 
     @model_validator(mode="before")
     @classmethod
@@ -279,10 +279,12 @@ def import_file(store: Store, path: Path, mapping: ConversionMap, timezone: str 
 
 def to_journey_event(row: CrmRow, mapping: ConversionMap) -> JourneyEvent:
     google_email, meta_email = row.email or (None, None)
+    google_phone, meta_phone = row.phone or (None, None)
     identifiers = Identifiers(
         gclid=row.gclid, gbraid=row.gbraid, wbraid=row.wbraid, fbc=row.fbc, fbp=row.fbp,
         email_sha256_google=google_email, email_sha256_meta=meta_email,
-        phone_sha256=row.phone, external_id=row.external_id)
+        phone_sha256_google=google_phone, phone_sha256_meta=meta_phone,
+        external_id=row.external_id)
     definition = mapping.lookup(Platform.CRM, row.event)
     return JourneyEvent(
         person_key=person_key(identifiers),
@@ -301,7 +303,7 @@ def event_key(row: CrmRow) -> str:
         return sha256_hex("\x1f".join(("lead", row.external_id, row.event, time)))
     google_email, meta_email = row.email or ("", "")
     parts = (row.event, time, repr(row.value), row.currency, google_email, meta_email,
-             row.phone or "", *(getattr(row, name) or "" for name in CLICK_IDS))
+             (row.phone or ("",))[0], *(getattr(row, name) or "" for name in CLICK_IDS))
     return sha256_hex("\x1f".join(("row", *parts)))
 
 

@@ -395,19 +395,19 @@ class _Person:
 
     def __init__(self, profile_id: str, attributes: dict[str, Any]) -> None:
         email, phone = attributes.get("email"), attributes.get("phone_number")
-        google = meta = phone_hash = None
+        google = meta = phone_google = phone_meta = None
         # a malformed email or phone is dropped, never logged: it is personal data
         if email:
             with contextlib.suppress(ValueError):
                 google, meta = hash_email(email)
         if phone:
             with contextlib.suppress(ValueError):
-                phone_hash = hash_phone(phone)[0]
+                phone_google, phone_meta = hash_phone(phone)
         external = attributes.get("external_id")
         self.hashes = {"email_sha256_google": google, "email_sha256_meta": meta,
-                       "phone_sha256": phone_hash,
+                       "phone_sha256_google": phone_google, "phone_sha256_meta": phone_meta,
                        "external_id": str(external) if external else None}
-        self.key = (f"email:{google}" if google else f"phone:{phone_hash}" if phone_hash
+        self.key = (f"email:{google}" if google else f"phone:{phone_google}" if phone_google
                     else f"klaviyo:{profile_id}")
         self._by_clicks: dict[ClickIds, Identifiers] = {}
 
