@@ -108,6 +108,10 @@ class ConversionStat(_Frozen):
     in_column: bool | None = None
 
 
+Sha256Hex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+"""A SHA-256 digest in lower-case hex: the only form an email or phone is ever kept in."""
+
+
 class Identifiers(_Frozen):
     """Identifiers of a person or a click. Emails and phones only ever hashed (hex SHA-256)."""
 
@@ -116,10 +120,10 @@ class Identifiers(_Frozen):
     wbraid: str | None = None
     fbc: str | None = None
     fbp: str | None = None
-    email_sha256_google: str | None = None
-    email_sha256_meta: str | None = None
-    phone_sha256_google: str | None = None
-    phone_sha256_meta: str | None = None
+    email_sha256_google: Sha256Hex | None = None
+    email_sha256_meta: Sha256Hex | None = None
+    phone_sha256_google: Sha256Hex | None = None
+    phone_sha256_meta: Sha256Hex | None = None
     external_id: str | None = None
 
 
