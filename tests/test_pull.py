@@ -141,3 +141,21 @@ def test_a_permission_error_is_not_retried_and_the_others_go_on(
     assert running.sandbox.requests("google_ads")["google_ads.SearchStream"] == 1
     assert result.summary()["platforms"]["klaviyo"]["errors"] == []
     assert runs[0].status == "partial"
+
+
+def test_values_from_pulled_journeys_are_stored_with_their_day(
+        config: ClientConfig, running: server.RunningSandbox) -> None:
+    with Store.open(config.store_url()) as store:
+        pipeline.pull(config, load_secrets(config), store, platforms=[Platform.KLAVIYO],
+                      since=running.world.start, until=TODAY, today=TODAY)
+        as_of = dt.datetime(2026, 10, 31, 15, tzinfo=dt.UTC)
+        rows = pipeline.values(config, store, as_of)
+        saved = store.micro_values(config.client.name)
+    overall = {r["conversion"]: r for r in rows if r["segment"] == "*"}
+    assert set(overall) == {"product_view", "add_to_cart", "begin_checkout",
+                            "newsletter_signup"}
+    # the ladder: a step closer to the purchase is worth more
+    assert (overall["product_view"]["estimate"] < overall["add_to_cart"]["estimate"]
+            < overall["begin_checkout"]["estimate"])
+    assert overall["begin_checkout"]["value"] is not None  # 60 days of history, horizon 28
+    assert len(saved) == len(rows) and saved[0]["as_of"] == as_of.isoformat()

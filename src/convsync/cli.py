@@ -363,6 +363,55 @@ def import_command(
         raise typer.Exit(Exit.PARTIAL)
 
 
+@app.command("values")
+def values_command(
+    config: ConfigOption,
+    as_of: Annotated[str | None, typer.Option(
+        "--as-of", help="Value as of this day's end, YYYY-MM-DD (default: now).")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Estimate what each micro conversion is worth, and whether to upload it.
+
+    From the stored journeys (pull first): the share of people who go on to a macro
+    conversion within the horizon (lag-corrected), the average macro value, the value with
+    its 90% interval, lift, volume, coverage, and a recommendation. Values are stored with
+    the day they were computed."""
+    from convsync import pipeline
+    from convsync.store import Store
+
+    client, _ = _load(config)
+    moment = (dt.datetime.combine(_day(as_of, "--as-of") + dt.timedelta(days=1), dt.time(),
+                                  dt.UTC) if as_of else dt.datetime.now(dt.UTC))
+    with Store.open(client.store_url()) as store:
+        rows = pipeline.values(client, store, moment)
+    summary = {"client": client.client.name, "as_of": moment.isoformat(), "values": rows}
+
+    def human() -> None:
+        table = Table(title=f"Micro-conversion values, {client.client.name}, as of "
+                            f"{moment:%Y-%m-%d %H:%M} UTC, horizon "
+                            f"{client.valuation.horizon_days} days ({client.client.currency})")
+        for column in ("conversion", "segment", "customers", "avg macro", "value",
+                       "90% interval", "lift", "volume", "coverage", "recommendation"):
+            table.add_column(column)
+        for r in rows:
+            if r["segment"] != "*" and r["value"] is None:
+                continue  # withheld per-segment rows: the JSON keeps them, with the reason
+            lift = "" if r["lift"] is None else f"{r['lift']:.1f}x"
+            coverage = "" if r["coverage"] is None else f"{r['coverage']:.0%}"
+            value = "-" if r["value"] is None else f"{r['value']:.2f}"
+            table.add_row(r["conversion"], "all" if r["segment"] == "*" else r["segment"],
+                          f"{r['customer_share']:.1%}", f"{r['mean_macro_value']:.2f}", value,
+                          f"{r['interval'][0]:.2f} .. {r['interval'][1]:.2f}", lift,
+                          str(r["volume"]), coverage,
+                          f"{r['recommendation']}" + (f" ({r['reason']})" if r["reason"]
+                                                      else ""))
+        out.print(table)
+        if not rows:
+            out.print("no journeys in the store yet: run `convsync pull` first")
+
+    _emit(summary, as_json, human)
+
+
 def _platform(name: str) -> Platform:
     try:
         return Platform(name)

@@ -370,3 +370,36 @@ def _budget_warnings(config: ClientConfig, store: Store, result: PullResult) -> 
     if used >= 0.8 * budget or runs_left < 24:
         return [message + f": about {runs_left} more runs like this one fit today"]
     return []
+
+
+# -- values --------------------------------------------------------------------------------
+
+def values(config: ClientConfig, store: Store, as_of: dt.datetime) -> list[dict[str, Any]]:
+    """What each micro conversion is worth as of ``as_of``, from the stored journeys; stored
+    with the day it was computed (so later runs can restate earlier uploads) and returned as
+    JSON-able rows."""
+    from convsync import valuation
+    from convsync.model import Kind
+
+    section = config.valuation
+    definitions = config.definitions()
+    macro = {d.name for d in definitions if d.kind is Kind.MACRO}
+    ladder = [d.name for d in sorted(definitions, key=lambda d: d.ladder_position or 0)
+              if d.ladder_position is not None and d.kind is Kind.MICRO]
+    events = (e for e in store.journey_events(until=as_of))
+    journeys = valuation.journeys_from_events(events, macro, ladder, section.segment_by)
+    settings = valuation.ValuationSettings(min_events=section.min_events,
+                                           max_relative_width=section.max_relative_width)
+    rows = [_value_row(v) for v in valuation.estimate_values(
+        journeys, as_of, float(section.horizon_days), settings)]
+    store.save_micro_values(config.client.name, as_of, rows)
+    return rows
+
+
+def _value_row(value: Any) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    row = asdict(value)
+    row["as_of"] = value.as_of.isoformat()
+    row["recommendation"] = str(value.recommendation)
+    return row

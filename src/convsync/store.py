@@ -287,9 +287,24 @@ runs = sa.Table(
     sa.Index(None, "client", "started_at"),
 )
 
+micro_values = sa.Table(
+    "micro_values",
+    metadata,
+    sa.Column("client", sa.String, primary_key=True),
+    sa.Column("computed_on", sa.Date, primary_key=True),
+    sa.Column("conversion", sa.String, primary_key=True),
+    sa.Column("segment", sa.String, primary_key=True),
+    sa.Column("value", _MONEY),
+    sa.Column("recommendation", sa.String(24), nullable=False),
+    sa.Column("detail", _JSON, nullable=False),
+    sa.Column("computed_at", UtcDateTime, nullable=False),
+)
+"""What each micro conversion was worth as computed on a day: kept, so that a later run can
+restate the uploads made with an earlier value."""
+
 DATA_TABLES = (
     conversion_definitions, conversion_platform_names, platform_conversions, daily_stats,
-    journey_events, uploads, watermarks, runs,
+    journey_events, uploads, watermarks, runs, micro_values,
 )
 
 
@@ -887,6 +902,37 @@ class Store:
                 finished_at=self._clock(), status=status, summary=dict(summary)))
             if updated.rowcount != 1:
                 raise KeyError(f"no run with id {run_id}")
+
+    # -- micro-conversion values -----------------------------------------------------------
+
+    def save_micro_values(self, client: str, computed_at: dt.datetime,
+                          values: Sequence[Mapping[str, Any]]) -> None:
+        """Store one computation's values (each a JSON-able mapping with ``conversion``,
+        ``segment``, ``value`` and ``recommendation``), replacing that day's earlier ones."""
+        day = computed_at.date()
+        with self._writing() as conn:
+            conn.execute(micro_values.delete().where(micro_values.c.client == client,
+                                                     micro_values.c.computed_on == day))
+            if values:
+                conn.execute(micro_values.insert(), [
+                    {"client": client, "computed_on": day, "conversion": v["conversion"],
+                     "segment": v["segment"], "value": v["value"],
+                     "recommendation": v["recommendation"], "detail": dict(v),
+                     "computed_at": computed_at} for v in values])
+
+    def micro_values(self, client: str, computed_on: dt.date | None = None
+                     ) -> list[dict[str, Any]]:
+        """The values computed on ``computed_on`` (default: the latest computation)."""
+        table = micro_values
+        with self._engine.connect() as conn:
+            day = computed_on or conn.execute(sa.select(sa.func.max(table.c.computed_on)).where(
+                table.c.client == client)).scalar_one_or_none()
+            if day is None:
+                return []
+            rows = conn.execute(sa.select(table.c.detail).where(
+                table.c.client == client, table.c.computed_on == day).order_by(
+                table.c.conversion, table.c.segment))
+            return [dict(r.detail) for r in rows]
 
     def recent_runs(self, client: str | None = None, limit: int = 20) -> list[Run]:
         """The latest runs first."""

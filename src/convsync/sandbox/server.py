@@ -256,4 +256,8 @@ endpoint = "{meta_endpoint}"
 [klaviyo]
 endpoint = "{klaviyo_endpoint}"
 
+[valuation]
+# the sandbox's world is short: value over Meta's 28 days rather than Google's 90
+horizon_days = 28
+
 {conversions}"""
