@@ -163,6 +163,30 @@ class CrmSection(_Section):
         return None if value is None else ClientSection._known_timezone(value)
 
 
+class ReconcileSection(_Section):
+    """Tolerances and choices of ``convsync audit`` / ``reconcile`` / ``report``."""
+
+    reference: Literal["ga4", "google_ads", "meta", "klaviyo"] = "ga4"
+    tolerance: float = Field(default=0.25, gt=0)
+    min_count: int = Field(default=30, ge=1)
+    settle_days: int = Field(default=7, ge=0, le=90)
+    max_day_shift: float = Field(default=0.25, gt=0, le=1)
+    inactive_days: int = Field(default=30, ge=1, le=540)
+    funnel_source: Literal["ga4", "google_ads", "meta", "klaviyo"] = "ga4"
+    funnel_drop: float = Field(default=0.2, gt=0, lt=1)
+    funnel_min_days: int = Field(default=3, ge=1)
+    primary_micro_uploads: bool = False
+
+
+class ValuationSection(_Section):
+    """How ``convsync values`` estimates what each micro conversion is worth."""
+
+    horizon_days: int = Field(default=90, ge=1, le=90)
+    segment_by: Literal["campaign", "source", "client"] = "campaign"
+    min_events: int = Field(default=30, ge=1)
+    max_relative_width: float = Field(default=2.0, gt=0)
+
+
 class ConversionEntry(_Section):
     name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
     kind: Kind
@@ -193,6 +217,8 @@ class ClientConfig(_Section):
     meta: MetaSection | None = None
     klaviyo: KlaviyoSection | None = None
     crm: CrmSection | None = None
+    valuation: ValuationSection = ValuationSection()
+    reconcile: ReconcileSection | None = None
     conversions: list[ConversionEntry] = []
     path: Path | None = Field(default=None, exclude=True)
 
