@@ -55,7 +55,7 @@ __all__ = [
 ]
 
 DEFAULT_BATCH_SIZE = 5000
-SQLITE_CACHE_KIB = 65_536
+SQLITE_CACHE_KIB = 16_384
 """SQLite's page cache per connection: upserts keyed by random ids (Klaviyo event ids) touch a
 random page of the key's index per row, and a cache that holds most of the index saves a
 read and a write of the page for each."""
@@ -962,3 +962,49 @@ class Store:
         with self._engine.connect() as conn:
             result = conn.execution_options(yield_per=_STREAM_CHUNK).execute(query)
             yield from result
+
+    # -- reconcile and report queries ----------------------------------------------------------
+
+    def stats_span(self, platform: Platform | str) -> tuple[dt.date, dt.date] | None:
+        """First and last day of a platform's stored daily stats (None: none stored)."""
+        table = daily_stats
+        with self._engine.connect() as conn:
+            first, last = conn.execute(
+                sa.select(sa.func.min(table.c.date), sa.func.max(table.c.date))
+                .where(table.c.platform == Platform(platform).value)).one()
+        return (first, last) if first is not None else None
+
+    def journey_counts(self, source_platform: Platform | str, since: dt.datetime,
+                       until: dt.datetime) -> dict[str, int]:
+        """Mapped journey events of one source with ``since <= time < until``, per conversion."""
+        table = journey_events
+        query = (sa.select(table.c.conversion, sa.func.count())
+                 .where(table.c.source_platform == Platform(source_platform).value,
+                        table.c.conversion.is_not(None), table.c.time >= since,
+                        table.c.time < until)
+                 .group_by(table.c.conversion))
+        with self._engine.connect() as conn:
+            return {name: int(n) for name, n in conn.execute(query)}
+
+    def upload_counts(self, destination: Platform | str) -> dict[str, int]:
+        """Upload ledger rows per conversion action of one destination."""
+        table = uploads
+        query = (sa.select(table.c.conversion_action, sa.func.count())
+                 .where(table.c.destination == Platform(destination).value)
+                 .group_by(table.c.conversion_action))
+        with self._engine.connect() as conn:
+            return {name: int(n) for name, n in conn.execute(query)}
+
+    def stats_campaigns(self, platform: Platform | str, since: dt.date | None = None,
+                        until: dt.date | None = None) -> list[tuple[str, str]]:
+        """(campaign id, campaign name) pairs in a platform's stored daily stats."""
+        table = daily_stats
+        query = (sa.select(table.c.campaign_id, table.c.campaign_name).distinct()
+                 .where(table.c.platform == Platform(platform).value)
+                 .order_by(table.c.campaign_id, table.c.campaign_name))
+        if since is not None:
+            query = query.where(table.c.date >= since)
+        if until is not None:
+            query = query.where(table.c.date <= until)
+        with self._engine.connect() as conn:
+            return [(i, n) for i, n in conn.execute(query)]
