@@ -109,8 +109,10 @@ days, campaigns, seed = (int(a) for a in sys.argv[1:4])
 since, end = (dt.date.fromisoformat(a) for a in sys.argv[4:6])
 world = World(WorldSpec(seed=seed, start=since, days=days, campaigns=campaigns))
 ga4_rows = sum(1 for _ in world.ga4_rows(since, end))
-lo = dt.datetime.combine(since, dt.time(), dt.UTC) - dt.timedelta(days=1)
-hi = dt.datetime.combine(end, dt.time(), dt.UTC) + dt.timedelta(days=2)
+from zoneinfo import ZoneInfo
+zone = ZoneInfo(world.accounts.google_ads_tz)  # the sandbox config's client time zone
+lo = dt.datetime.combine(since, dt.time(), zone)
+hi = dt.datetime.combine(end + dt.timedelta(days=1), dt.time(), zone)
 events = [sum(1 for _ in world.klaviyo_events(lo, hi, m)) for m in world.klaviyo_metrics]
 print(json.dumps({
     "google_ads": google_ads.min_requests(1, days, clicks=False),
