@@ -9,11 +9,13 @@ from __future__ import annotations
 import datetime as dt
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from convsync.sandbox.control import Sandbox
+from convsync.sandbox.klaviyo import serve_klaviyo
 from convsync.sandbox.tls import ensure_certificate
 from convsync.sandbox.world import World, WorldSpec
 
@@ -39,3 +41,13 @@ def world() -> World:
 @pytest.fixture
 def sandbox(world: World) -> Sandbox:
     return Sandbox(world)
+
+
+@pytest.fixture(scope="module")
+def klaviyo_served(world: World) -> Iterator[tuple[Sandbox, str]]:
+    """The Klaviyo simulator on the shared world: (its sandbox state, its base URL)."""
+    state = Sandbox(world)
+    server = serve_klaviyo(state)
+    yield state, f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    server.server_close()

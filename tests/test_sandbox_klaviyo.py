@@ -31,30 +31,21 @@ FAST = {"USE_DICTIONARY_FOR_RESPONSE_DATA": True}
 WEEK = (dt.datetime(2026, 9, 10, tzinfo=dt.UTC), dt.datetime(2026, 9, 17, tzinfo=dt.UTC))
 
 
-@pytest.fixture(scope="module")
-def served(world: World) -> Iterator[tuple[Sandbox, str]]:
-    sandbox = Sandbox(world)
-    server = serve_klaviyo(sandbox)
-    yield sandbox, f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
-    server.server_close()
-
-
 @pytest.fixture
-def live(served: tuple[Sandbox, str]) -> Iterator[Sandbox]:
+def live(klaviyo_served: tuple[Sandbox, str]) -> Iterator[Sandbox]:
     """The served sandbox; faults a test leaves unconsumed are dropped after it."""
-    yield served[0]
-    served[0].clear_faults()
+    yield klaviyo_served[0]
+    klaviyo_served[0].clear_faults()
 
 
 @pytest.fixture
-def fast(served: tuple[Sandbox, str]) -> KlaviyoAPI:
-    return KlaviyoAPI(KEY, test_host=served[1], max_retries=0, options=FAST)
+def fast(klaviyo_served: tuple[Sandbox, str]) -> KlaviyoAPI:
+    return KlaviyoAPI(KEY, test_host=klaviyo_served[1], max_retries=0, options=FAST)
 
 
 @pytest.fixture
-def typed(served: tuple[Sandbox, str]) -> KlaviyoAPI:
-    return KlaviyoAPI(KEY, test_host=served[1], max_retries=0)
+def typed(klaviyo_served: tuple[Sandbox, str]) -> KlaviyoAPI:
+    return KlaviyoAPI(KEY, test_host=klaviyo_served[1], max_retries=0)
 
 
 def metric_named(world: World, name: str) -> KlaviyoMetric:
@@ -320,8 +311,8 @@ def test_invalid_aggregate_queries_name_the_attribute(fast: KlaviyoAPI, world: W
 
 # -- headers, authentication, faults, counting -------------------------------------------------
 
-def test_missing_or_future_revision_is_400(served: tuple[Sandbox, str]) -> None:
-    client = KlaviyoAPI(KEY, test_host=served[1], max_retries=0)
+def test_missing_or_future_revision_is_400(klaviyo_served: tuple[Sandbox, str]) -> None:
+    client = KlaviyoAPI(KEY, test_host=klaviyo_served[1], max_retries=0)
     del client.api_client.default_headers["revision"]
     with pytest.raises(ApiException) as raised:
         client.Metrics.get_metrics()
@@ -333,14 +324,14 @@ def test_missing_or_future_revision_is_400(served: tuple[Sandbox, str]) -> None:
     assert (raised.value.status, error_of(raised)["code"]) == (400, "invalid")
 
 
-def test_bad_or_missing_key_is_401(served: tuple[Sandbox, str]) -> None:
+def test_bad_or_missing_key_is_401(klaviyo_served: tuple[Sandbox, str]) -> None:
     with pytest.raises(ApiException) as raised:
-        KlaviyoAPI("SbXkL2", test_host=served[1], max_retries=0).Metrics.get_metrics()
+        KlaviyoAPI("SbXkL2", test_host=klaviyo_served[1], max_retries=0).Metrics.get_metrics()
     assert raised.value.status == 401
     assert error_of(raised)["code"] == "authentication_failed"
     assert isinstance(raised.value.data, GetAccounts4XXResponse)
     with pytest.raises(ApiException) as raised:
-        KlaviyoAPI("", test_host=served[1], max_retries=0).Metrics.get_metrics()
+        KlaviyoAPI("", test_host=klaviyo_served[1], max_retries=0).Metrics.get_metrics()
     error = error_of(raised)
     assert (raised.value.status, error["code"], error["status"]) == (401, "not_authenticated", 401)
 

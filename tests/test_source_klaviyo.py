@@ -51,21 +51,12 @@ class Sleeps(list[float]):
         self.append(seconds)
 
 
-@pytest.fixture(scope="module")
-def served(world: World) -> Iterator[tuple[Sandbox, str]]:
-    sandbox = Sandbox(world)
-    server = serve_klaviyo(sandbox)
-    yield sandbox, f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
-    server.server_close()
-
-
 @pytest.fixture
-def live(served: tuple[Sandbox, str]) -> Iterator[Sandbox]:
+def live(klaviyo_served: tuple[Sandbox, str]) -> Iterator[Sandbox]:
     """The served sandbox with fresh counters; faults a test leaves are dropped after it."""
-    served[0].reset_requests()
-    yield served[0]
-    served[0].clear_faults()
+    klaviyo_served[0].reset_requests()
+    yield klaviyo_served[0]
+    klaviyo_served[0].clear_faults()
 
 
 def client_config(endpoint: str, tz: str = TZ) -> ClientConfig:
@@ -86,8 +77,8 @@ def open_streams(endpoint: str, requests: Requests | None = None, sleep: Sleeps 
 
 
 @pytest.fixture
-def streams(served: tuple[Sandbox, str], live: Sandbox) -> dict[str, Stream]:
-    return open_streams(served[1])
+def streams(klaviyo_served: tuple[Sandbox, str], live: Sandbox) -> dict[str, Stream]:
+    return open_streams(klaviyo_served[1])
 
 
 def metric_named(world: World, name: str) -> KlaviyoMetric:
@@ -129,9 +120,9 @@ def test_metrics_stream_keeps_unmapped_metrics_and_the_store_lists_them(
 
 
 def test_a_mapped_name_the_account_lacks_is_named_in_a_warning(
-        served: tuple[Sandbox, str], live: Sandbox, world: World,
+        klaviyo_served: tuple[Sandbox, str], live: Sandbox, world: World,
         caplog: pytest.LogCaptureFixture) -> None:
-    config = client_config(served[1])
+    config = client_config(klaviyo_served[1])
     config = config.model_copy(update={"conversions": [
         *config.conversions, ConversionEntry(name="refund", kind=Kind.MICRO,
                                              klaviyo=["Refunded Order"])]})
@@ -168,11 +159,11 @@ def test_daily_aggregates_match_the_world_in_the_client_time_zone(
 
 
 def test_a_range_longer_than_a_year_is_one_aggregate_query_per_metric_and_year(
-        served: tuple[Sandbox, str], live: Sandbox, world: World) -> None:
+        klaviyo_served: tuple[Sandbox, str], live: Sandbox, world: World) -> None:
     start = world.start - dt.timedelta(days=400)
     assert len(klaviyo.year_spans(start, world.end)) == 2
     requests = Requests()
-    rows = pulled(open_streams(served[1], requests)["metric_aggregates"], start, world.end)
+    rows = pulled(open_streams(klaviyo_served[1], requests)["metric_aggregates"], start, world.end)
     assert requests.counts["query_metric_aggregates"] == 2 * len(MAPPED)
     assert live.requests("klaviyo")["klaviyo.query_metric_aggregates"] == 2 * len(MAPPED)
     truth = sum(n for name in MAPPED for n, _ in world.klaviyo_daily(
@@ -192,9 +183,9 @@ def test_year_spans_cover_the_range_without_gaps_or_overlaps() -> None:
 # -- events ----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def events(served: tuple[Sandbox, str], world: World) -> list[JourneyEvent]:
+def events(klaviyo_served: tuple[Sandbox, str], world: World) -> list[JourneyEvent]:
     """The whole world's events, pulled once for the tests that only read them."""
-    rows = pulled(open_streams(served[1])["events"], world.start, world.end)
+    rows = pulled(open_streams(klaviyo_served[1])["events"], world.start, world.end)
     assert all(isinstance(r, JourneyEvent) for r in rows)
     return [r for r in rows if isinstance(r, JourneyEvent)]
 
@@ -277,10 +268,10 @@ def test_stored_events_hold_no_email_in_clear(events: list[JourneyEvent],
 
 # -- requests ----------------------------------------------------------------------------------
 
-def test_a_pull_makes_exactly_the_minimum_requests(served: tuple[Sandbox, str], live: Sandbox,
-                                                   world: World) -> None:
+def test_a_pull_makes_exactly_the_minimum_requests(
+        klaviyo_served: tuple[Sandbox, str], live: Sandbox, world: World) -> None:
     requests = Requests()
-    streams = open_streams(served[1], requests)
+    streams = open_streams(klaviyo_served[1], requests)
     rows = [r for name in ("metrics", "metric_aggregates", "events")
             for r in pulled(streams[name], world.start, world.end)]
     per_metric = Counter(r.platform_conversion for r in rows if isinstance(r, JourneyEvent))
@@ -322,11 +313,11 @@ def test_server_errors_are_retried_with_backoff(streams: dict[str, Stream], live
     assert rows and all(isinstance(r, ConversionStat) for r in rows)
 
 
-def test_a_validation_error_is_not_retried(served: tuple[Sandbox, str], live: Sandbox,
+def test_a_validation_error_is_not_retried(klaviyo_served: tuple[Sandbox, str], live: Sandbox,
                                            world: World) -> None:
     """Europe/Kyiv is a valid IANA zone that Klaviyo's aggregates refuse (400 invalid)."""
     requests = Requests()
-    stream = open_streams(served[1], requests, tz="Europe/Kyiv")["metric_aggregates"]
+    stream = open_streams(klaviyo_served[1], requests, tz="Europe/Kyiv")["metric_aggregates"]
     sleeps = Sleeps()
     with pytest.raises(ApiException) as raised:
         pull_retrying(stream, world, sleeps)
