@@ -412,6 +412,187 @@ def values_command(
     _emit(summary, as_json, human)
 
 
+SinceOption = Annotated[str | None, typer.Option(
+    help="First day, YYYY-MM-DD (default: the first stored day).")]
+UntilOption = Annotated[str | None, typer.Option(
+    help="Last day, YYYY-MM-DD (default: the last stored day).")]
+
+
+@app.command()
+def audit(config: ConfigOption, as_json: JsonFlag = False) -> None:
+    """Check what the Google Ads Conversions column counts.
+
+    For every stored conversion action (run discover or pull first): its kind (from the
+    config, else inferred from its category and name, with the reason), whether it counts in
+    column, and findings with their evidence and fix: micro conversions in column, macro
+    conversions left out, two primary actions counting the same events, actions with no
+    conversions in [reconcile] inactive_days, convsync's micro uploads primary without opt-in.
+    Exit code 3 when there is an error or a warning."""
+    from convsync import reconcile
+    from convsync.store import Store
+
+    client, _ = _load(config)
+    with Store.open(client.store_url()) as store:
+        result = reconcile.load_audit(client, store)
+    summary = {"client": client.client.name, "store": client.store_url(),
+               **reconcile.as_data(result)}
+
+    def human() -> None:
+        title = "Google Ads conversion actions"
+        if result.window:
+            title += f", conversions {result.window[0]} .. {result.window[1]}"
+        table = Table(title=title)
+        for column in ("action", "kind", "kind from", "in column", "conversions", "value",
+                       "last conversion"):
+            table.add_column(column)
+        for a in result.actions:
+            table.add_row(a.name, a.kind.value, a.kind_source, "yes" if a.in_column else "no",
+                          f"{a.conversions:g}", f"{a.value:,.2f}", str(a.last_conversion or ""))
+        out.print(table)
+        _print_findings(result.findings)
+        for note in result.notes:
+            out.print(note, style="dim", highlight=False)
+
+    _emit(summary, as_json, human)
+    if any(f.severity != "info" for f in result.findings):
+        raise typer.Exit(Exit.PARTIAL)
+
+
+@app.command("reconcile")
+def reconcile_command(config: ConfigOption, since: SinceOption = None,
+                      until: UntilOption = None, as_json: JsonFlag = False) -> None:
+    """Compare each macro conversion across platforms, and diagnose the funnel.
+
+    Per day, campaign and macro conversion, each platform's count and value beside the
+    reference's ([reconcile] reference, GA4 by default) with the likely cause of a gap
+    (click vs conversion date, days still filling, time zones, a duplicate tag, attribution
+    windows); each platform over the settled days against [reconcile] tolerance; then the
+    funnel along the ladder. Exit code 3 when something is beyond tolerance (a discrepancy,
+    days shifted by a time zone, a funnel step that collapsed)."""
+    from convsync import reconcile
+    from convsync.store import Store
+
+    client, _ = _load(config)
+    with Store.open(client.store_url()) as store:
+        first, last = _days_between(reconcile.stored_range(store), since, until)
+        result, funnel = reconcile.load_reconciliation(client, store, first, last)
+    findings = result.findings + (funnel.findings if funnel else [])
+    summary = {"client": client.client.name, **reconcile.as_data(result),
+               "funnel": reconcile.as_data(funnel)}
+
+    def human() -> None:
+        table = Table(title=f"{', '.join(sorted({c.conversion for c in result.comparisons}))}"
+                            f": each platform against {result.reference}, settled days")
+        for column in ("campaign", "platform", "days", "count", "reference", "ratio", "status",
+                       "likely causes"):
+            table.add_column(column)
+        for c in result.comparisons:
+            ratio = "" if c.ratio is None else f"{c.ratio:.2f}x"
+            status = "[red]beyond tolerance[/red]" if c.beyond_tolerance else "[green]ok[/green]"
+            table.add_row(c.campaign, c.platform, f"{c.first} .. {c.last}", f"{c.count:g}",
+                          f"{c.reference_count:g}", ratio, status,
+                          ", ".join(cause.code for cause in c.causes))
+        out.print(table)
+        for c in result.comparisons:
+            if c.campaign == reconcile.ALL:
+                out.print(f"{c.conversion}, {c.platform} against {c.reference}:",
+                          style="bold", highlight=False)
+                for cause in c.causes:
+                    out.print(f"  - {cause.text}", highlight=False, markup=False)
+        statuses: dict[str, int] = {}
+        for row in result.days:
+            statuses[row.status] = statuses.get(row.status, 0) + 1
+        out.print(f"{len(result.days)} day rows: " + ", ".join(
+            f"{n} {status}" for status, n in sorted(statuses.items())) + " (--json lists them)")
+        if funnel:
+            out.print(_funnel_table(funnel))
+        _print_findings(findings)
+        for note in result.notes:
+            out.print(note, style="dim", highlight=False)
+
+    _emit(summary, as_json, human)
+    if any(f.alert for f in findings):
+        raise typer.Exit(Exit.PARTIAL)
+
+
+@app.command()
+def report(config: ConfigOption,
+           out_dir: Annotated[Path, typer.Option("--out", help="Directory to write "
+                                                 "report.html and report.json into.")],
+           since: SinceOption = None, until: UntilOption = None,
+           as_json: JsonFlag = False) -> None:
+    """Write the HTML report (and the same data as JSON beside it).
+
+    One self-contained file that works offline: the audit, the discrepancy table, the funnel
+    with its drop-offs per segment, macro vs micro per platform, and the micro-conversion
+    values, with charts. Exit code 3 when something in it is beyond tolerance."""
+    from convsync.report import NoData, build_report, write_report
+    from convsync.store import Store
+
+    client, _ = _load(config)
+    with Store.open(client.store_url()) as store:
+        first = _day(since, "--since") if since else None
+        last = _day(until, "--until") if until else None
+        try:
+            result = build_report(client, store, first, last)
+        except NoData as error:
+            console.print(f"[red]error[/red] {error}", highlight=False)
+            raise typer.Exit(Exit.FAILED) from None
+    html, data = write_report(result, out_dir)
+    summary = {"client": client.client.name, "html": str(html), "json": str(data),
+               "since": result.since.isoformat(), "until": result.until.isoformat(),
+               "findings": len(result.findings), "alerts": len(result.alerts)}
+
+    def human() -> None:
+        _print_findings(result.findings)
+        out.print(f"report: {html}", highlight=False)
+        out.print(f"data:   {data}", highlight=False)
+
+    _emit(summary, as_json, human)
+    if result.alerts:
+        raise typer.Exit(Exit.PARTIAL)
+
+
+def _days_between(stored: tuple[dt.date, dt.date] | None, since: str | None,
+                  until: str | None) -> tuple[dt.date, dt.date]:
+    """The --since / --until days, each defaulting to the stored range's end."""
+    if stored is None and not (since and until):
+        console.print("[red]error[/red] the store holds no daily stats: run convsync pull "
+                      "first", highlight=False)
+        raise typer.Exit(Exit.FAILED)
+    first = _day(since, "--since") if since else stored[0] if stored else dt.date.min
+    last = _day(until, "--until") if until else stored[1] if stored else dt.date.max
+    if last < first:
+        raise typer.BadParameter("--until is before --since", param_hint="--until")
+    return first, last
+
+
+def _print_findings(findings: list[Any]) -> None:
+    from rich.markup import escape
+
+    colours = {"error": "red", "warning": "yellow", "info": "blue"}
+    for f in findings:
+        colour = colours[f.severity]
+        flag = " [bold](beyond tolerance)[/bold]" if f.alert else ""
+        out.print(f"[{colour}]{f.severity}[/{colour}] [bold]{f.subject}[/bold]{flag}: "
+                      f"{escape(f.message)}", highlight=False)
+        out.print(f"  fix: {escape(f.fix)}", style="green", highlight=False)
+
+
+def _funnel_table(funnel: Any) -> Table:
+    table = Table(title=f"Funnel ({funnel.source}, {funnel.timezone}): "
+                        f"{' -> '.join(funnel.ladder)}")
+    table.add_column("segment")
+    for step in funnel.ladder:
+        table.add_column(step, justify="right")
+    table.add_column("biggest loss")
+    for f in [funnel.overall, *funnel.by_source]:
+        cells = [f"{s.count:,.0f}" + (f" ({s.rate:.0%})" if s.rate is not None else "")
+                 for s in f.steps]
+        table.add_row(f.segment, *cells, f.biggest_loss or "")
+    return table
+
+
 def _platform(name: str) -> Platform:
     try:
         return Platform(name)
