@@ -242,6 +242,8 @@ customer_ids = ["{customer_id}"]
 login_customer_id = "{manager_id}"
 endpoint = "{gads_endpoint}"
 ca_file = {ca_file}
+# both bases, so that reconcile compares Google Ads with GA4 by conversion date
+conversion_date_basis = true
 
 [ga4]
 property_id = "{property_id}"
