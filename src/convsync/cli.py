@@ -387,6 +387,9 @@ def values_command(
     summary = {"client": client.client.name, "as_of": moment.isoformat(), "values": rows}
 
     def human() -> None:
+        if not rows:
+            out.print("no journeys in the store yet: run `convsync pull` first")
+            return
         table = Table(title=f"Micro-conversion values, {client.client.name}, as of "
                             f"{moment:%Y-%m-%d %H:%M} UTC, horizon "
                             f"{client.valuation.horizon_days} days ({client.client.currency})")
@@ -406,8 +409,6 @@ def values_command(
                           f"{r['recommendation']}" + (f" ({r['reason']})" if r["reason"]
                                                       else ""))
         out.print(table)
-        if not rows:
-            out.print("no journeys in the store yet: run `convsync pull` first")
 
     _emit(summary, as_json, human)
 
