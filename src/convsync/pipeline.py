@@ -25,7 +25,16 @@ from convsync.model import (
 from convsync.redact import Redactor
 from convsync.retry import RetryPolicy, retrying
 from convsync.settings import ClientConfig, Secrets
-from convsync.sources import Requests, Row, Stream, ga4, google_ads, klaviyo, meta, row_date
+from convsync.sources import (
+    Requests,
+    Row,
+    Stream,
+    ga4,
+    google_ads,
+    klaviyo,
+    last_complete_day,
+    meta,
+)
 from convsync.store import Store
 
 log = logging.getLogger(__name__)
@@ -336,15 +345,15 @@ def _commit_batches(config: ClientConfig, store: Store, stream: Stream, start: d
     for row in stream.pull(start, end):
         batch.append(row)
         if len(batch) >= BATCH_ROWS:
-            last = _store_batch(config, store, batch, outcome)
+            _store_batch(store, batch, outcome)
             batch = []
-            if last is not None and last > start:
-                yield last - dt.timedelta(days=1 if isinstance(row, ConversionStat) else 2)
-    _store_batch(config, store, batch, outcome)
+            done = last_complete_day(row, config.client.timezone)
+            if done is not None and done >= start:
+                yield done
+    _store_batch(store, batch, outcome)
 
 
-def _store_batch(config: ClientConfig, store: Store, batch: list[Row],
-                 outcome: PlatformPull) -> dt.date | None:
+def _store_batch(store: Store, batch: list[Row], outcome: PlatformPull) -> None:
     stats = [r for r in batch if isinstance(r, ConversionStat)]
     events = [r for r in batch if isinstance(r, JourneyEvent)]
     definitions = [r for r in batch if isinstance(r, PlatformConversion)]
@@ -361,8 +370,6 @@ def _store_batch(config: ClientConfig, store: Store, batch: list[Row],
                             and r.platform_conversion != "click")
     outcome.unmapped.update(r.name for r in definitions if r.conversion is None
                             and "alias_of" not in r.settings)
-    dated = [d for d in (row_date(r, config.client.timezone) for r in batch[-1:]) if d]
-    return dated[0] if dated else None
 
 
 def _mark(config: ClientConfig, store: Store, stream: Stream, window: Window,

@@ -1069,12 +1069,7 @@ def field_mask_paths(plan: Plan) -> list[str]:
 # -- the service ----------------------------------------------------------------------------
 def account_today(world: World) -> dt.date:
     """The world's current date in the Google Ads account's time zone."""
-    return world.as_of.astimezone(_zone(world.accounts.google_ads_tz)).date()
-
-
-@lru_cache(maxsize=8)
-def _zone(name: str) -> dt.tzinfo:
-    return ZoneInfo(name)
+    return world.as_of.astimezone(ZoneInfo(world.accounts.google_ads_tz)).date()
 
 
 @dataclass

@@ -24,7 +24,7 @@ import heapq
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
-from functools import cache, lru_cache
+from functools import lru_cache
 from zoneinfo import ZoneInfo
 
 import numpy as np
@@ -186,14 +186,9 @@ def _seed(*parts: object) -> int:
     return int.from_bytes(digest, "big")
 
 
-@cache
-def _zone(name: str) -> ZoneInfo:
-    return ZoneInfo(name)
-
-
 @lru_cache(maxsize=65_536)
 def _offset_for_hour(tz: str, hour: int) -> int:
-    moment = dt.datetime.fromtimestamp(hour * 3600, dt.UTC).astimezone(_zone(tz))
+    moment = dt.datetime.fromtimestamp(hour * 3600, dt.UTC).astimezone(ZoneInfo(tz))
     offset = moment.utcoffset()
     return int(offset.total_seconds()) if offset else 0
 
@@ -576,11 +571,11 @@ class World:
     def klaviyo_daily(self, metric: KlaviyoMetric, start: dt.date, end: dt.date,
                       tz: str) -> dict[dt.date, tuple[int, float]]:
         """Count and sum of value per day in ``tz`` (what metric aggregates return)."""
-        lo = dt.datetime.combine(start, dt.time(), _zone(tz))
-        hi = dt.datetime.combine(end + dt.timedelta(days=1), dt.time(), _zone(tz))
+        lo = dt.datetime.combine(start, dt.time(), ZoneInfo(tz))
+        hi = dt.datetime.combine(end + dt.timedelta(days=1), dt.time(), ZoneInfo(tz))
         out: dict[dt.date, tuple[int, float]] = {}
         for event in self.klaviyo_events(lo, hi, metric):
-            date = dt.datetime.fromtimestamp(event.timestamp, _zone(tz)).date()
+            date = dt.datetime.fromtimestamp(event.timestamp, ZoneInfo(tz)).date()
             n, v = out.get(date, (0, 0.0))
             out[date] = (n + 1, v + event.value)
         return out

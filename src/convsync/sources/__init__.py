@@ -11,6 +11,7 @@ import datetime as dt
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from zoneinfo import ZoneInfo
 
 from convsync.model import ConversionStat, JourneyEvent, PlatformConversion
 
@@ -49,11 +50,14 @@ class Requests:
         return sum(self.counts.values())
 
 
-def row_date(row: Row, timezone: str) -> dt.date | None:
-    """The day a row belongs to: a stat's own date, an event's time in ``timezone``."""
+def last_complete_day(row: Row, timezone: str) -> dt.date | None:
+    """The last day surely complete once ``row`` is stored, the rows coming in date order.
+
+    A stat carries its own (account) date: every earlier day is done. An event has only a
+    time, read here in ``timezone`` (the client's), while the stream's days are the account's,
+    which can differ by a day: one more day of margin. Undated rows say nothing (None)."""
     if isinstance(row, ConversionStat):
-        return row.date
+        return row.date - dt.timedelta(days=1)
     if isinstance(row, JourneyEvent):
-        from zoneinfo import ZoneInfo
-        return row.time.astimezone(ZoneInfo(timezone)).date()
+        return row.time.astimezone(ZoneInfo(timezone)).date() - dt.timedelta(days=2)
     return None

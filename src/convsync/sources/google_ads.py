@@ -10,6 +10,7 @@ import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from google.ads.googleads.client import GoogleAdsClient
 from google.ads.googleads.errors import GoogleAdsException
@@ -260,7 +261,7 @@ def _clicks_pull(client: GoogleAdsClient, customer_id: str, account: Callable[[]
         day = start
         while day <= end:
             requests.add("SearchStream")
-            time = dt.datetime.combine(day, dt.time(12), _zone(tz))  # click_view has no time
+            time = dt.datetime.combine(day, dt.time(12), ZoneInfo(tz))  # click_view has no time
             for row in search_stream(client, customer_id, CLICKS_QUERY.format(day=day)):
                 gclid = row.click_view.gclid
                 yield JourneyEvent.model_construct(
@@ -270,12 +271,6 @@ def _clicks_pull(client: GoogleAdsClient, customer_id: str, account: Callable[[]
                     source_event_id=f"click:{gclid}", campaign_id=str(row.campaign.id))
             day += dt.timedelta(days=1)
     return pull
-
-
-@functools.cache
-def _zone(name: str) -> dt.tzinfo:
-    from zoneinfo import ZoneInfo
-    return ZoneInfo(name)
 
 
 # -- errors ----------------------------------------------------------------------------------
