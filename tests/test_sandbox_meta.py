@@ -19,11 +19,11 @@ from facebook_business.api import FacebookAdsApi
 from facebook_business.exceptions import FacebookRequestError
 from facebook_business.session import FacebookSession
 
+from convsync.model import META_DEFAULT_WINDOWS
 from convsync.sandbox.control import Sandbox
 from convsync.sandbox.meta import MetaGraph, serve_meta
 from convsync.sandbox.world import (
     META_ACTION_TYPES,
-    META_DEFAULT_WINDOWS,
     PURCHASE,
     VIEW,
     Day,

@@ -21,7 +21,12 @@ class Platform(StrEnum):
     CRM = "crm"
 
 
-AD_PLATFORMS = (Platform.GOOGLE_ADS, Platform.GA4, Platform.META, Platform.KLAVIYO)
+META_WINDOWS = ("1d_click", "7d_click", "28d_click", "1d_view", "1d_ev")
+"""Meta's attribution windows, as of late 2026."""
+META_DEFAULT_WINDOWS = ("7d_click", "1d_view")
+"""An ad account's default attribution setting: what Meta's plain ``value`` counts."""
+META_REMOVED_WINDOWS = ("7d_view", "28d_view")
+"""No longer returned by Meta since 2026-01-12."""
 
 
 class Kind(StrEnum):

@@ -27,10 +27,15 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from convsync.model import ConversionDefinition, Kind, Platform, PlatformNames
+from convsync.model import (
+    META_REMOVED_WINDOWS,
+    META_WINDOWS,
+    ConversionDefinition,
+    Kind,
+    Platform,
+    PlatformNames,
+)
 
-META_WINDOWS = ("1d_click", "7d_click", "28d_click", "1d_view", "1d_ev")
-META_REMOVED_WINDOWS = ("7d_view", "28d_view")
 GOOGLE_ADS_BUDGETS = {"explorer": 2_880, "basic": 15_000}
 
 

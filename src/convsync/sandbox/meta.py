@@ -63,13 +63,11 @@ from facebook_business.adobjects.adsinsights import AdsInsights
 from facebook_business.adobjects.adspixel import AdsPixel
 from facebook_business.adobjects.campaign import Campaign as CampaignObject
 
+from convsync.model import META_DEFAULT_WINDOWS, META_REMOVED_WINDOWS, META_WINDOWS
 from convsync.sandbox.control import Fault, Sandbox
 from convsync.sandbox.http import ApiError, Handler, Request, Response, serve_rest
 from convsync.sandbox.world import (
     META_ACTION_TYPES,
-    META_DEFAULT_WINDOWS,
-    META_REMOVED_WINDOWS,
-    META_WINDOWS,
     VIEW,
     Campaign,
     MetaInsight,

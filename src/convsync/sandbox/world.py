@@ -29,6 +29,8 @@ from zoneinfo import ZoneInfo
 
 import numpy as np
 
+from convsync.model import META_WINDOWS
+
 DAY = 86_400
 MAX_LAG_DAYS = 50
 """Each lagged step comes back at most this many days later, so nothing happens more than
@@ -122,9 +124,6 @@ META_ACTION_TYPES: dict[int, tuple[str, ...]] = {
              "omni_complete_registration"),
     LEAD: ("offsite_conversion.fb_pixel_lead", "lead"),
 }
-META_WINDOWS = ("1d_click", "7d_click", "28d_click", "1d_view", "1d_ev")
-META_DEFAULT_WINDOWS = ("7d_click", "1d_view")
-META_REMOVED_WINDOWS = ("7d_view", "28d_view")
 
 KLAVIYO_METRICS = (
     KlaviyoMetric("VwPrd1", "Viewed Product", VIEW),
