@@ -31,7 +31,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 
@@ -66,6 +66,10 @@ RATES = (0.005, 0.02, 0.2)
 QUICK = (("lognormal_20d", 1000, 0.02), ("weibull_3d", 100, 0.2), ("lognormal_20d", 100, 0.02))
 CALIBRATION_MIN_CONVERSIONS = 150.0
 COVERAGE_MIN_CONVERSIONS = 30.0
+MORE_WORLDS_BELOW, MORE_WORLDS_MAX = 30.0, 4
+"""A cell expecting fewer conversions a world than this runs that many over its expected
+conversions times the worlds (at most ``MORE_WORLDS_MAX`` times): its worlds are cheap and
+its path-sum ratios the noisiest."""
 WEIBULL_SHAPE, LOGNORMAL_SIGMA = 0.7, 1.0
 METHODS = ("estimator", "textbook", "matured")
 
@@ -80,6 +84,16 @@ class Cell:
     def label(self) -> str:
         return f"{self.lag}/{self.size}/{self.rate:g}"
 
+    @property
+    def nominal_conversions(self) -> float:
+        """Purchases within the horizon a world expects, at the cell's base rate."""
+        return SEGMENTS * self.size * self.rate * float(share_within(self.lag, HORIZON))
+
+    def worlds(self, replicates: int) -> int:
+        """How many worlds this cell runs when the grid's base is ``replicates``."""
+        factor = round(MORE_WORLDS_BELOW / self.nominal_conversions)
+        return replicates * min(max(factor, 1), MORE_WORLDS_MAX)
+
 
 def draw_lags(lag: str, rng: np.random.Generator, count: int) -> FloatArray:
     """Days from the checkout to the purchase."""
@@ -91,14 +105,16 @@ def draw_lags(lag: str, rng: np.random.Generator, count: int) -> FloatArray:
     return np.asarray(np.exp(math.log(20.0) + LOGNORMAL_SIGMA * rng.standard_normal(count)))
 
 
-def share_within(lag: str, horizon: float) -> float:
-    """P(lag <= horizon) of the lag distribution."""
+def share_within(lag: str, days: FloatArray | float) -> FloatArray:
+    """P(lag <= days) of the lag distribution."""
+    days = np.asarray(days, dtype=np.float64)
     if lag == "none":
-        return 1.0
+        return np.ones_like(days)
     if lag == "weibull_3d":
         scale = 3.0 / math.log(2.0) ** (1.0 / WEIBULL_SHAPE)
-        return 1.0 - math.exp(-((horizon / scale) ** WEIBULL_SHAPE))
-    return float(stats.norm.cdf((math.log(horizon) - math.log(20.0)) / LOGNORMAL_SIGMA))
+        return np.asarray(1.0 - np.exp(-((days / scale) ** WEIBULL_SHAPE)))
+    log_days = np.log(np.maximum(days, 1e-300))
+    return np.asarray(stats.norm.cdf((log_days - math.log(20.0)) / LOGNORMAL_SIGMA))
 
 
 @dataclass(frozen=True, eq=False)
@@ -106,6 +122,8 @@ class World:
     journeys: Journeys
     truth: FloatArray  # (steps, segments): true value of one event of each step per segment
     expected_conversions: float
+    seen_value: float  # value of the purchases within H seen by the snapshot
+    expected_seen_value: float  # its expectation given the world's segments and entry times
 
 
 def simulate(cell: Cell, seed: Sequence[int]) -> World:
@@ -132,11 +150,15 @@ def simulate(cell: Cell, seed: Sequence[int]) -> World:
         micro_size=np.full(len(person), np.nan), macro_person=np.flatnonzero(seen),
         macro_time=ORIGIN.timestamp() + bought[seen] * DAY, macro_value=value[seen],
         ladder=LADDER)
-    within = share_within(cell.lag, HORIZON)
+    within = float(share_within(cell.lag, HORIZON))
     mean_value = np.exp(log_mean + VALUE_SD**2 / 2)
     rest = np.cumprod(stage[::-1], axis=0)[::-1]  # P(purchase | reached step k)
     truth = rest * within * mean_value
-    return World(journeys, truth, float(sizes @ (rest[0] * within)))
+    counted = seen & (bought - start <= HORIZON)
+    followed = np.minimum(HORIZON, DAYS - start)
+    expected_seen = (rest[0] * mean_value)[segment] * share_within(cell.lag, followed)
+    return World(journeys, truth, float(sizes @ (rest[0] * within)),
+                 float(value[counted].sum()), float(expected_seen.sum()))
 
 
 @dataclass(frozen=True)
@@ -157,6 +179,9 @@ class WorldScore:
     path_sum: float
     path_sum_increments: float
     expected_conversions: float
+    control: float
+    """Seen value / its expectation: 1 on average, and it moves with the path-sum ratio of
+    the world (its luck in purchases and order values), so it is a control variate."""
 
 
 def score_world(cell: Cell, seed: Sequence[int], settings: ValuationSettings) -> WorldScore:
@@ -175,7 +200,7 @@ def score_world(cell: Cell, seed: Sequence[int], settings: ValuationSettings) ->
     increments = sum(c.reach * c.increment for c in credits if c.segment != ALL_SEGMENTS)
     true_total = _true_total(world, rows)
     return WorldScore(steps, credited / true_total, increments / true_total,
-                      world.expected_conversions)
+                      world.expected_conversions, world.seen_value / world.expected_seen_value)
 
 
 def _by_key(values: Sequence[MicroValue]) -> dict[tuple[str, str], MicroValue]:
@@ -218,6 +243,34 @@ def _score_chunk(task: tuple[int, Cell, int, int, ValuationSettings]) -> list[Wo
 
 
 @dataclass(frozen=True)
+class Mean:
+    """A Monte Carlo estimate of an expectation and its standard error."""
+
+    value: float
+    se: float
+
+
+def plain_mean(x: FloatArray) -> Mean:
+    se = float(np.std(x, ddof=1)) / math.sqrt(len(x)) if len(x) > 1 else math.nan
+    return Mean(float(np.mean(x)), se)
+
+
+def controlled_mean(x: FloatArray, control: FloatArray) -> Mean:
+    """The mean of ``x`` with a control variate whose expectation is 1: ``mean(x) -
+    b (mean(control) - 1)``, ``b`` the least-squares slope of ``x`` on ``control``. It
+    estimates the same expectation as ``mean(x)``; the part of the noise that ``control``
+    explains is gone from its standard error (from the residuals, one more degree of
+    freedom spent on ``b``)."""
+    if len(x) < 3 or np.var(control) == 0:
+        return plain_mean(x)
+    centred = control - control.mean()
+    slope = float(centred @ (x - x.mean()) / (centred @ centred))
+    residual = x - slope * centred
+    se = math.sqrt(float(residual.var()) * len(x) / (len(x) - 2) / len(x))
+    return Mean(float(x.mean() - slope * (control.mean() - 1.0)), se)
+
+
+@dataclass(frozen=True)
 class CellResult:
     cell: Cell
     replicates: int
@@ -229,9 +282,9 @@ class CellResult:
     nrmse: list[tuple[float, float, float]]  # per step: estimator, textbook, matured
     coverage: list[float]
     coverage_plug_in: list[float]
-    path_sum: float
-    path_sum_sd: float  # over replicates
-    path_sum_increments: float
+    path_sum: Mean  # mean over worlds, with the control variate
+    path_sum_plain: Mean  # plain mean over worlds
+    path_sum_increments: Mean
     withheld: float  # share of segment values the default guard rails withhold
 
     @property
@@ -254,6 +307,7 @@ def summarize(cell: Cell, scores: Sequence[WorldScore]) -> CellResult:
     withheld = sum(step.withheld for w in scores for step in w.steps)
     band = np.quantile(calibration[:, :, 0], [0.05, 0.95], axis=0)
     rms = np.sqrt((nrmse**2).mean(axis=0))
+    path_sum = np.array([w.path_sum for w in scores])
     return CellResult(
         cell=cell, replicates=len(scores),
         expected_conversions=float(np.mean([w.expected_conversions for w in scores])),
@@ -263,18 +317,18 @@ def summarize(cell: Cell, scores: Sequence[WorldScore]) -> CellResult:
         matured_calibration=calibration[:, :, 2].mean(axis=0).tolist(),
         nrmse=[(float(rms[k, 0]), float(rms[k, 1]), float(rms[k, 2])) for k in steps],
         coverage=(covered / segments).tolist(), coverage_plug_in=(plugged / segments).tolist(),
-        path_sum=float(np.mean([w.path_sum for w in scores])),
-        path_sum_sd=float(np.std([w.path_sum for w in scores], ddof=1)) if len(scores) > 1
-        else math.nan,
-        path_sum_increments=float(np.mean([w.path_sum_increments for w in scores])),
+        path_sum=controlled_mean(path_sum, np.array([w.control for w in scores])),
+        path_sum_plain=plain_mean(path_sum),
+        path_sum_increments=plain_mean(np.array([w.path_sum_increments for w in scores])),
         withheld=withheld / float(segments.sum()))
 
 
 def run(cells: Sequence[Cell], replicates: int, jobs: int,
         settings: ValuationSettings) -> list[CellResult]:
     chunk = max(1, min(10, replicates))
-    tasks = [(i, cell, first, min(chunk, replicates - first), settings)
-             for i, cell in enumerate(cells) for first in range(0, replicates, chunk)]
+    tasks = [(i, cell, first, min(chunk, cell.worlds(replicates) - first), settings)
+             for i, cell in enumerate(cells)
+             for first in range(0, cell.worlds(replicates), chunk)]
     with ProcessPoolExecutor(max_workers=jobs) as pool:
         results = list(pool.map(_score_chunk, tasks))
     per_cell: dict[int, list[WorldScore]] = {}
@@ -288,8 +342,10 @@ def headline(results: Sequence[CellResult]) -> dict[str, float | dict[str, float
     big = [r for r in results if r.expected_conversions >= CALIBRATION_MIN_CONVERSIONS]
     mid = [r for r in results if r.expected_conversions >= COVERAGE_MIN_CONVERSIONS]
     lagged = [r for r in results if r.cell.lag != "none"]
-    path = _per_lag(results, "path_sum")
-    path_big = _per_lag(big, "path_sum")
+    path, path_se = _per_lag(results, lambda r: r.path_sum)
+    plain, plain_se = _per_lag(results, lambda r: r.path_sum_plain)
+    path_big, _ = _per_lag(big, lambda r: r.path_sum)
+    increments, _ = _per_lag(big, lambda r: r.path_sum_increments)
     figures: dict[str, float | dict[str, float]] = {
         "calibration_min": min((c for r in big for c in r.calibration), default=math.nan),
         "calibration_max": max((c for r in big for c in r.calibration), default=math.nan),
@@ -305,52 +361,50 @@ def headline(results: Sequence[CellResult]) -> dict[str, float | dict[str, float
         "path_sum_ratio_min": min(path.values(), default=math.nan),
         "path_sum_ratio_max": max(path.values(), default=math.nan),
         "path_sum_ratio_by_lag": path,
-        "path_sum_ratio_se_by_lag": _per_lag_se(results),
+        "path_sum_ratio_se_by_lag": path_se,
+        "path_sum_ratio_plain_by_lag": plain,
+        "path_sum_ratio_plain_se_by_lag": plain_se,
         "path_sum_ratio_150_min": min(path_big.values(), default=math.nan),
         "path_sum_ratio_150_max": max(path_big.values(), default=math.nan),
         "path_sum_ratio_150_by_lag": path_big,
-        "path_sum_ratio_increments_by_lag": _per_lag(big, "path_sum_increments"),
+        "path_sum_ratio_increments_by_lag": increments,
     }
     return figures
 
 
-def _per_lag(results: Sequence[CellResult], field: str) -> dict[str, float]:
-    """Mean over every replicate of the given cells, per lag."""
-    out: dict[str, float] = {}
+def _per_lag(results: Sequence[CellResult], mean: Callable[[CellResult], Mean]
+             ) -> tuple[dict[str, float], dict[str, float]]:
+    """Per lag, the mean over its worlds with every cell weighing the same (as with the same
+    number of worlds in each: a cell running more worlds sharpens its own mean, it does not
+    weigh more), and its standard error."""
+    value: dict[str, float] = {}
+    se: dict[str, float] = {}
     for lag in dict.fromkeys(r.cell.lag for r in results):
-        mine = [r for r in results if r.cell.lag == lag]
-        total = sum(r.replicates for r in mine)
-        out[lag] = sum(getattr(r, field) * r.replicates for r in mine) / total
-    return out
-
-
-def _per_lag_se(results: Sequence[CellResult]) -> dict[str, float]:
-    """Standard error of ``_per_lag(results, "path_sum")`` over worlds: the tiny cells' noise
-    alone puts it at 0.013 - 0.019 with 100 worlds a cell, above the target's 0.01."""
-    out: dict[str, float] = {}
-    for lag in dict.fromkeys(r.cell.lag for r in results):
-        mine = [r for r in results if r.cell.lag == lag]
-        total = sum(r.replicates for r in mine)
-        out[lag] = math.sqrt(sum(r.path_sum_sd**2 * r.replicates for r in mine)) / total
-    return out
+        mine = [mean(r) for r in results if r.cell.lag == lag]
+        value[lag] = sum(m.value for m in mine) / len(mine)
+        se[lag] = math.sqrt(sum(m.se**2 for m in mine)) / len(mine)
+    return value, se
 
 
 def table(results: Sequence[CellResult]) -> Iterator[str]:
-    yield ("| lag | size | base rate | E[conv]/world | calibration (worst step) | 5-95% band "
-           "| textbook calib. | nRMSE est. / textbook / matured | ratio | coverage 90% "
-           "| plug-in coverage | path-sum (lift shares) | path-sum (increments) | withheld |")
-    yield "|" + "---|" * 14
+    yield ("| lag | size | base rate | E[conv]/world | worlds | calibration (worst step) "
+           "| 5-95% band | textbook calib. | nRMSE est. / textbook / matured | ratio "
+           "| coverage 90% | plug-in coverage | path-sum (lift shares) +- SE | plain mean +- SE "
+           "| path-sum (increments) | withheld |")
+    yield "|" + "---|" * 16
     for r in results:
         worst = int(np.argmax([abs(c - 1) for c in r.calibration]))
         band = r.calibration_band[worst]
         e, t, m = max(r.nrmse, key=lambda x: x[0] / x[1])
         yield (f"| {r.cell.lag} | {r.cell.size} | {r.cell.rate:.1%} | "
-               f"{r.expected_conversions:,.0f} | {r.calibration[worst]:.3f} | "
+               f"{r.expected_conversions:,.0f} | {r.replicates} | {r.calibration[worst]:.3f} | "
                f"{band[0]:.2f}-{band[1]:.2f} | {min(r.textbook_calibration):.3f} | "
                f"{e:.3f} / {t:.3f} / {m:.3f} | {r.nrmse_ratio:.2f} | "
                f"{min(r.coverage):.3f}-{max(r.coverage):.3f} | "
                f"{min(r.coverage_plug_in):.3f}-{max(r.coverage_plug_in):.3f} | "
-               f"{r.path_sum:.3f} | {r.path_sum_increments:.2f} | {r.withheld:.0%} |")
+               f"{r.path_sum.value:.3f} +- {r.path_sum.se:.3f} | "
+               f"{r.path_sum_plain.value:.3f} +- {r.path_sum_plain.se:.3f} | "
+               f"{r.path_sum_increments.value:.2f} | {r.withheld:.0%} |")
 
 
 def grid(quick: bool) -> list[Cell]:
@@ -362,7 +416,9 @@ def grid(quick: bool) -> list[Cell]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="3 cells x 12 replicate worlds")
-    parser.add_argument("--replicates", type=int, help="worlds per cell (default 100; quick 12)")
+    parser.add_argument("--replicates", type=int,
+                        help="worlds per cell (default 100; quick 12), up to 4 times that in "
+                             f"cells under {MORE_WORLDS_BELOW:g} expected conversions a world")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--json", action="store_true", help="end with one JSON object")
     args = parser.parse_args()
@@ -373,8 +429,9 @@ def main() -> None:
     for line in table(results):
         print(line)
     figures = headline(results)
-    print(f"\n{len(results)} cells x {replicates} worlds in {elapsed:.0f} s on {args.jobs} "
-          f"process(es)")
+    worlds = sum(r.replicates for r in results)
+    print(f"\n{len(results)} cells, {replicates} - {max(r.replicates for r in results)} worlds "
+          f"each, {worlds} in all, in {elapsed:.0f} s on {args.jobs} process(es)")
     for key, figure in figures.items():
         print(f"{key}: {json.dumps(figure)}" if isinstance(figure, dict) else
               f"{key}: {figure:.3f}")
@@ -385,12 +442,14 @@ def main() -> None:
                   "textbook_calibration": r.textbook_calibration,
                   "matured_calibration": r.matured_calibration, "nrmse": r.nrmse,
                   "nrmse_ratio": r.nrmse_ratio, "coverage90": r.coverage,
-                  "coverage90_plug_in": r.coverage_plug_in, "path_sum_ratio": r.path_sum,
-                  "path_sum_ratio_sd": r.path_sum_sd,
-                  "path_sum_ratio_increments": r.path_sum_increments,
+                  "coverage90_plug_in": r.coverage_plug_in, "worlds": r.replicates,
+                  "path_sum_ratio": r.path_sum.value, "path_sum_ratio_se": r.path_sum.se,
+                  "path_sum_ratio_plain": r.path_sum_plain.value,
+                  "path_sum_ratio_plain_se": r.path_sum_plain.se,
+                  "path_sum_ratio_increments": r.path_sum_increments.value,
                   "withheld": r.withheld} for r in results]
-        print(json.dumps({**figures, "replicates": replicates, "seconds": round(elapsed, 1),
-                          "cells": cells}))
+        print(json.dumps({**figures, "replicates": replicates, "worlds": worlds,
+                          "seconds": round(elapsed, 1), "cells": cells}))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ Start a throwaway server for the PostgreSQL half with
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import sqlite3
 import uuid
@@ -113,7 +114,7 @@ def event(n: int, time: dt.datetime, **fields: object) -> JourneyEvent:
         "identifiers": Identifiers(gclid=f"gclid-{n}", fbp="fb.1.1.2", email_sha256_google=SHA_A,
                                    email_sha256_meta=SHA_B, external_id=f"crm-{n}"),
     }
-    return JourneyEvent.model_validate(values | fields)
+    return JourneyEvent(**(values | fields))  # type: ignore[arg-type]
 
 
 def upload(key: str, value: float = 50.0) -> Upload:
@@ -309,11 +310,49 @@ def test_journey_events_round_trip_with_aware_utc_times(store: Store, clock: Clo
     assert [e.source_event_id for e in window] == ["ev-1", "ev-2"]
 
     clock.tick(minutes=5)
-    store.upsert_journey_events([event(1, local, value=123.0), *events[2:]])
+    store.upsert_journey_events([event(1, events[1].time, value=123.0), *events[2:]])
     assert store.count_rows("journey_events") == 6
     again = {e.source_event_id: e for e in store.journey_events()}
     assert again["ev-1"].value == 123.0
-    assert again["ev-1"].time == local
+    assert again["ev-1"].time == events[1].time
+
+
+def test_a_crm_event_moved_in_time_replaces_its_old_version(store: Store) -> None:
+    """A CRM file's own event id can come back with a corrected time; a platform event
+    never moves, so the same id at another time is another event there."""
+    hour = dt.timedelta(hours=1)
+    store.upsert_journey_events([event(1, T0, source_platform=Platform.CRM),
+                                 event(1, T0, source_platform=Platform.KLAVIYO)])
+    store.upsert_journey_events([event(1, T0 + 2 * hour, source_platform=Platform.CRM,
+                                       value=99.0)])
+    assert sorted((e.source_platform, e.time, e.value) for e in store.journey_events()) == [
+        (Platform.CRM, T0 + 2 * hour, 99.0), (Platform.KLAVIYO, T0, 2.5)]
+    store.upsert_journey_events([event(1, T0 + hour, source_platform=Platform.KLAVIYO)])
+    assert store.count_rows("journey_events") == 3
+
+
+def test_version_1_journey_events_move_to_the_time_ordered_key(url: str, clock: Clock) -> None:
+    """A store written at schema version 1 keeps every journey event through migration 2,
+    which keys them by time first."""
+    events = [event(n, T0 + dt.timedelta(minutes=n)) for n in (2, 0, 1)]
+    if path := sqlite_path(url):
+        path.parent.mkdir(parents=True)
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        store_module.schema_version.create(conn)
+        store_module.MIGRATIONS[0](conn)
+        conn.execute(store_module.schema_version.insert().values(version=1, applied_at=T0))
+        conn.execute(store_module._journey_events_v1().insert(), [
+            {**e._asdict(), **e.identifiers.model_dump(), "updated_at": T0} for e in events])
+    engine.dispose()
+
+    with Store.open(url, clock=clock) as store:
+        assert store.applied_migrations == tuple(range(2, LATEST_VERSION + 1))
+        assert list(store.journey_events()) == sorted(events, key=lambda e: e.time)
+        key = sa.inspect(store.engine).get_pk_constraint("journey_events")
+        assert key["constrained_columns"] == ["time", "source_platform", "source_event_id"]
+        store.upsert_journey_events(events)
+        assert store.count_rows("journey_events") == 3
 
 
 def test_no_raw_pii_column_exists(store: Store) -> None:
@@ -322,9 +361,17 @@ def test_no_raw_pii_column_exists(store: Store) -> None:
                for c in inspector.get_columns(table)}
     personal = {(t, c) for t, c in columns
                 if any(word in c for word in ("email", "phone", "mail", "tel"))}
-    assert personal == {(t, c) for t in ("journey_events", "uploads")
-                        for c in ("email_sha256_google", "email_sha256_meta", "phone_sha256_google",
-                                  "phone_sha256_meta")}
+    assert personal == {("uploads", c) for c in ("email_sha256_google", "email_sha256_meta",
+                                                  "phone_sha256_google", "phone_sha256_meta")}
+
+
+def test_journey_identifiers_are_kept_as_json_of_hashes(store: Store) -> None:
+    store.upsert_journey_events([event(1, T0)])
+    with store.engine.connect() as conn:
+        text = conn.execute(sa.text("SELECT identifiers FROM journey_events")).scalar_one()
+    assert json.loads(text) == {"gclid": "gclid-1", "fbp": "fb.1.1.2",
+                                "email_sha256_google": SHA_A, "email_sha256_meta": SHA_B,
+                                "external_id": "crm-1"}
 
 
 def test_a_raw_email_is_refused_in_a_hash_column(store: Store) -> None:
@@ -332,10 +379,13 @@ def test_a_raw_email_is_refused_in_a_hash_column(store: Store) -> None:
     lock for whatever bypasses the model."""
     with pytest.raises(ValidationError, match="email_sha256_google"):
         Identifiers(email_sha256_google="Jane.Doe@gmail.com")
-    raw = event(1, T0, identifiers=Identifiers.model_construct(
+    raw_email = event(1, T0, identifiers=Identifiers.model_construct(
         email_sha256_google="Jane.Doe@gmail.com" + "x" * 46))
-    with pytest.raises(sa.exc.IntegrityError, match="email_sha256_google"):
-        store.upsert_journey_events([event(0, T0), raw])
+    raw_phone = event(1, T0, identifiers=Identifiers.model_construct(
+        phone_sha256_meta="+33612345678" + "0" * 52))
+    for raw in (raw_email, raw_phone):
+        with pytest.raises(sa.exc.IntegrityError, match="identifiers"):
+            store.upsert_journey_events([event(0, T0), raw])
     assert store.count_rows("journey_events") == 0
     with pytest.raises(sa.exc.IntegrityError, match="phone_sha256_google"):
         store.plan_uploads([upload("k").model_copy(update={

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 from enum import StrEnum
-from typing import Annotated
+from typing import Annotated, NamedTuple
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
@@ -132,18 +132,23 @@ class Identifiers(_Frozen):
     external_id: str | None = None
 
 
-class JourneyEvent(_Frozen):
-    """One person-level event."""
+class JourneyEvent(NamedTuple):
+    """One person-level event.
+
+    A NamedTuple where the rest of the model is pydantic: a pull makes millions of these (one
+    per Klaviyo event) and validating each cost more than storing it. Its parts come validated:
+    ``identifiers`` is an ``Identifiers`` (hashes checked there, built once per person and
+    visit), and each source builds ``time`` aware in UTC from the platform's own timestamp."""
 
     person_key: str
     conversion: str | None
     platform_conversion: str
-    time: AwareDatetime
+    time: dt.datetime
+    source_platform: Platform
+    source_event_id: str
     value: float = 0.0
     currency: str = ""
     identifiers: Identifiers = Identifiers()
-    source_platform: Platform
-    source_event_id: str
     campaign_id: str = ""
 
 

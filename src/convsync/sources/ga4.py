@@ -93,7 +93,6 @@ CUSTOM_DIMENSION = re.compile(r"custom(Event|User):(\w+)")
 IDENTIFIER_PARAMETERS = frozenset({"gclid", "gbraid", "wbraid", "fbc", "fbp"})
 """Custom dimension parameters kept under their own identifier; any other (``lead_id``,
 ``user_id``, ...) is the person's ``external_id``."""
-EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _REFUSED_FIELD = re.compile(r"Field (\S+) is not a valid (?:dimension|metric)")
 
 
@@ -395,12 +394,9 @@ def _journey_rows(page: Any, shape: _JourneyShape) -> Iterator[JourneyEvent]:
 
     The person is the first custom dimension with a value (``gclid:<gclid>``, as the Google
     Ads clicks name it); the event id is the property and every dimension value of the row.
-    Events and identifiers are shallow ``model_copy``s of page templates, as in _stat_rows."""
+    Identifiers are shallow ``model_copy``s of an empty one, as in _stat_rows."""
     zone = ZoneInfo(page.metadata.time_zone)
-    copy = JourneyEvent.model_construct(
-        person_key="", conversion=None, platform_conversion="", time=EPOCH, value=0.0,
-        currency=page.metadata.currency_code, identifiers=Identifiers(),
-        source_platform=Platform.GA4, source_event_id="", campaign_id="").model_copy
+    currency = page.metadata.currency_code
     no_identifiers = Identifiers().model_copy
     fields, lookup, prefix = shape.fields, shape.lookup, f"{shape.property_id}|"
     noons: dict[str, dt.datetime] = {}
@@ -418,12 +414,12 @@ def _journey_rows(page: Any, shape: _JourneyShape) -> Iterator[JourneyEvent]:
         if time is None:
             time = noons[date_text] = _noon_utc(_date(date_text), zone)
         conversion, _ = lookup(event)
-        yield copy(update={
-            "person_key": f"{person_field}:{person}", "conversion": conversion,
-            "platform_conversion": event, "time": time,
-            "value": float(row.metric_values[1].value),
-            "identifiers": no_identifiers(update=found),
-            "source_event_id": prefix + _joined(values), "campaign_id": campaign})
+        yield JourneyEvent(
+            person_key=f"{person_field}:{person}", conversion=conversion,
+            platform_conversion=event, time=time, source_platform=Platform.GA4,
+            source_event_id=prefix + _joined(values),
+            value=float(row.metric_values[1].value), currency=currency,
+            identifiers=no_identifiers(update=found), campaign_id=campaign)
 
 
 def _noon_utc(day: dt.date, zone: ZoneInfo) -> dt.datetime:

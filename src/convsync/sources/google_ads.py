@@ -264,11 +264,11 @@ def _clicks_pull(client: GoogleAdsClient, customer_id: str, account: Callable[[]
             time = dt.datetime.combine(day, dt.time(12), ZoneInfo(tz))  # click_view has no time
             for row in search_stream(client, customer_id, CLICKS_QUERY.format(day=day)):
                 gclid = row.click_view.gclid
-                yield JourneyEvent.model_construct(
+                yield JourneyEvent(
                     person_key=f"gclid:{gclid}", conversion=None, platform_conversion="click",
-                    time=time.astimezone(dt.UTC), value=0.0, currency="",
-                    identifiers=Identifiers(gclid=gclid), source_platform=Platform.GOOGLE_ADS,
-                    source_event_id=f"click:{gclid}", campaign_id=str(row.campaign.id))
+                    time=time.astimezone(dt.UTC), source_platform=Platform.GOOGLE_ADS,
+                    source_event_id=f"click:{gclid}", identifiers=Identifiers(gclid=gclid),
+                    campaign_id=str(row.campaign.id))
             day += dt.timedelta(days=1)
     return pull
 
