@@ -48,9 +48,10 @@ def normalize_email_meta(email: str) -> str:
 
 def hash_email(email: str) -> tuple[str, str]:
     """(Google hash, Meta hash) of an email address; ValueError if it is not one."""
-    if not _EMAIL.fullmatch(normalize_email_meta(email)):
+    meta = normalize_email_meta(email)
+    if not _EMAIL.fullmatch(meta):
         raise ValueError("not an email address (expected name@domain.tld)")
-    return sha256_hex(normalize_email_google(email)), sha256_hex(normalize_email_meta(email))
+    return sha256_hex(normalize_email_google(email)), sha256_hex(meta)
 
 
 def normalize_phone(phone: str) -> str:
