@@ -325,6 +325,19 @@ def test_event_id_column_is_the_key(tmp_path: Path) -> None:
     assert events[0].person_key == "external_id:L-1"
 
 
+def test_an_event_id_coming_back_at_another_time_moves_its_event(store: Store,
+                                                                  tmp_path: Path) -> None:
+    """The CRM's own id is the event: a corrected time moves it (in one file or the next)."""
+    header = "event_id,event,time,value,currency,lead_id"
+    first = write(tmp_path / "first.csv", [header, "D-7,deal_won,2026-11-02T09:15:00Z,10,USD,L-1",
+                                           "D-7,deal_won,2026-11-03T09:15:00Z,12,USD,L-1"])
+    crm.import_file(store, first, MAPPING)
+    assert [(e.time.day, e.value) for e in stored(store)] == [(3, 12.0)]
+    later = write(tmp_path / "later.csv", [header, "D-7,deal_won,2026-11-04T09:15:00Z,12,USD,L-1"])
+    crm.import_file(store, later, MAPPING)
+    assert [(e.time.day, e.value) for e in stored(store)] == [(4, 12.0)]
+
+
 # -- a crash half-way, then the same import again ----------------------------------------------
 
 def test_import_killed_half_way_then_rerun_equals_a_clean_import(tmp_path: Path) -> None:

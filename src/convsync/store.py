@@ -889,12 +889,15 @@ class Store:
         stored = 0
         for chunk in _chunks(events, batch_size):
             now = self._journey_upsert.processor("updated_at")(self._clock())
+            latest = {e.source_event_id: e for e in chunk if e.source_platform == MOVABLE_SOURCE}
+            if latest:  # the same CRM id twice in a batch: the later row is the event
+                chunk = [e for e in chunk if e.source_platform != MOVABLE_SOURCE
+                         or latest[e.source_event_id] is e]
             rows = [self._journey_row(event, now) for event in chunk]
-            moved = [{"id": e.source_event_id, "time": e.time} for e in chunk
-                     if e.source_platform == MOVABLE_SOURCE]
             with self._writing() as conn:
-                if moved:
-                    conn.execute(_DELETE_MOVED, moved)
+                if latest:
+                    conn.execute(_DELETE_MOVED, [{"id": e.source_event_id, "time": e.time}
+                                                 for e in latest.values()])
                 self._journey_upsert.execute(conn, rows)
             stored += len(rows)
         return stored
