@@ -1,6 +1,6 @@
 """Benchmark of convsync.valuation on synthetic worlds whose true values are known.
 
-    python scripts/bench_values.py                 # the full grid, 100 replicate worlds a cell
+    python scripts/bench_values.py                 # the full grid, 100 - 400 worlds a cell
     python scripts/bench_values.py --quick         # 3 cells x 12 worlds (what the tests run)
     python scripts/bench_values.py --json          # same table, then one JSON object last
     python scripts/bench_values.py --jobs 2 --replicates 200
@@ -21,6 +21,12 @@ the textbook rule on matured cohorts; calibration (sum predicted / sum true over
 weighted by volume; mean and 5-95% band over replicates); coverage of the 90% intervals (and
 of plug-in intervals); the ladder's path-sum ratio (credits over everyone who entered / true
 expected macro value) for the lift-share rule and for plain increments.
+
+The path-sum figure is, per lag, the mean ratio of the lag's worlds, each cell weighing the
+same. Cells expecting few conversions run more worlds (they are cheap and the noisiest), and
+each cell's mean uses a control variate: the world's seen within-horizon purchase value over
+its expectation, which has mean 1 and carries most of a small world's luck. The plain mean
+is reported beside it. The estimator never sees the control; only the scoring does.
 """
 
 from __future__ import annotations
@@ -67,9 +73,9 @@ QUICK = (("lognormal_20d", 1000, 0.02), ("weibull_3d", 100, 0.2), ("lognormal_20
 CALIBRATION_MIN_CONVERSIONS = 150.0
 COVERAGE_MIN_CONVERSIONS = 30.0
 MORE_WORLDS_BELOW, MORE_WORLDS_MAX = 30.0, 4
-"""A cell expecting fewer conversions a world than this runs that many over its expected
-conversions times the worlds (at most ``MORE_WORLDS_MAX`` times): its worlds are cheap and
-its path-sum ratios the noisiest."""
+"""A cell expecting E < ``MORE_WORLDS_BELOW`` conversions a world runs ``MORE_WORLDS_BELOW /
+E`` times the base number of worlds (rounded, at most ``MORE_WORLDS_MAX`` times): its worlds
+are cheap and its path-sum ratios the noisiest."""
 WEIBULL_SHAPE, LOGNORMAL_SIGMA = 0.7, 1.0
 METHODS = ("estimator", "textbook", "matured")
 
@@ -266,7 +272,7 @@ def controlled_mean(x: FloatArray, control: FloatArray) -> Mean:
     centred = control - control.mean()
     slope = float(centred @ (x - x.mean()) / (centred @ centred))
     residual = x - slope * centred
-    se = math.sqrt(float(residual.var()) * len(x) / (len(x) - 2) / len(x))
+    se = math.sqrt(float(residual.var()) / (len(x) - 2))
     return Mean(float(x.mean() - slope * (control.mean() - 1.0)), se)
 
 

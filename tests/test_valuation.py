@@ -24,11 +24,13 @@ from convsync.valuation import (
     completed_share,
     estimate_ladder,
     estimate_values,
+    finney_factor,
     fit_beta_prior,
     journeys_from_events,
     kaplan_meier,
     ladder_credits,
     ladder_weights,
+    lognormal_mean,
     textbook_values,
 )
 
@@ -115,6 +117,59 @@ def test_plug_in_prior_is_one_point() -> None:
     assert len(fit_beta_prior(y, n).weight) > 1
 
 
+# ---------------------------------------------------------------- mean order value
+
+
+def test_finney_factor_by_hand() -> None:
+    # 0F1(; 1/2; z) = cosh(2 sqrt(z)): one degree of freedom, a = 1/4, S = 2 gives cosh(1)
+    assert float(finney_factor(0.25, 2.0, 1.0)) == pytest.approx(math.cosh(1.0))
+    # 0F1(; 1; z) = sum z^k / k!^2: two degrees of freedom, a = 1/3, S = 2 gives z = 1/3
+    series = sum((1 / 3) ** k / math.factorial(k) ** 2 for k in range(12))
+    assert float(finney_factor(1 / 3, 2.0, 2.0)) == pytest.approx(series)
+    assert finney_factor(np.array([0.0, 0.0]), 5.0, 0.0).tolist() == [1.0, 1.0]
+
+
+def test_lognormal_mean_by_hand_and_unbiased() -> None:
+    # exp(1) cosh(1) = (1 + e^2) / 2: on two values the estimate is their plain average
+    assert lognormal_mean(np.array([0.0, 2.0])) == pytest.approx((1 + math.e**2) / 2)
+    assert lognormal_mean(np.array([3.0])) == pytest.approx(math.exp(3.0))
+    assert lognormal_mean(np.array([])) == 0.0
+    logs = np.random.default_rng(0).normal(1.0, 1.0, (20_000, 3))
+    estimates = [lognormal_mean(row) for row in logs]
+    assert np.mean(estimates) == pytest.approx(math.exp(1.5), rel=0.02)  # exp(mean): +18%
+
+
+def test_mean_order_value_mixes_unbiased_parts_on_the_value_scale() -> None:
+    """Segment "a" bought for 1 and e^2, segment "b" did not buy: the client's mean and
+    "a"'s own mean are both (1 + e^2) / 2, so both segments get it whatever the pooling
+    weight; no prior on either spread is in it (a posterior mean would add exp(tau^2 / 2))."""
+    t = AS_OF.timestamp()
+    journeys = Journeys(
+        conversions=("signup",), segments=("a", "b"), micro_person=np.arange(6),
+        micro_conversion=np.zeros(6, np.int64), micro_segment=np.array([0, 0, 0, 1, 1, 1]),
+        micro_time=np.full(6, t - 100 * DAY), micro_size=np.full(6, np.nan),
+        macro_person=np.array([0, 1]), macro_time=np.full(2, t - 99 * DAY),
+        macro_value=np.array([1.0, math.e**2]))
+    rows = estimate_values(journeys, AS_OF, 30.0, ValuationSettings(min_events=1))
+    for segment in ("a", "b"):
+        assert _row(rows, "signup", segment).mean_macro_value == pytest.approx(
+            (1 + math.e**2) / 2)
+
+
+def test_a_handful_of_orders_is_taken_as_it_is_and_a_huge_order_among_many_pulled_in() -> None:
+    settings = ValuationSettings(size_scaling=False, min_events=1)
+    few = np.exp([3.0, 3.2, 3.1, 2.9, 9.0])  # one order 400 x the others
+    row = _row(estimate_values(_journeys(5, rate=1.0, lag_days=0.0, sizes=few), AS_OF, 90.0,
+                               settings), "signup", "c0")
+    # one segment: its own mean and the client's are the same unbiased lognormal mean
+    assert row.mean_macro_value == pytest.approx(lognormal_mean(np.log(few)))
+    many = np.exp(np.append(np.random.default_rng(2).normal(3.0, 0.1, 39), 9.0))
+    row = _row(estimate_values(_journeys(40, rate=1.0, lag_days=0.0, sizes=many), AS_OF, 90.0,
+                               settings), "signup", "c0")
+    assert row.mean_macro_value == pytest.approx(math.exp(3.005), rel=0.05)
+    assert lognormal_mean(np.log(many)) > 1.5 * row.mean_macro_value
+
+
 # ---------------------------------------------------------------- ladder
 
 
@@ -168,7 +223,7 @@ def test_mean_order_value_is_not_inflated_on_a_handful_of_orders() -> None:
     client's log mean ran about 1.5 x high."""
     truth = math.exp(math.log(80.0) + 0.5)
     settings = ValuationSettings(size_scaling=False, draws=20)
-    means = []
+    means: list[float] = []
     for seed in range(300):
         orders = np.exp(math.log(80.0) + np.random.default_rng(seed).standard_normal(30))
         journeys = _journeys(30, rate=0.1, lag_days=0.0, seed=seed, segments=3, sizes=orders)
