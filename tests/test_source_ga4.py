@@ -37,7 +37,8 @@ from convsync.sources import Requests, Row, Stream, ga4
 from convsync.store import Store
 
 TRANSPORTS = ("grpc", "rest")
-Key = tuple[dt.date, str, str]  # day, campaign, event
+Key = tuple[dt.date, str, str, str, str]  # day, session source, medium, campaign, event
+Cell = tuple[int, int, float]  # events, key events, value
 
 
 @dataclass
@@ -111,19 +112,22 @@ def streams(config: ClientConfig, requests: Requests) -> dict[str, Stream]:
     return {stream.name: stream for stream in found}
 
 
-def stat_truth(world: World, start: dt.date, end: dt.date) -> dict[Key, tuple[int, float]]:
-    sums: dict[Key, list[float]] = defaultdict(lambda: [0, 0.0])
+def stat_truth(world: World, start: dt.date, end: dt.date) -> dict[Key, Cell]:
+    sums: dict[Key, list[float]] = defaultdict(lambda: [0, 0, 0.0])
     for row in world.ga4_rows(start, end):
-        cell = sums[(row.date, row.campaign_name, row.event_name)]
+        cell = sums[(row.date, row.source, row.medium, row.campaign_name, row.event_name)]
         cell[0] += row.event_count
-        cell[1] += row.event_value
-    return {key: (int(n), round(v, 2)) for key, (n, v) in sums.items()}
+        cell[1] += row.key_events
+        cell[2] += row.event_value
+    return {key: (int(n), int(key_events), round(v, 2))
+            for key, (n, key_events, v) in sums.items()}
 
 
-def as_table(stats: list[ConversionStat]) -> dict[Key, tuple[int, float]]:
-    table = {(s.date, s.campaign_id, s.platform_conversion): (round(s.count), round(s.value, 2))
-             for s in stats}
-    assert len(table) == len(stats), "a (day, campaign, event) came twice"
+def as_table(stats: list[ConversionStat]) -> dict[Key, Cell]:
+    assert all(s.key_events is not None for s in stats), "a GA4 cell without its key events"
+    table = {(s.date, s.source, s.medium, s.campaign_id, s.platform_conversion):
+             (round(s.count), round(s.key_events or 0), round(s.value, 2)) for s in stats}
+    assert len(table) == len(stats), "a (day, source, medium, campaign, event) came twice"
     return table
 
 
@@ -146,12 +150,24 @@ def test_events_stream_matches_the_world_in_one_request(
         "ga4", world.accounts.ga4_property_id, 0)
     stats, definitions = split(list(events.pull(world.start, world.end)))
 
-    assert as_table(stats) == stat_truth(world, world.start, world.end)
+    truth = stat_truth(world, world.start, world.end)
+    assert as_table(stats) == truth
     assert [s.date for s in stats] == sorted(s.date for s in stats)
     assert {(s.platform, s.account_id, s.timezone, s.currency, s.basis, s.window, s.in_column)
             for s in stats} == {(Platform.GA4, world.accounts.ga4_property_id,
                                  world.accounts.ga4_tz, "USD", Basis.CONVERSION_DATE, "", None)}
     assert all(s.campaign_name == s.campaign_id for s in stats)
+    # each campaign's own source / medium, Meta's view-through people as (direct) / (none)
+    assert {(s.source, s.medium, s.campaign_id) for s in stats} == {
+        (c.source, c.medium, c.name) for c in world.campaigns} | {
+        ("(direct)", "(none)", "(not set)")}
+    # key events: the key events' own count, none for the other events
+    keyed = {s.platform_conversion for s in stats if s.key_events}
+    assert keyed == {"purchase", "generate_lead"}
+    assert sum(s.key_events or 0 for s in stats) == sum(n for _, n, _ in truth.values()) > 0
+    # built unvalidated on the hot path, yet exactly what validation makes
+    assert all(s == ConversionStat.model_validate(s.model_dump()) for s in stats)
+    assert all(s.model_fields_set == set(ConversionStat.model_fields) for s in stats[:100])
     mapped = {(s.platform_conversion, s.conversion, s.kind) for s in stats}
     assert ("purchase", "purchase", Kind.MACRO) in mapped
     assert ("add_to_cart", "add_to_cart", Kind.MICRO) in mapped
@@ -169,7 +185,7 @@ def test_events_stream_matches_the_world_in_one_request(
 
     # after the stats: every event seen, whether GA4 counts it as a key event, its counts
     events_seen = {d.name: d for d in definitions}
-    assert set(events_seen) == {key[2] for key in stat_truth(world, world.start, world.end)}
+    assert set(events_seen) == {key[4] for key in stat_truth(world, world.start, world.end)}
     assert {n for n, d in events_seen.items() if d.settings["key_event"]} == {
         "purchase", "generate_lead"}
     assert events_seen["purchase"].conversion == "purchase"
@@ -303,10 +319,10 @@ def test_gclid_custom_dimension_becomes_journey_events_and_a_missing_one_is_skip
 
 def test_the_gclid_view_of_the_world_splits_the_same_events(world: World) -> None:
     """The simulator's customEvent:gclid rows add up to its rows without the dimension."""
-    def sums(rows: Iterator[Ga4Row]) -> dict[Key, tuple[int, int, float]]:
+    def sums(rows: Iterator[Ga4Row]) -> dict[Key, Cell]:
         cells: dict[Key, list[float]] = defaultdict(lambda: [0, 0, 0.0])
         for row in rows:
-            cell = cells[(row.date, row.campaign_name, row.event_name)]
+            cell = cells[(row.date, row.source, row.medium, row.campaign_name, row.event_name)]
             cell[0] += row.event_count
             cell[1] += row.key_events
             cell[2] += row.event_value

@@ -32,7 +32,7 @@ from convsync.model import (
     Upload,
     UploadStatus,
 )
-from convsync.store import LATEST_VERSION, Store, StoreError, StoreVersionError
+from convsync.store import LATEST_VERSION, STATS_KEY, Store, StoreError, StoreVersionError
 
 POSTGRES_URL = os.environ.get("CONVSYNC_TEST_POSTGRES_URL")
 T0 = dt.datetime(2026, 10, 1, 12, 0, tzinfo=dt.UTC)
@@ -103,6 +103,17 @@ def stat(day: int, count: float = 1.0, **fields: object) -> ConversionStat:
         "currency": "EUR", "basis": Basis.CLICK_DATE, "window": "", "in_column": True,
     }
     return ConversionStat.model_validate(values | fields)
+
+
+def ga4_stat(day: int, count: float = 1.0, **fields: object) -> ConversionStat:
+    """A GA4 cell as schema version 3 keeps it: session source and medium, key events."""
+    values: dict[str, object] = {
+        "platform": Platform.GA4, "account_id": "321", "timezone": "America/New_York",
+        "campaign_id": "Brand", "campaign_name": "Brand", "platform_conversion": "purchase",
+        "basis": Basis.CONVERSION_DATE, "in_column": None, "source": "google",
+        "medium": "cpc", "key_events": count,
+    }
+    return stat(day, count, **(values | fields))
 
 
 def event(n: int, time: dt.datetime, **fields: object) -> JourneyEvent:
@@ -269,14 +280,20 @@ def test_stats_round_trip_and_filters(store: Store) -> None:
     rows = [
         stat(0), stat(0, conversion=None, kind=None, platform_conversion="Unmapped thing",
                       in_column=None),
-        stat(2, platform=Platform.GA4, timezone="America/New_York", in_column=None,
-             basis=Basis.CONVERSION_DATE),
+        ga4_stat(2, 5.0, key_events=4.0),
         stat(5, platform=Platform.KLAVIYO, conversion="newsletter_signup", kind=Kind.MICRO,
              currency="", value=0.0, in_column=None),
+        # the same day, campaign and event from another source / medium is another cell
+        ga4_stat(2, 2.0, source="(direct)", medium="(none)"),
+        ga4_stat(2, 3.0, medium="organic", key_events=0.0),
     ]
     store.upsert_stats(rows)
     assert sorted(store.stats(), key=repr) == sorted(rows, key=repr)
-    assert list(store.stats(platform="ga4")) == [rows[2]]
+    assert [(s.source, s.medium, s.count, s.key_events) for s in store.stats(platform="ga4")
+            ] == [("(direct)", "(none)", 2.0, 2.0), ("google", "cpc", 5.0, 4.0),
+                  ("google", "organic", 3.0, 0.0)]
+    assert {(s.source, s.medium, s.key_events) for s in store.stats(platform="google_ads")
+            } == {("", "", None)}
     day2 = stat(2).date
     assert {s.platform for s in store.stats(since=day2, until=day2)} == {Platform.GA4}
     assert list(store.stats(conversion="newsletter_signup")) == [rows[3]]
@@ -353,6 +370,80 @@ def test_version_1_journey_events_move_to_the_time_ordered_key(url: str, clock: 
         assert key["constrained_columns"] == ["time", "source_platform", "source_event_id"]
         store.upsert_journey_events(events)
         assert store.count_rows("journey_events") == 3
+
+
+def version_2_store(url: str, stats: list[ConversionStat]) -> None:
+    """A database as schema version 2 left it, holding ``stats`` (no source, medium or key
+    events then)."""
+    if path := sqlite_path(url):
+        path.parent.mkdir(parents=True)
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        store_module.schema_version.create(conn)
+        for version, migrate in enumerate(store_module.MIGRATIONS[:2], start=1):
+            migrate(conn)
+            conn.execute(store_module.schema_version.insert().values(version=version,
+                                                                     applied_at=T0))
+        conn.execute(store_module._daily_stats_v1().insert(), [
+            {**s.model_dump(exclude={"window", "source", "medium", "key_events"}),
+             "attribution_window": s.window, "updated_at": T0} for s in stats])
+    engine.dispose()
+
+
+def test_version_2_stats_move_to_the_key_with_source_and_medium(url: str,
+                                                                clock: Clock) -> None:
+    """A store written at schema version 2 keeps every daily cell through migration 3, with
+    source = medium = '' and no key-event count, in the table the code defines."""
+    old = [stat(0), stat(1, 2.0, window="7d_click", platform=Platform.META, in_column=None),
+           ga4_stat(1, source="", medium="", key_events=None)]
+    version_2_store(url, old)
+    engine = sa.create_engine(url)
+    before = [c["name"] for c in sa.inspect(engine).get_columns("daily_stats")]
+    engine.dispose()
+    assert before == [c.name for c in store_module._daily_stats_v1().c]
+    assert not {"source", "medium", "key_events"} & set(before)
+
+    with Store.open(url, clock=clock) as store:
+        assert store.applied_migrations == (3,)
+        kept = list(store.stats())
+        assert sorted(kept, key=repr) == sorted(old, key=repr)
+        assert {(s.source, s.medium, s.key_events) for s in kept} == {("", "", None)}
+        inspector = sa.inspect(store.engine)
+        assert "daily_stats_v2" not in inspector.get_table_names()
+        key = inspector.get_pk_constraint("daily_stats")
+        assert key["constrained_columns"] == list(STATS_KEY)
+        columns = {c["name"]: c for c in inspector.get_columns("daily_stats")}
+        assert list(columns) == [c.name for c in store_module.daily_stats.c]
+        assert [columns[name]["nullable"] for name in ("source", "medium", "key_events")] == [
+            False, False, True]
+        assert all("''" in str(columns[name]["default"]) for name in ("source", "medium"))
+        assert [(i["name"], i["column_names"]) for i in inspector.get_indexes("daily_stats")
+                ] == [("ix_daily_stats_date", ["date"])]
+
+        store.upsert_stats([stat(0, 9.0), ga4_stat(2)])
+        assert store.count_rows("daily_stats") == 4
+        assert next(store.stats(platform=Platform.GOOGLE_ADS)).count == 9.0
+
+
+def test_ga4_cells_from_version_2_give_way_to_their_day_pulled_again(url: str,
+                                                                     clock: Clock) -> None:
+    """A GA4 cell migrated from version 2 holds the same events as the day's cells split by
+    source and medium: when the day is pulled again they replace it, or it would count
+    twice. Other days, other accounts and platforms without sources keep their cells."""
+    unsourced = {"source": "", "medium": "", "key_events": None}
+    old_ga4 = [ga4_stat(0, 5.0, **unsourced),
+               ga4_stat(0, 1.0, campaign_id="Sale", campaign_name="Sale", **unsourced),
+               ga4_stat(1, 4.0, **unsourced),
+               ga4_stat(0, 7.0, account_id="999", **unsourced)]
+    google_ads = stat(0)
+    version_2_store(url, [*old_ga4, google_ads])
+
+    with Store.open(url, clock=clock) as store:
+        pulled = [ga4_stat(0, 3.0), ga4_stat(0, 2.0, source="(direct)", medium="(none)")]
+        store.upsert_stats(pulled, batch_size=1)
+        store.upsert_stats([stat(1)])  # no source: replaces nothing
+        assert sorted(store.stats(), key=repr) == sorted(
+            [*pulled, old_ga4[2], old_ga4[3], google_ads, stat(1)], key=repr)
 
 
 def test_no_raw_pii_column_exists(store: Store) -> None:

@@ -7,8 +7,9 @@ valuation read them, sinks turn ``Upload`` objects into platform calls.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from enum import StrEnum
-from typing import Annotated, NamedTuple
+from typing import Annotated, Any, NamedTuple, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
@@ -63,6 +64,32 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+M = TypeVar("M", bound=BaseModel)
+
+
+def copier(template: M) -> Callable[[dict[str, Any]], M]:
+    """Copies of a validated ``template`` with some fields replaced, unvalidated: for the hot
+    paths of sources whose replacements are valid by construction (a GA4 stat's typed API
+    values, a visit's click ids beside a person's validated hashes).
+
+    This is pydantic's own shallow copy (``BaseModel.__copy__``, which ``model_copy`` runs)
+    without its generic steps: 0.9 us a copy, against 2.3 for ``model_copy``, 1.8 - 3.2 to
+    validate and 5.7 for ``model_construct`` (pydantic 2.14, measured). Every copy has every
+    field set, and the copies share one set saying so."""
+    cls, new, set_slot = type(template), object.__new__, object.__setattr__
+    fields, fields_set = template.__dict__, set(type(template).model_fields)
+
+    def copy(changed: dict[str, Any]) -> M:
+        made = new(cls)
+        set_slot(made, "__dict__", fields | changed)
+        set_slot(made, "__pydantic_fields_set__", fields_set)
+        set_slot(made, "__pydantic_extra__", None)
+        set_slot(made, "__pydantic_private__", None)
+        return made
+
+    return copy
+
+
 class PlatformNames(_Frozen):
     """What one canonical conversion is called on each platform (None: not tracked there)."""
 
@@ -90,10 +117,15 @@ class ConversionDefinition(_Frozen):
 
 
 class ConversionStat(_Frozen):
-    """One aggregate cell: a platform's count and value for a day, campaign and conversion.
+    """One aggregate cell: a platform's count and value for a day, campaign and conversion
+    (and, on GA4, session source and medium).
 
     ``date`` is a calendar day in ``timezone`` (the platform account's own time zone).
     ``conversion`` is the canonical name, or None when no definition maps ``platform_conversion``.
+    ``source`` and ``medium`` are GA4's session source and medium ("" on the platforms that
+    have none). ``key_events`` is GA4's key-event count of the cell, which can be below
+    ``count`` (a key event counted once per session) and is 0 for an event that is no key
+    event; None on the platforms that have no such notion.
     """
 
     platform: Platform
@@ -111,6 +143,9 @@ class ConversionStat(_Frozen):
     basis: Basis = Basis.CLICK_DATE
     window: str = ""
     in_column: bool | None = None
+    source: str = ""
+    medium: str = ""
+    key_events: float | None = None
 
 
 Sha256Hex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]

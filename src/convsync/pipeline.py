@@ -4,8 +4,6 @@ Each platform runs on its own: one failing is reported and the others go on."""
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import datetime as dt
 import gc
 import json
@@ -32,6 +30,7 @@ from convsync.sources import (
     Row,
     Stream,
     ga4,
+    give_back_free_memory,
     google_ads,
     klaviyo,
     last_complete_day,
@@ -232,7 +231,8 @@ def pull(config: ClientConfig, secrets: Secrets, store: Store, *,
         for platform in chosen:
             _pull_platform(config, secrets, store, platform, result, mapping, redact, today,
                            since, until, restart, progress, sleep)
-            _give_back_free_memory()
+            gc.collect()
+            give_back_free_memory()
     result.warnings += _budget_warnings(config, store, result)
     status = "ok" if not result.failed else (
         "partial" if len(result.failed) < len(result.platforms) else "failed")
@@ -255,17 +255,6 @@ def _fewer_collections() -> Iterator[None]:
     finally:
         gc.set_threshold(*thresholds)
         gc.unfreeze()
-
-
-def _give_back_free_memory() -> None:
-    """Return the heap a platform's pull freed to the system before the next one starts.
-
-    glibc keeps freed memory for reuse, and what one SDK freed (Google Ads' protobuf
-    batches) fits the next one's allocations badly: without this a four-platform pull peaked
-    60 MB above its largest platform alone. A no-op where ``malloc_trim`` does not exist."""
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).malloc_trim(0)
 
 
 def _pull_platform(config: ClientConfig, secrets: Secrets, store: Store, platform: Platform,

@@ -218,29 +218,55 @@ platform_conversions = sa.Table(
 
 STATS_KEY = (
     "platform", "account_id", "date", "campaign_id", "platform_conversion", "basis",
-    "attribution_window",
+    "attribution_window", "source", "medium",
 )
-daily_stats = sa.Table(
-    "daily_stats",
-    metadata,
-    sa.Column("platform", sa.String(16), primary_key=True),
-    sa.Column("account_id", sa.String, primary_key=True),
-    sa.Column("date", sa.Date, primary_key=True),
-    sa.Column("campaign_id", sa.String, primary_key=True),
-    sa.Column("platform_conversion", sa.String, primary_key=True),
-    sa.Column("basis", sa.String(16), primary_key=True),
-    sa.Column("attribution_window", sa.String(16), primary_key=True),
-    sa.Column("timezone", sa.String, nullable=False),
-    sa.Column("campaign_name", sa.String, nullable=False),
-    sa.Column("conversion", sa.String),
-    sa.Column("kind", sa.String(8)),
-    sa.Column("count", _MONEY, nullable=False),
-    sa.Column("value", _MONEY, nullable=False),
-    sa.Column("currency", sa.String, nullable=False),
-    sa.Column("in_column", sa.Boolean),
-    sa.Column("updated_at", UtcDateTime, nullable=False),
-    sa.Index(None, "date"),
-)
+"""A cell's natural key. ``source`` and ``medium`` (GA4's session source and medium, '' on
+the other platforms) came with schema version 3, last so that (platform, account_id, date)
+stays the key's prefix."""
+
+
+def _daily_stats_columns(*, sourced: bool) -> list[SchemaItem]:
+    """daily_stats' columns; ``sourced``: with GA4's session source and medium in the key and
+    its key-event count, as schema version 3 made them."""
+    key: list[SchemaItem] = [
+        sa.Column("platform", sa.String(16), primary_key=True),
+        sa.Column("account_id", sa.String, primary_key=True),
+        sa.Column("date", sa.Date, primary_key=True),
+        sa.Column("campaign_id", sa.String, primary_key=True),
+        sa.Column("platform_conversion", sa.String, primary_key=True),
+        sa.Column("basis", sa.String(16), primary_key=True),
+        sa.Column("attribution_window", sa.String(16), primary_key=True),
+    ]
+    figures: list[SchemaItem] = [
+        sa.Column("count", _MONEY, nullable=False),
+        sa.Column("value", _MONEY, nullable=False),
+    ]
+    if sourced:
+        key += [sa.Column(name, sa.String, primary_key=True, server_default="")
+                for name in ("source", "medium")]
+        figures.append(sa.Column("key_events", _MONEY))
+    return [
+        *key,
+        sa.Column("timezone", sa.String, nullable=False),
+        sa.Column("campaign_name", sa.String, nullable=False),
+        sa.Column("conversion", sa.String),
+        sa.Column("kind", sa.String(8)),
+        *figures,
+        sa.Column("currency", sa.String, nullable=False),
+        sa.Column("in_column", sa.Boolean),
+        sa.Column("updated_at", UtcDateTime, nullable=False),
+        sa.Index(None, "date"),
+    ]
+
+
+daily_stats = sa.Table("daily_stats", metadata, *_daily_stats_columns(sourced=True))
+
+
+def _daily_stats_v1() -> sa.Table:
+    """daily_stats as schema versions 1 and 2 had it: no source, medium or key events."""
+    frozen = sa.MetaData(naming_convention=metadata.naming_convention)
+    return sa.Table("daily_stats", frozen, *_daily_stats_columns(sourced=False))
+
 
 JOURNEY_KEY = ("time", "source_platform", "source_event_id")
 """An event is its source, its id and its time, time first: rows then arrive in key order
@@ -375,8 +401,10 @@ def _migrate_to_v1(conn: Connection) -> None:
     This builds the *current* definitions above, except for the tables a later migration
     changed, which are frozen in their version 1 shape, so that v1 + v2 + ... always equals
     the code."""
-    metadata.create_all(conn, tables=[t for t in DATA_TABLES if t is not journey_events])
+    frozen = (journey_events, daily_stats)
+    metadata.create_all(conn, tables=[t for t in DATA_TABLES if t not in frozen])
     _journey_events_v1().create(conn)
+    _daily_stats_v1().create(conn)
 
 
 def _migrate_to_v2(conn: Connection) -> None:
@@ -406,8 +434,27 @@ def _v1_to_v2(row: sa.RowMapping) -> dict[str, Any]:
     return kept | {"identifiers": identifiers.model_dump_json(exclude_none=True)}
 
 
+def _migrate_to_v3(conn: Connection) -> None:
+    """Add GA4's session source and medium to daily_stats' key, and its key-event count: the
+    rows move to a new table with source = medium = '' and no key-event count, and the old
+    one is dropped. GA4 cells kept this way are replaced day by day as GA4 is pulled again
+    (see ``Store.upsert_stats``)."""
+    conn.execute(sa.text("DROP INDEX ix_daily_stats_date"))
+    conn.execute(sa.text("ALTER TABLE daily_stats RENAME TO daily_stats_v2"))
+    if conn.dialect.name == "postgresql":  # index names are per schema there
+        conn.execute(sa.text("ALTER TABLE daily_stats_v2 RENAME CONSTRAINT "
+                             "pk_daily_stats TO pk_daily_stats_v2"))
+    daily_stats.create(conn)
+    old = _daily_stats_v1().to_metadata(sa.MetaData(), name="daily_stats_v2")
+    copied = [old.c[c.name] for c in daily_stats.c if c.name in old.c]
+    conn.execute(daily_stats.insert().from_select(
+        [*(c.name for c in copied), "source", "medium", "key_events"],
+        sa.select(*copied, sa.literal(""), sa.literal(""), sa.null())))
+    old.drop(conn)
+
+
 Migration = Callable[[Connection], None]
-MIGRATIONS: tuple[Migration, ...] = (_migrate_to_v1, _migrate_to_v2)
+MIGRATIONS: tuple[Migration, ...] = (_migrate_to_v1, _migrate_to_v2, _migrate_to_v3)
 """MIGRATIONS[n] takes the schema from version n to version n + 1."""
 LATEST_VERSION = len(MIGRATIONS)
 
@@ -498,8 +545,8 @@ def _insert_new_only(dialect: Dialect, table: sa.Table, key: Sequence[str]) -> I
 # Row builders. Enum members go to the driver as they are: they are str subclasses, which
 # sqlite3 and psycopg bind as their value, and skipping ``.value`` saves a descriptor call each.
 
-_STATS_CONVERTED = ("date", "count", "value", "in_column", "updated_at")
-"""Columns whose bind conversion the daily_stats row builder (or _bulk_upsert) applies."""
+_STATS_CONVERTED = ("date", "count", "value", "key_events", "in_column", "updated_at")
+"""Columns whose bind conversion the daily_stats row builder (or upsert_stats) applies."""
 
 
 def _stat_row_builder(upsert: _BulkUpsert) -> Callable[[ConversionStat, Any], Values]:
@@ -508,19 +555,22 @@ def _stat_row_builder(upsert: _BulkUpsert) -> Callable[[ConversionStat, Any], Va
     Dates and flags repeat across rows, so their (pure) conversions are memoized."""
     date, in_column = (functools.lru_cache(maxsize=4096)(upsert.processor(column))
                        for column in ("date", "in_column"))
-    count, value = upsert.processor("count"), upsert.processor("value")
+    count, value, key_events = (upsert.processor(column)
+                                for column in ("count", "value", "key_events"))
 
     def row(s: ConversionStat, now: Any) -> Values:
         return (s.platform, s.account_id, date(s.date), s.campaign_id, s.platform_conversion,
-                s.basis, s.window, s.timezone, s.campaign_name, s.conversion, s.kind,
-                count(s.count), value(s.value), s.currency, in_column(s.in_column), now)
+                s.basis, s.window, s.source, s.medium, s.timezone, s.campaign_name,
+                s.conversion, s.kind, count(s.count), value(s.value), key_events(s.key_events),
+                s.currency, in_column(s.in_column), now)
 
     return row
 
 
 _JSON_ENCODE = msgspec.json.Encoder().encode
 _JOURNEY_CONVERTED = ("time", "value", "updated_at")
-"""Columns whose bind conversion the journey_events row builder (or _bulk_upsert) applies."""
+"""Columns whose bind conversion the journey_events row builder (or upsert_journey_events)
+applies."""
 
 
 def _journey_row_builder(upsert: _BulkUpsert) -> Callable[[JourneyEvent, Any], Values]:
@@ -576,6 +626,13 @@ _DELETE_MOVED = sa.delete(journey_events).where(
     _MOVABLE, journey_events.c.source_event_id == sa.bindparam("id"),
     journey_events.c.time != sa.bindparam("time", type_=UtcDateTime))
 """Older versions (another time) of CRM events about to be stored."""
+
+_DELETE_UNSOURCED = sa.delete(daily_stats).where(
+    daily_stats.c.platform == sa.bindparam("b_platform"),
+    daily_stats.c.account_id == sa.bindparam("b_account"),
+    daily_stats.c.date == sa.bindparam("b_date"),
+    daily_stats.c.source == "", daily_stats.c.medium == "")
+"""A day's cells stored without source and medium (GA4 before schema version 3)."""
 
 _read_stat = _Reader(ConversionStat, daily_stats, {"window": "attribution_window"})
 
@@ -861,8 +918,24 @@ class Store:
                      batch_size: int = DEFAULT_BATCH_SIZE) -> int:
         """Store daily cells; a cell already stored (same natural key) takes the new figures.
 
+        A cell with a source or medium replaces its platform's cells of that account and day
+        stored without either: GA4 cells stored before schema version 3, the same events not
+        yet split by session source and medium, which would otherwise count twice.
+
         One transaction per batch of ``batch_size`` rows. Returns the number of rows given."""
-        return self._bulk_upsert(self._stats_upsert, self._stat_row, rows, batch_size)
+        upsert, to_row = self._stats_upsert, self._stat_row
+        stored = 0
+        for chunk in _chunks(rows, batch_size):
+            now = upsert.processor("updated_at")(self._clock())
+            values = [to_row(s, now) for s in chunk]
+            days = {(s.platform, s.account_id, s.date) for s in chunk if s.source or s.medium}
+            with self._writing() as conn:
+                if days:
+                    conn.execute(_DELETE_UNSOURCED, [{"b_platform": p, "b_account": a,
+                                                      "b_date": d} for p, a, d in days])
+                upsert.execute(conn, values)
+            stored += len(values)
+        return stored
 
     def stats(self, platform: Platform | str | None = None, since: dt.date | None = None,
               until: dt.date | None = None,
@@ -1094,17 +1167,6 @@ class Store:
                     for r in conn.execute(query)]
 
     # -- helpers -------------------------------------------------------------------------------
-
-    def _bulk_upsert(self, upsert: _BulkUpsert, to_row: Callable[[T, Any], Values],
-                     items: Iterable[T], batch_size: int) -> int:
-        stored = 0
-        for chunk in _chunks(items, batch_size):
-            now = upsert.processor("updated_at")(self._clock())
-            rows = [to_row(item, now) for item in chunk]
-            with self._writing() as conn:
-                upsert.execute(conn, rows)
-            stored += len(rows)
-        return stored
 
     def _stream(self, query: sa.Select[Any]) -> Iterator[sa.Row[Any]]:
         """Rows of ``query`` fetched in chunks (server-side cursor on PostgreSQL)."""

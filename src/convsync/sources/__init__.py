@@ -7,6 +7,8 @@ the pipeline can commit as it goes and resume a killed backfill from the last co
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import datetime as dt
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -61,3 +63,14 @@ def last_complete_day(row: Row, timezone: str) -> dt.date | None:
     if isinstance(row, JourneyEvent):
         return row.time.astimezone(ZoneInfo(timezone)).date() - dt.timedelta(days=2)
     return None
+
+
+def give_back_free_memory() -> None:
+    """Return freed heap to the system between large pieces of work (a GA4 page, a platform).
+
+    glibc keeps freed memory for reuse, and what comes next (another page's wire bytes and
+    parsed message, another SDK's objects) fits it badly: without this the second GA4 page of
+    a year of 200 campaigns peaked 15 - 25 MB above the first, and a four-platform pull 60 MB
+    above its largest platform alone. A no-op where ``malloc_trim`` does not exist."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)

@@ -2,24 +2,26 @@
 
 Per property, two streams:
 
-- ``events``: one ``ConversionStat`` per day, session campaign and event: ``count`` is the
-  event count, ``value`` the event value, filed on the day the event happened (basis
-  ``conversion_date``, in the property's time zone; GA4 has no attribution window and no
-  "in column"). GA4 reports no campaign id beside the session campaign name, so the name is
-  the ``campaign_id`` too. After the stats, one ``PlatformConversion`` per event seen, whose
-  ``settings["key_event"]`` says whether GA4 counts it as a key event: ``ConversionStat`` has
-  no field for that, nor for the key-event count (lower than the event count for key events
-  counted once per session).
+- ``events``: one ``ConversionStat`` per day, session source, session medium, session
+  campaign and event: ``count`` is the event count, ``value`` the event value,
+  ``key_events`` the key-event count (0 for an event that is no key event; below the event
+  count for a key event counted once per session), filed on the day the event happened
+  (basis ``conversion_date``, in the property's time zone; GA4 has no attribution window and
+  no "in column"). GA4 reports no campaign id beside the session campaign name, so the name
+  is the ``campaign_id`` too. The key-event count is asked for as ``keyEvents``, or by its
+  pre-2024 name ``conversions`` where a property refuses the new one. After the stats, one
+  ``PlatformConversion`` per event seen, with its event and key-event counts over the pull
+  and whether GA4 counts it as a key event (``settings["key_event"]``).
 - ``journeys`` (only with ``ga4.custom_dimensions``): one ``JourneyEvent`` per day, event,
   session campaign and custom dimension values (for example ``customEvent:gclid``), for the
-  events that carry at least one of them. A report row has a day, not a time: the event is
-  put at noon of that day in the property's time zone, and several events of one gclid, event
-  and day are one journey event with their summed value.
+  events that carry at least one of them; no source and medium there. A report row has a
+  day, not a time: the event is put at noon of that day in the property's time zone, and
+  several events of one gclid, event and day are one journey event with their summed value.
 
 Requests: one report per stream over the whole date range, paged with ``limit`` / ``offset``;
 ``min_requests`` gives the count. The gRPC transport with responses unwrapped to raw protobuf
 is the fast path (about 3 us a row to read, against 48 us over REST); REST stays available by
-config, with smaller pages because its JSON costs about 2.4 kB of memory a row while parsed.
+config, with smaller pages because its JSON costs about 3.7 kB of memory a row while parsed.
 """
 
 from __future__ import annotations
@@ -59,33 +61,39 @@ from convsync.model import (
     Kind,
     Platform,
     PlatformConversion,
+    copier,
 )
 from convsync.retry import RetryPolicy
 from convsync.settings import ClientConfig, Ga4Section, Secrets, trust_ca_file
-from convsync.sources import Requests, Row, Stream
+from convsync.sources import Requests, Row, Stream, give_back_free_memory
 from convsync.sources.google_auth import ANALYTICS_SCOPE, google_credentials
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-PAGE_ROWS = {"grpc": 200_000, "rest": 50_000}
-"""Rows per ``events`` page, by transport. The API allows 250,000, but over gRPC such a page
-adds about 135 MB to the client while it is read, which with every SDK loaded and the store's
-page cache took a year's pull of 200 campaigns to 350 MB; 200,000 rows add about 105 MB (a
-year of 200 campaigns still takes two pages). Over REST the JSON text and its parsed
-dictionaries peak at about 2.4 kB a row: 50,000 rows, 120 MB."""
+PAGE_ROWS = {"grpc": 150_000, "rest": 30_000}
+"""Rows per ``events`` page, by transport. The API allows 250,000, but a page costs the client
+memory while it arrives and is read: over gRPC about 800 bytes a row (the message, then its
+parsed form: five dimension values and three metric values a row), so a year of 200
+campaigns (370,000 rows) peaked at 300 - 320 MB in pages of 200,000 and under 290 in pages of
+150,000, with every SDK loaded and the store's page cache full. Over REST the JSON text and
+its parsed dictionaries peak at about 3.7 kB a row: 30,000 rows, 110 MB."""
 JOURNEY_PAGE_ROWS = {"grpc": 100_000, "rest": 20_000}
 """Rows per ``journeys`` page: its rows are wider (a 46-character gclid each), 250,000 of them
 would add 160 MB over gRPC; 100,000 add 75 MB."""
 TIMEOUT = 300.0
 """Seconds per runReport call: a year of a large property takes the API a while to compute."""
 
-EVENT_DIMENSIONS = ("date", "sessionCampaignName", "eventName")
+EVENT_DIMENSIONS = ("date", "sessionSource", "sessionMedium", "sessionCampaignName",
+                    "eventName")
 EVENT_METRICS = ("eventCount", "eventValue")
 KEY_EVENT_METRICS = ("keyEvents", "conversions")
 """GA4 renamed ``conversions`` to ``keyEvents`` in 2024 and has since removed the old name; a
 property that refuses one is asked for the other."""
+JOURNEY_DIMENSIONS = ("date", "sessionCampaignName", "eventName")
+"""The ``journeys`` report's dimensions before its custom ones: no source and medium, which
+would add nothing to a click id's events and change their ids (made of every dimension)."""
 JOURNEY_METRICS = ("eventCount", "eventValue")
 MAX_DIMENSIONS = 9
 NOT_SET = frozenset({"", "(not set)"})
@@ -178,10 +186,10 @@ def check_custom_dimensions(names: list[str]) -> None:
             raise ValueError(f"ga4.custom_dimensions: {name!r} is not a custom dimension; write "
                              "'customEvent:<event parameter>' (or 'customUser:<user property>'),"
                              " e.g. 'customEvent:gclid'")
-    room = MAX_DIMENSIONS - len(EVENT_DIMENSIONS)
+    room = MAX_DIMENSIONS - len(JOURNEY_DIMENSIONS)
     if len(names) > room:
         raise ValueError(f"ga4.custom_dimensions: at most {room} (a report takes "
-                         f"{MAX_DIMENSIONS} dimensions, {len(EVENT_DIMENSIONS)} are taken)")
+                         f"{MAX_DIMENSIONS} dimensions, {len(JOURNEY_DIMENSIONS)} are taken)")
 
 
 # -- paging ------------------------------------------------------------------------------------
@@ -208,6 +216,7 @@ def report_rows(client: BetaAnalyticsDataClient, request: RunReportRequest, page
         offset += count
         if count == 0 or offset >= total:
             return
+        give_back_free_memory()
 
 
 def adapting(property_id: str, schema: Schema, run: Callable[[], Iterator[T]]) -> Iterator[T]:
@@ -277,31 +286,28 @@ def _lookup(mapping: ConversionMap) -> Callable[[str], tuple[str | None, Kind | 
 def _stat_rows(page: Any, property_id: str,
                lookup: Callable[[str], tuple[str | None, Kind | None]],
                totals: EventTotals) -> Iterator[ConversionStat]:
-    """A page's rows (date, campaign, event; count, value, key events) as ConversionStats.
-
-    The hot path: each row is a shallow ``model_copy`` of a page template (about 2.5 us,
-    against 4.7 for ``model_construct``), neither validating: the values are the API's own
-    typed strings converted here, and the constants are valid by construction."""
-    copy = ConversionStat.model_construct(
+    """A page's rows (date, source, medium, campaign, event; count, value, key events) as
+    ConversionStats, unvalidated: the values are the API's own typed strings converted here,
+    and the page's constants are valid by construction."""
+    stat = copier(ConversionStat(
         platform=Platform.GA4, account_id=property_id, date=dt.date.min,
-        timezone=page.metadata.time_zone, campaign_id="", campaign_name="",
-        platform_conversion="", conversion=None, kind=None, count=0.0, value=0.0,
-        currency=page.metadata.currency_code, basis=Basis.CONVERSION_DATE, window="",
-        in_column=None).model_copy
+        timezone=page.metadata.time_zone, campaign_id="", platform_conversion="",
+        currency=page.metadata.currency_code, basis=Basis.CONVERSION_DATE))
     for row in page.rows:
         dimensions, metrics = row.dimension_values, row.metric_values
-        campaign, event = dimensions[1].value, dimensions[2].value
-        count = float(metrics[0].value)
+        campaign, event = dimensions[3].value, dimensions[4].value
+        count, key_events = float(metrics[0].value), float(metrics[2].value)
         seen = totals.get(event)
         if seen is None:
             seen = totals[event] = [0.0, 0.0]
         seen[0] += count
-        seen[1] += float(metrics[2].value)
+        seen[1] += key_events
         conversion, kind = lookup(event)
-        yield copy(update={
-            "date": _date(dimensions[0].value), "campaign_id": campaign,
-            "campaign_name": campaign, "platform_conversion": event, "conversion": conversion,
-            "kind": kind, "count": count, "value": float(metrics[1].value)})
+        yield stat({
+            "date": _date(dimensions[0].value), "source": dimensions[1].value,
+            "medium": dimensions[2].value, "campaign_id": campaign, "campaign_name": campaign,
+            "platform_conversion": event, "conversion": conversion, "kind": kind,
+            "count": count, "value": float(metrics[1].value), "key_events": key_events})
 
 
 @functools.lru_cache(maxsize=4096)
@@ -371,7 +377,7 @@ def journeys_pull(client: BetaAnalyticsDataClient, property_id: str, mapping: Co
                 return iter(())
             shape = _JourneyShape(property_id, tuple(identifier_field(d) for d in custom),
                                   lookup)
-            request = report_request(property_id, [*EVENT_DIMENSIONS, *custom],
+            request = report_request(property_id, [*JOURNEY_DIMENSIONS, *custom],
                                      list(JOURNEY_METRICS), start, end, _any_set(custom))
             return report_rows(client, request, page_rows, requests,
                                lambda page: _journey_rows(page, shape))
@@ -394,7 +400,7 @@ def _journey_rows(page: Any, shape: _JourneyShape) -> Iterator[JourneyEvent]:
 
     The person is the first custom dimension with a value (``gclid:<gclid>``, as the Google
     Ads clicks name it); the event id is the property and every dimension value of the row.
-    Identifiers are shallow ``model_copy``s of an empty one, as in _stat_rows."""
+    Identifiers are shallow ``model_copy``s of an empty one."""
     zone = ZoneInfo(page.metadata.time_zone)
     currency = page.metadata.currency_code
     no_identifiers = Identifiers().model_copy
