@@ -61,7 +61,7 @@ from convsync.model import (
     Kind,
     Platform,
     PlatformConversion,
-    copier,
+    copy_with,
 )
 from convsync.retry import RetryPolicy
 from convsync.settings import ClientConfig, Ga4Section, Secrets, trust_ca_file
@@ -289,10 +289,10 @@ def _stat_rows(page: Any, property_id: str,
     """A page's rows (date, source, medium, campaign, event; count, value, key events) as
     ConversionStats, unvalidated: the values are the API's own typed strings converted here,
     and the page's constants are valid by construction."""
-    stat = copier(ConversionStat(
+    template = ConversionStat(
         platform=Platform.GA4, account_id=property_id, date=dt.date.min,
         timezone=page.metadata.time_zone, campaign_id="", platform_conversion="",
-        currency=page.metadata.currency_code, basis=Basis.CONVERSION_DATE))
+        currency=page.metadata.currency_code, basis=Basis.CONVERSION_DATE)
     for row in page.rows:
         dimensions, metrics = row.dimension_values, row.metric_values
         campaign, event = dimensions[3].value, dimensions[4].value
@@ -303,7 +303,7 @@ def _stat_rows(page: Any, property_id: str,
         seen[0] += count
         seen[1] += key_events
         conversion, kind = lookup(event)
-        yield stat({
+        yield copy_with(template, {
             "date": _date(dimensions[0].value), "source": dimensions[1].value,
             "medium": dimensions[2].value, "campaign_id": campaign, "campaign_name": campaign,
             "platform_conversion": event, "conversion": conversion, "kind": kind,

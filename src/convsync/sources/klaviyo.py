@@ -53,7 +53,6 @@ from convsync.model import (
     JourneyEvent,
     Platform,
     PlatformConversion,
-    copier,
 )
 from convsync.retry import RetryPolicy, retrying
 from convsync.settings import ClientConfig, KlaviyoSection, Secrets
@@ -478,7 +477,7 @@ class _Person:
     ``Jane.Doe+x@gmail.com`` and ``janedoe@gmail.com`` are one person), else
     ``phone:<SHA-256 of the E.164 number>``, else ``klaviyo:<profile id>``."""
 
-    __slots__ = ("_by_clicks", "_with_clicks", "key", "own")
+    __slots__ = ("_by_clicks", "hashes", "key")
 
     def __init__(self, profile_id: str, profile: _ProfileAttributes) -> None:
         email, phone = profile.email, profile.phone_number
@@ -494,24 +493,22 @@ class _Person:
         found = {"email_sha256_google": google, "email_sha256_meta": meta,
                  "phone_sha256_google": phone_google, "phone_sha256_meta": phone_meta,
                  "external_id": str(external) if external else None}
-        self.own = Identifiers(**{name: value for name, value in found.items() if value})
-        self._with_clicks = copier(self.own)
+        # only the fields it has: pydantic takes a third less time without the Nones
+        self.hashes = {name: value for name, value in found.items() if value}
         self.key = (f"email:{google}" if google else f"phone:{phone_google}" if phone_google
                     else f"klaviyo:{profile_id}")
         self._by_clicks: dict[ClickIds, Identifiers] = {}
 
     def identifiers(self, clicks: ClickIds) -> Identifiers:
-        """The person's identifiers (validated once: ``own``) with an event's click ids
-        (plain text, as Klaviyo has them): the events of one visit carry the same ones, so
-        they share one object."""
-        if clicks is NO_CLICKS:
-            return self.own
+        """The person's identifiers with an event's click ids: the events of one visit carry
+        the same ones, so they share one object."""
         found = self._by_clicks.get(clicks)
         if found is None:
             if len(self._by_clicks) >= 8:
                 self._by_clicks.clear()
-            found = self._by_clicks[clicks] = self._with_clicks(
-                dict(zip(CLICK_FIELDS, clicks, strict=True)))
+            given = {name: value for name, value in zip(CLICK_FIELDS, clicks, strict=True)
+                     if value}
+            found = self._by_clicks[clicks] = Identifiers(**given, **self.hashes)
         return found
 
 
