@@ -407,15 +407,22 @@ def _migrate_to_v1(conn: Connection) -> None:
     _daily_stats_v1().create(conn)
 
 
+def _set_aside(conn: Connection, table: str, version: str, index: str) -> None:
+    """Rename ``table`` to ``<table>_<version>`` so that its new shape can take the name:
+    its secondary index is dropped and, on PostgreSQL (where index names are per schema),
+    its primary key renamed."""
+    conn.execute(sa.text(f"DROP INDEX {index}"))
+    conn.execute(sa.text(f"ALTER TABLE {table} RENAME TO {table}_{version}"))
+    if conn.dialect.name == "postgresql":
+        conn.execute(sa.text(f"ALTER TABLE {table}_{version} RENAME CONSTRAINT "
+                             f"pk_{table} TO pk_{table}_{version}"))
+
+
 def _migrate_to_v2(conn: Connection) -> None:
     """Key journey_events by (time, source_platform, source_event_id) (see ``JOURNEY_KEY``)
     and keep each event's identifiers as one JSON column: the rows move to a new table, a
     chunk at a time, and the old one is dropped."""
-    conn.execute(sa.text("DROP INDEX ix_journey_events_time"))
-    conn.execute(sa.text("ALTER TABLE journey_events RENAME TO journey_events_v1"))
-    if conn.dialect.name == "postgresql":  # index names are per schema there
-        conn.execute(sa.text("ALTER TABLE journey_events_v1 RENAME CONSTRAINT "
-                             "pk_journey_events TO pk_journey_events_v1"))
+    _set_aside(conn, "journey_events", "v1", index="ix_journey_events_time")
     journey_events.create(conn)
     old = _journey_events_v1().to_metadata(sa.MetaData(), name="journey_events_v1")
     key = (old.c.source_platform, old.c.source_event_id)
@@ -439,11 +446,7 @@ def _migrate_to_v3(conn: Connection) -> None:
     rows move to a new table with source = medium = '' and no key-event count, and the old
     one is dropped. GA4 cells kept this way are replaced day by day as GA4 is pulled again
     (see ``Store.upsert_stats``)."""
-    conn.execute(sa.text("DROP INDEX ix_daily_stats_date"))
-    conn.execute(sa.text("ALTER TABLE daily_stats RENAME TO daily_stats_v2"))
-    if conn.dialect.name == "postgresql":  # index names are per schema there
-        conn.execute(sa.text("ALTER TABLE daily_stats_v2 RENAME CONSTRAINT "
-                             "pk_daily_stats TO pk_daily_stats_v2"))
+    _set_aside(conn, "daily_stats", "v2", index="ix_daily_stats_date")
     daily_stats.create(conn)
     old = _daily_stats_v1().to_metadata(sa.MetaData(), name="daily_stats_v2")
     copied = [old.c[c.name] for c in daily_stats.c if c.name in old.c]
