@@ -178,6 +178,8 @@ def test_rows_match_the_world_per_day_campaign_action_and_window(graph: Graph,
     assert [r.date for r in rows] == sorted(r.date for r in rows)
     kinds = {r.conversion: r.kind for r in rows}
     assert kinds["purchase"] is Kind.MACRO and kinds["add_to_cart"] is Kind.MICRO
+    # built unvalidated on the hot path, yet exactly what validation makes
+    assert all(r == ConversionStat.model_validate(r.model_dump()) for r in rows)
     with Store.open(f"sqlite:///{tmp_path}/store.db") as store:
         store.upsert_stats(rows)
         stored = list(store.stats(platform=Platform.META))

@@ -40,7 +40,15 @@ from facebook_business.exceptions import FacebookRequestError
 from facebook_business.session import FacebookSession
 from requests import exceptions as http_errors
 
-from convsync.model import Basis, ConversionMap, ConversionStat, Kind, Platform, PlatformConversion
+from convsync.model import (
+    Basis,
+    ConversionMap,
+    ConversionStat,
+    Kind,
+    Platform,
+    PlatformConversion,
+    copy_with,
+)
 from convsync.retry import RetryPolicy
 from convsync.settings import ClientConfig, MetaSection, Secrets
 from convsync.sources import Requests, Row, Stream
@@ -371,9 +379,12 @@ def stat_rows(rows: Iterable[Mapping[str, Any]], account: Account, windows: Sequ
               plan: ActionPlan) -> Iterator[ConversionStat]:
     """Insights rows to one ConversionStat per stored action type and window: the hot path.
 
-    A window Meta leaves out (or sends as zero, count and value) makes no row. The models are
-    built with validation: for this frozen model pydantic's compiled validator is faster than
-    ``model_construct`` (about 2.5 against 5.5 us a row, measured)."""
+    A window Meta leaves out (or sends as zero, count and value) makes no row. The rows are
+    unvalidated copies of an account template (``copy_with``: 0.9 us against 2.5 to validate):
+    their values are Meta's typed fields converted here."""
+    template = ConversionStat(platform=Platform.META, account_id=account.id, date=dt.date.min,
+                             timezone=account.time_zone, campaign_id="",
+                             platform_conversion="", currency=account.currency)
     last = ""
     day = dt.date.min
     for row in rows:
@@ -401,13 +412,12 @@ def stat_rows(rows: Iterable[Mapping[str, Any]], account: Account, windows: Sequ
             for window in windows:
                 count, value = float(action.get(window, 0)), float(money.get(window, 0))
                 if count or value:
-                    yield ConversionStat(
-                        platform=Platform.META, account_id=account.id, date=day,
-                        timezone=account.time_zone, campaign_id=campaign_id,
-                        campaign_name=campaign_name, platform_conversion=action_type,
-                        conversion=handling.conversion, kind=handling.kind, count=count,
-                        value=value, currency=account.currency, basis=handling.basis,
-                        window=window)
+                    yield copy_with(template, {
+                        "date": day, "campaign_id": campaign_id,
+                        "campaign_name": campaign_name, "platform_conversion": action_type,
+                        "conversion": handling.conversion, "kind": handling.kind,
+                        "count": count, "value": value, "basis": handling.basis,
+                        "window": window})
 
 
 def too_much_data(error: BaseException) -> bool:
