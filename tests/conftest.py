@@ -10,11 +10,15 @@ import datetime as dt
 import os
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
+import grpc
 import pytest
 
 from convsync.sandbox.control import Sandbox
+from convsync.sandbox.ga4 import Ga4Property, build_ga4_grpc_server, serve_ga4_rest
 from convsync.sandbox.klaviyo import serve_klaviyo
 from convsync.sandbox.tls import ensure_certificate
 from convsync.sandbox.world import World, WorldSpec
@@ -51,3 +55,49 @@ def klaviyo_served(world: World) -> Iterator[tuple[Sandbox, str]]:
     yield state, f"http://127.0.0.1:{server.server_port}"
     server.shutdown()
     server.server_close()
+
+
+@dataclass
+class Ga4Running:
+    """A world's GA4 simulator on both transports (gRPC with the sandbox certificate, REST)."""
+
+    sandbox: Sandbox
+    grpc_port: int
+    rest_port: int
+    grpc_server: grpc.Server
+    http_server: ThreadingHTTPServer
+
+    @property
+    def world(self) -> World:
+        return self.sandbox.world
+
+    @property
+    def property(self) -> str:
+        return f"properties/{self.world.accounts.ga4_property_id}"
+
+    def endpoint(self, transport: str) -> str:
+        """What ``ClientOptions(api_endpoint=...)`` takes for ``grpc`` or ``rest``."""
+        if transport == "grpc":
+            return f"localhost:{self.grpc_port}"
+        return f"http://127.0.0.1:{self.rest_port}"
+
+    def stop(self) -> None:
+        self.grpc_server.stop(grace=None)
+        self.http_server.shutdown()
+        self.http_server.server_close()
+
+
+def start_ga4(world: World) -> Ga4Running:
+    sandbox = Sandbox(world)
+    ga4 = Ga4Property(world)
+    server, port = build_ga4_grpc_server(sandbox, CERT, KEY, "127.0.0.1", 0, ga4=ga4)
+    http = serve_ga4_rest(sandbox, "127.0.0.1", 0, ga4=ga4)
+    return Ga4Running(sandbox, port, http.server_port, server, http)
+
+
+@pytest.fixture(scope="module")
+def ga4_running(world: World) -> Iterator[Ga4Running]:
+    """The GA4 simulator on the shared world, for a module's tests."""
+    running = start_ga4(world)
+    yield running
+    running.stop()

@@ -10,13 +10,10 @@ import urllib.error
 import urllib.request
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
-import grpc
 import pytest
 from google.analytics.data_v1beta import BetaAnalyticsDataClient
 from google.analytics.data_v1beta.types import (
@@ -28,8 +25,8 @@ from google.api_core import exceptions
 from google.api_core.client_options import ClientOptions
 from google.auth.credentials import AnonymousCredentials
 
+from conftest import Ga4Running, start_ga4
 from convsync.sandbox.control import Sandbox
-from convsync.sandbox.ga4 import Ga4Property, build_ga4_grpc_server, serve_ga4_rest
 from convsync.sandbox.world import Accounts, Ga4Row, World, WorldSpec
 
 TRANSPORTS = ("grpc", "rest")
@@ -38,61 +35,25 @@ Key = tuple[str, ...]
 Sums = dict[Key, list[float]]
 
 
-@dataclass
-class Running:
-    """A world's GA4 simulator on both transports, and a real client for each."""
-
-    sandbox: Sandbox
-    rest_port: int
-    clients: dict[str, BetaAnalyticsDataClient] = field(default_factory=dict)
-    _grpc: grpc.Server | None = None
-    _http: ThreadingHTTPServer | None = None
-
-    @property
-    def property(self) -> str:
-        return f"properties/{self.sandbox.world.accounts.ga4_property_id}"
-
-    def stop(self) -> None:
-        if self._grpc is not None:
-            self._grpc.stop(grace=None)
-        if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
-
-
-def start(world: World, tls_files: tuple[Path, Path]) -> Running:
-    cert, key = tls_files
-    sandbox = Sandbox(world)
-    ga4 = Ga4Property(world)
-    server, grpc_port = build_ga4_grpc_server(sandbox, cert, key, "127.0.0.1", 0, ga4=ga4)
-    http = serve_ga4_rest(sandbox, "127.0.0.1", 0, ga4=ga4)
-    running = Running(sandbox, http.server_port, _grpc=server, _http=http)
-    anonymous = AnonymousCredentials()
-    running.clients["grpc"] = BetaAnalyticsDataClient(
-        credentials=anonymous, client_options=ClientOptions(api_endpoint=f"localhost:{grpc_port}"))
-    running.clients["rest"] = BetaAnalyticsDataClient(
-        credentials=anonymous, transport="rest",
-        client_options=ClientOptions(api_endpoint=f"http://127.0.0.1:{http.server_port}"))
-    return running
-
-
-@pytest.fixture(scope="module")
-def running(world: World, tls_files: tuple[Path, Path]) -> Iterator[Running]:
-    simulator = start(world, tls_files)
-    yield simulator
-    simulator.stop()
+def sdk_client(ga4_running: Ga4Running, transport: str) -> BetaAnalyticsDataClient:
+    """The real GA4 client over ``transport`` (grpc or rest), pointed at the simulator."""
+    options = ClientOptions(api_endpoint=ga4_running.endpoint(transport))
+    if transport == "rest":
+        return BetaAnalyticsDataClient(credentials=AnonymousCredentials(), transport="rest",
+                                       client_options=options)
+    return BetaAnalyticsDataClient(credentials=AnonymousCredentials(), client_options=options)
 
 
 @pytest.fixture
-def ga4_sandbox(running: Running) -> Iterator[Sandbox]:
-    running.sandbox.reset_requests()
-    yield running.sandbox
-    running.sandbox.clear_faults()
+def ga4_sandbox(ga4_running: Ga4Running) -> Iterator[Sandbox]:
+    ga4_running.sandbox.reset_requests()
+    yield ga4_running.sandbox
+    ga4_running.sandbox.clear_faults()
 
 
 @pytest.fixture(params=TRANSPORTS)
-def client(request: pytest.FixtureRequest, running: Running) -> BetaAnalyticsDataClient:
-    return running.clients[request.param]
+def client(request: pytest.FixtureRequest, ga4_running: Ga4Running) -> BetaAnalyticsDataClient:
+    return sdk_client(ga4_running, request.param)
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -307,9 +268,9 @@ def test_today_follows_the_world_clock_as_it_moves(transport: str,
                                                    tls_files: tuple[Path, Path]) -> None:
     world = World(WorldSpec(seed=5, start=dt.date(2026, 9, 1), days=12, campaigns=4,
                             as_of=dt.datetime(2026, 9, 8, 18, 0, tzinfo=dt.UTC)))
-    simulator = start(world, tls_files)
+    simulator = start_ga4(world)
     try:
-        client = simulator.clients[transport]
+        client = sdk_client(simulator, transport)
         before = table(report(client, ["date"], ["eventCount"], "today", "today"))
         world.advance(1)
         after = table(report(client, ["date"], ["eventCount"], "today", "today"))
@@ -474,9 +435,9 @@ def test_every_request_is_counted_refused_ones_too(client: BetaAnalyticsDataClie
 
 # -- the REST wire as other clients speak it ----------------------------------------------------
 
-def post(running: Running, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+def post(ga4_running: Ga4Running, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
     request = urllib.request.Request(
-        f"http://127.0.0.1:{running.rest_port}{path}", data=json.dumps(body).encode(),
+        f"http://127.0.0.1:{ga4_running.rest_port}{path}", data=json.dumps(body).encode(),
         headers={"Content-Type": "application/json"}, method="POST")
     try:
         with urllib.request.urlopen(request, timeout=10) as answer:
@@ -485,11 +446,11 @@ def post(running: Running, path: str, body: dict[str, Any]) -> tuple[int, dict[s
         return error.code, json.loads(error.read())
 
 
-def test_rest_takes_enum_names_and_refuses_unknown_fields(running: Running,
+def test_rest_takes_enum_names_and_refuses_unknown_fields(ga4_running: Ga4Running,
                                                           world: World) -> None:
     """curl and the JS client send enum names and int64 as strings; a typo is a 400."""
-    path = f"/v1beta/{running.property}:runReport"
-    status, body = post(running, path, {
+    path = f"/v1beta/{ga4_running.property}:runReport"
+    status, body = post(ga4_running, path, {
         "dimensions": [{"name": "eventName"}], "metrics": [{"name": "eventCount"}],
         "dateRanges": [{"startDate": str(world.start), "endDate": str(world.end)}],
         "limit": "2", "orderBys": [{"dimension": {"dimensionName": "eventName",
@@ -499,9 +460,9 @@ def test_rest_takes_enum_names_and_refuses_unknown_fields(running: Running,
     assert [row["dimensionValues"][0]["value"] for row in body["rows"]] == [
         "add_to_cart", "begin_checkout"]
     assert body["rowCount"] == 6
-    status, body = post(running, path, {"dimension": [{"name": "eventName"}]})
+    status, body = post(ga4_running, path, {"dimension": [{"name": "eventName"}]})
     assert (status, body["error"]["status"]) == (400, "INVALID_ARGUMENT")
     assert body["error"]["message"] == (
         'Invalid JSON payload received. Unknown name "dimension": Cannot find field.')
-    status, body = post(running, f"/v1beta/{running.property}:runPivotReport", {})
+    status, body = post(ga4_running, f"/v1beta/{ga4_running.property}:runPivotReport", {})
     assert (status, body["error"]["status"]) == (501, "UNIMPLEMENTED")

@@ -8,16 +8,14 @@ import datetime as dt
 import logging
 from collections import Counter, defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass
-from http.server import ThreadingHTTPServer
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
-import grpc
 import pytest
 from google.analytics.data_v1beta.types import RunReportRequest
 from google.api_core import exceptions
 
+from conftest import Ga4Running, start_ga4
 from convsync import pipeline
 from convsync.model import (
     Basis,
@@ -30,7 +28,6 @@ from convsync.model import (
 )
 from convsync.retry import retrying
 from convsync.sandbox.control import FaultKind, Sandbox
-from convsync.sandbox.ga4 import Ga4Property, build_ga4_grpc_server, serve_ga4_rest
 from convsync.sandbox.world import Ga4Row, World, WorldSpec
 from convsync.settings import ClientConfig, Secrets
 from convsync.sources import Requests, Row, Stream, ga4
@@ -41,62 +38,22 @@ Key = tuple[dt.date, str, str, str, str]  # day, session source, medium, campaig
 Cell = tuple[int, int, float]  # events, key events, value
 
 
-@dataclass
-class Running:
-    """A world's GA4 simulator on both transports."""
-
-    sandbox: Sandbox
-    grpc_port: int
-    rest_port: int
-    grpc_server: grpc.Server
-    http_server: ThreadingHTTPServer
-
-    @property
-    def world(self) -> World:
-        return self.sandbox.world
-
-    def endpoint(self, transport: str) -> str:
-        if transport == "grpc":
-            return f"localhost:{self.grpc_port}"
-        return f"http://127.0.0.1:{self.rest_port}"
-
-    def stop(self) -> None:
-        self.grpc_server.stop(grace=None)
-        self.http_server.shutdown()
-        self.http_server.server_close()
-
-
-def start(world: World, tls_files: tuple[Path, Path]) -> Running:
-    sandbox = Sandbox(world)
-    prop = Ga4Property(world)
-    server, port = build_ga4_grpc_server(sandbox, *tls_files, "127.0.0.1", 0, ga4=prop)
-    http = serve_ga4_rest(sandbox, "127.0.0.1", 0, ga4=prop)
-    return Running(sandbox, port, http.server_port, server, http)
-
-
-@pytest.fixture(scope="module")
-def running(world: World, tls_files: tuple[Path, Path]) -> Iterator[Running]:
-    simulator = start(world, tls_files)
-    yield simulator
-    simulator.stop()
-
-
 @pytest.fixture
-def sandbox(running: Running) -> Iterator[Sandbox]:
-    running.sandbox.reset_requests()
-    yield running.sandbox
-    running.sandbox.clear_faults()
+def sandbox(ga4_running: Ga4Running) -> Iterator[Sandbox]:
+    ga4_running.sandbox.reset_requests()
+    yield ga4_running.sandbox
+    ga4_running.sandbox.clear_faults()
 
 
-def make_config(running: Running, transport: str = "grpc",
+def make_config(ga4_running: Ga4Running, transport: str = "grpc",
                 custom_dimensions: tuple[str, ...] = (),
                 property_id: str | None = None) -> ClientConfig:
     """Purchase and add to cart mapped; every other event left unmapped on purpose."""
     return ClientConfig.model_validate({
         "client": {"name": "GA4 test", "timezone": "America/New_York"},
-        "ga4": {"property_id": property_id or running.world.accounts.ga4_property_id,
+        "ga4": {"property_id": property_id or ga4_running.world.accounts.ga4_property_id,
                 "transport": transport,
-                "endpoint": running.endpoint(transport),
+                "endpoint": ga4_running.endpoint(transport),
                 "custom_dimensions": list(custom_dimensions)},
         "conversions": [
             {"name": "purchase", "kind": "macro", "ga4": "purchase"},
@@ -142,10 +99,10 @@ def split(rows: list[Row]) -> tuple[list[ConversionStat], list[PlatformConversio
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_events_stream_matches_the_world_in_one_request(
-        transport: str, running: Running, sandbox: Sandbox, tmp_path: Path) -> None:
-    world = running.world
+        transport: str, ga4_running: Ga4Running, sandbox: Sandbox, tmp_path: Path) -> None:
+    world = ga4_running.world
     requests = Requests()
-    events = streams(make_config(running, transport), requests)["events"]
+    events = streams(make_config(ga4_running, transport), requests)["events"]
     assert (events.platform, events.account_id, events.chunk_days) == (
         "ga4", world.accounts.ga4_property_id, 0)
     stats, definitions = split(list(events.pull(world.start, world.end)))
@@ -196,10 +153,10 @@ def test_events_stream_matches_the_world_in_one_request(
     assert events_seen["purchase"].settings["key_events"] == purchases
 
 
-def test_pages_past_the_row_limit_with_one_request_a_page(running: Running,
+def test_pages_past_the_row_limit_with_one_request_a_page(ga4_running: Ga4Running,
                                                           sandbox: Sandbox) -> None:
-    world = running.world
-    config = make_config(running)
+    world = ga4_running.world
+    config = make_config(ga4_running)
     requests = Requests()
     client = ga4.connect(config.ga4, SECRETS) if config.ga4 else None
     assert client is not None
@@ -214,19 +171,19 @@ def test_pages_past_the_row_limit_with_one_request_a_page(running: Running,
     assert sandbox.requests("ga4") == {"ga4.runReport": ga4.min_requests(len(stats), 250)}
 
 
-def test_a_sub_range_holds_only_its_days(running: Running) -> None:
-    world = running.world
+def test_a_sub_range_holds_only_its_days(ga4_running: Ga4Running) -> None:
+    world = ga4_running.world
     start, end = world.start + dt.timedelta(days=10), world.start + dt.timedelta(days=12)
-    stats, _ = split(list(streams(make_config(running), Requests())["events"].pull(start, end)))
+    stats, _ = split(list(streams(make_config(ga4_running), Requests())["events"].pull(start, end)))
     assert as_table(stats) == stat_truth(world, start, end)
     assert {s.date for s in stats} == {start, start + dt.timedelta(days=1), end}
 
 
 def test_the_old_conversions_metric_name_falls_back_to_the_one_the_api_takes(
-        running: Running, sandbox: Sandbox, caplog: pytest.LogCaptureFixture) -> None:
+        ga4_running: Ga4Running, sandbox: Sandbox, caplog: pytest.LogCaptureFixture) -> None:
     """The fallback between keyEvents and its old name, driven by the API's real refusal."""
-    world = running.world
-    config = make_config(running)
+    world = ga4_running.world
+    config = make_config(ga4_running)
     assert config.ga4 is not None
     requests = Requests()
     schema = ga4.Schema(key_metric="conversions")
@@ -242,11 +199,11 @@ def test_the_old_conversions_metric_name_falls_back_to_the_one_the_api_takes(
     assert requests.counts["runReport"] == 2  # the refused one, then the report
 
 
-def test_a_refused_conversions_metric_is_explained(running: Running) -> None:
-    config = make_config(running)
+def test_a_refused_conversions_metric_is_explained(ga4_running: Ga4Running) -> None:
+    config = make_config(ga4_running)
     assert config.ga4 is not None
     client = ga4.connect(config.ga4, SECRETS)
-    request = RunReportRequest(property=f"properties/{running.world.accounts.ga4_property_id}",
+    request = RunReportRequest(property=f"properties/{ga4_running.world.accounts.ga4_property_id}",
                                metrics=[{"name": "conversions"}],
                                date_ranges=[{"start_date": "7daysAgo", "end_date": "today"}])
     with pytest.raises(exceptions.InvalidArgument) as refused:
@@ -273,11 +230,11 @@ def gclid_truth(world: World) -> JourneyTruth:
 
 
 def test_gclid_custom_dimension_becomes_journey_events_and_a_missing_one_is_skipped(
-        running: Running, sandbox: Sandbox, caplog: pytest.LogCaptureFixture,
+        ga4_running: Ga4Running, sandbox: Sandbox, caplog: pytest.LogCaptureFixture,
         gclid_truth: JourneyTruth, tmp_path: Path) -> None:
-    world = running.world
+    world = ga4_running.world
     requests = Requests()
-    config = make_config(running, custom_dimensions=("customEvent:lead_id",
+    config = make_config(ga4_running, custom_dimensions=("customEvent:lead_id",
                                                      "customEvent:gclid"))
     journeys = streams(config, requests)["journeys"]
     with caplog.at_level(logging.WARNING, logger="convsync.sources.ga4"):
@@ -335,19 +292,19 @@ def test_the_gclid_view_of_the_world_splits_the_same_events(world: World) -> Non
                for row in split_rows)
 
 
-def test_only_unregistered_custom_dimensions_pull_nothing(running: Running,
+def test_only_unregistered_custom_dimensions_pull_nothing(ga4_running: Ga4Running,
                                                           sandbox: Sandbox) -> None:
     requests = Requests()
-    journeys = streams(make_config(running, custom_dimensions=("customUser:crm_id",)),
+    journeys = streams(make_config(ga4_running, custom_dimensions=("customUser:crm_id",)),
                        requests)["journeys"]
-    world = running.world
+    world = ga4_running.world
     assert list(journeys.pull(world.start, world.end)) == []
     assert list(journeys.pull(world.start, world.end)) == []
     assert requests.counts["runReport"] == 1  # asked once, then known to be missing
 
 
-def test_no_custom_dimensions_no_journeys_stream(running: Running) -> None:
-    assert set(streams(make_config(running), Requests())) == {"events"}
+def test_no_custom_dimensions_no_journeys_stream(ga4_running: Ga4Running) -> None:
+    assert set(streams(make_config(ga4_running), Requests())) == {"events"}
 
 
 @pytest.mark.parametrize("name", ["gclid", "customEvent:", "ga:dimension1", "customEvent:a b"])
@@ -372,11 +329,11 @@ def test_identifier_fields() -> None:
 # -- errors and retries ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", ["rate_limit", "server_error"])
-def test_transient_faults_are_retried(kind: FaultKind, running: Running,
+def test_transient_faults_are_retried(kind: FaultKind, ga4_running: Ga4Running,
                                       sandbox: Sandbox) -> None:
-    world = running.world
+    world = ga4_running.world
     requests = Requests()
-    events = streams(make_config(running), requests)["events"]
+    events = streams(make_config(ga4_running), requests)["events"]
     sandbox.inject("ga4", kind)
     slept: list[float] = []
     for attempt in retrying(ga4.RETRY, sleep=slept.append):
@@ -393,10 +350,10 @@ def test_transient_faults_are_retried(kind: FaultKind, running: Running,
     ("other_property", exceptions.PermissionDenied, "Viewer access to the property"),
 ])
 def test_daily_quota_validation_and_permission_errors_are_not_retried(
-        make_error: str, expected: type[Exception], hint: str, running: Running,
+        make_error: str, expected: type[Exception], hint: str, ga4_running: Ga4Running,
         sandbox: Sandbox) -> None:
-    world = running.world
-    config = make_config(running, property_id="999" if make_error == "other_property" else None)
+    world = ga4_running.world
+    config = make_config(ga4_running, property_id="999" if make_error == "other_property" else None)
     start, end = world.start, world.end
     if make_error == "bad_range":
         start, end = end, start
@@ -421,7 +378,7 @@ def test_a_report_that_changes_between_pages_is_retried_from_a_fresh_report(
     spec = WorldSpec(seed=5, start=dt.date(2026, 9, 1), days=20, campaigns=6,
                      as_of=dt.datetime(2026, 9, 15, tzinfo=dt.UTC))
     world = World(spec)
-    simulator = start(world, tls_files)
+    simulator = start_ga4(world)
     try:
         config = make_config(simulator)
         assert config.ga4 is not None
@@ -458,9 +415,10 @@ def test_retry_after_reads_the_wait_the_api_asked_for() -> None:
 # -- the whole pull ----------------------------------------------------------------------------
 
 def test_pipeline_pull_stores_the_world_with_the_minimum_of_requests(
-        running: Running, sandbox: Sandbox, gclid_truth: JourneyTruth, tmp_path: Path) -> None:
-    world = running.world
-    config = make_config(running, custom_dimensions=("customEvent:gclid",))
+        ga4_running: Ga4Running, sandbox: Sandbox, gclid_truth: JourneyTruth,
+        tmp_path: Path) -> None:
+    world = ga4_running.world
+    config = make_config(ga4_running, custom_dimensions=("customEvent:gclid",))
     with Store.open(f"sqlite:///{tmp_path / 'pull.db'}") as store:
         result = pipeline.pull(config, SECRETS, store, platforms=[Platform.GA4],
                                since=world.start, until=world.end,
