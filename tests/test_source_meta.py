@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import math
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ import pytest
 from facebook_business.exceptions import FacebookRequestError
 from pydantic import SecretStr
 
+from convsync import pipeline
 from convsync.model import Basis, ConversionMap, ConversionStat, Kind, Platform
 from convsync.retry import retrying
 from convsync.sandbox.control import Sandbox
@@ -109,7 +111,9 @@ def stream(graph: Graph, requests: Requests | None = None, *, pacer: meta.Pacer 
 
 
 def pull(graph: Graph, stream_: Stream | None = None) -> list[ConversionStat]:
-    rows = list((stream_ or stream(graph)).pull(graph.world.start, graph.world.end))
+    stream_ = stream_ or stream(graph)
+    assert not stream_.ordered  # Graph documents no row order: no mid-range progress marks
+    rows = list(stream_.pull(graph.world.start, graph.world.end))
     assert all(isinstance(r, ConversionStat) for r in rows)
     return [r for r in rows if isinstance(r, ConversionStat)]
 
@@ -343,14 +347,30 @@ def test_a_page_too_big_is_asked_again_in_smaller_pages() -> None:
     assert requests.counts["insights"] == 2 + math.ceil(insight_rows(world) / 25)
 
 
-def test_days_out_of_order_are_refused() -> None:
+def test_days_in_any_order_are_all_stored(tmp_path: Path) -> None:
+    """Graph does not document the order of insights rows: a day after a later one is stored
+    like any other, and the pipeline marks no day complete before the whole range is in."""
     account = meta.Account(ACCOUNT, "UTC", "USD")
     plan = meta.ActionPlan(ConversionMap([]), "impression")
-    rows = [{"date_start": day, "campaign_id": "1",
+    days = [dt.date(2026, 9, 1) + dt.timedelta(days=n % 7) for n in range(pipeline.BATCH_ROWS + 10)]
+    rows = [{"date_start": day.isoformat(), "campaign_id": str(n),
              "actions": [{"action_type": "lead", "7d_click": "1"}]}
-            for day in ("2026-09-02", "2026-09-01")]
-    with pytest.raises(meta.InsightsOrderError):
-        list(meta.stat_rows(rows, account, WINDOWS, plan))
+            for n, day in enumerate(reversed(days))]
+    stream = Stream("meta", "insights", ACCOUNT,
+                    lambda start, end: meta.stat_rows(rows, account, ["7d_click"], plan),
+                    ordered=False)
+    config = ClientConfig.model_validate({"client": {"name": "c", "timezone": "UTC"}})
+    outcome = pipeline.PlatformPull(Platform.META)
+    with Store.open(f"sqlite:///{tmp_path}/store.db") as store:
+        marks = list(pipeline._commit_batches(config, store, stream, days[0], days[6], outcome))
+        assert marks == []
+        assert store.count_rows("daily_stats") == len(rows) == outcome.rows
+        ordered = dataclasses.replace(stream, ordered=True,
+                                      pull=lambda start, end: iter(sorted(
+                                          meta.stat_rows(rows, account, ["7d_click"], plan),
+                                          key=lambda s: s.date)))
+        assert list(pipeline._commit_batches(config, store, ordered, days[0], days[6],
+                                             pipeline.PlatformPull(Platform.META)))
 
 
 # -- pacing -------------------------------------------------------------------------------------

@@ -347,14 +347,15 @@ def _pull_stream(config: ClientConfig, store: Store, stream: Stream, window: Win
 def _commit_batches(config: ClientConfig, store: Store, stream: Stream, start: dt.date,
                     end: dt.date, outcome: PlatformPull) -> Iterator[dt.date]:
     """Store the stream's rows batch by batch; after each batch yield the last day known
-    complete (the rows come in date order, so every day before the last row's is done)."""
+    complete (the rows come in date order, so every day before the last row's is done; a
+    stream that promises no order yields nothing)."""
     batch: list[Row] = []
     for row in stream.pull(start, end):
         batch.append(row)
         if len(batch) >= BATCH_ROWS:
             _store_batch(store, batch, outcome)
             batch = []
-            done = last_complete_day(row, config.client.timezone)
+            done = last_complete_day(row, config.client.timezone) if stream.ordered else None
             if done is not None and done >= start:
                 yield done
     _store_batch(store, batch, outcome)

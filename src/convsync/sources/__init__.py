@@ -29,13 +29,16 @@ class Stream:
     ``pull(start, end)`` yields rows for days ``start..end`` (inclusive, in the account's time
     zone) in nondecreasing date order: once a row of day D is yielded, no row of an earlier day
     follows. ``chunk_days`` > 0 asks the pipeline to split the range into chunks (for APIs that
-    take one day, or a bounded span, per request); 0 means one pull for the whole range."""
+    take one day, or a bounded span, per request); 0 means one pull for the whole range.
+    ``ordered=False`` lifts the date-order promise (an API that does not document its order):
+    the pipeline then counts a day complete only once the whole pull, or chunk, is stored."""
 
     platform: str
     name: str
     account_id: str
     pull: Callable[[dt.date, dt.date], Iterator[Row]]
     chunk_days: int = 0
+    ordered: bool = True
 
 
 @dataclass
