@@ -630,12 +630,30 @@ _DELETE_MOVED = sa.delete(journey_events).where(
     journey_events.c.time != sa.bindparam("time", type_=UtcDateTime))
 """Older versions (another time) of CRM events about to be stored."""
 
+
+def _moved_events(chunk: list[JourneyEvent]) -> tuple[list[JourneyEvent], list[dict[str, Any]]]:
+    """The CRM events of a batch, the later row of an id given twice, replace their stored
+    versions at another time."""
+    latest = {e.source_event_id: e for e in chunk if e.source_platform == MOVABLE_SOURCE}
+    if not latest:
+        return chunk, []
+    kept = [e for e in chunk
+            if e.source_platform != MOVABLE_SOURCE or latest[e.source_event_id] is e]
+    return kept, [{"id": e.source_event_id, "time": e.time} for e in latest.values()]
+
 _DELETE_UNSOURCED = sa.delete(daily_stats).where(
     daily_stats.c.platform == sa.bindparam("b_platform"),
     daily_stats.c.account_id == sa.bindparam("b_account"),
     daily_stats.c.date == sa.bindparam("b_date"),
     daily_stats.c.source == "", daily_stats.c.medium == "")
 """A day's cells stored without source and medium (GA4 before schema version 3)."""
+
+
+def _unsourced_days(chunk: list[ConversionStat]) -> tuple[list[ConversionStat],
+                                                          list[dict[str, Any]]]:
+    """Cells with a source or medium replace their day's cells stored without either."""
+    days = {(s.platform, s.account_id, s.date) for s in chunk if s.source or s.medium}
+    return chunk, [{"b_platform": p, "b_account": a, "b_date": d} for p, a, d in days]
 
 _read_stat = _Reader(ConversionStat, daily_stats, {"window": "attribution_window"})
 
@@ -926,19 +944,8 @@ class Store:
         yet split by session source and medium, which would otherwise count twice.
 
         One transaction per batch of ``batch_size`` rows. Returns the number of rows given."""
-        upsert, to_row = self._stats_upsert, self._stat_row
-        stored = 0
-        for chunk in _chunks(rows, batch_size):
-            now = upsert.processor("updated_at")(self._clock())
-            values = [to_row(s, now) for s in chunk]
-            days = {(s.platform, s.account_id, s.date) for s in chunk if s.source or s.medium}
-            with self._writing() as conn:
-                if days:
-                    conn.execute(_DELETE_UNSOURCED, [{"b_platform": p, "b_account": a,
-                                                      "b_date": d} for p, a, d in days])
-                upsert.execute(conn, values)
-            stored += len(values)
-        return stored
+        return self._bulk_upsert(self._stats_upsert, self._stat_row, rows, batch_size,
+                                 _DELETE_UNSOURCED, _unsourced_days)
 
     def stats(self, platform: Platform | str | None = None, since: dt.date | None = None,
               until: dt.date | None = None,
@@ -962,21 +969,8 @@ class Store:
                               batch_size: int = DEFAULT_BATCH_SIZE) -> int:
         """Store person-level events: the same (time, source_platform, source_event_id) is one
         row; a CRM event that comes back with another time replaces its old version."""
-        stored = 0
-        for chunk in _chunks(events, batch_size):
-            now = self._journey_upsert.processor("updated_at")(self._clock())
-            latest = {e.source_event_id: e for e in chunk if e.source_platform == MOVABLE_SOURCE}
-            if latest:  # the same CRM id twice in a batch: the later row is the event
-                chunk = [e for e in chunk if e.source_platform != MOVABLE_SOURCE
-                         or latest[e.source_event_id] is e]
-            rows = [self._journey_row(event, now) for event in chunk]
-            with self._writing() as conn:
-                if latest:
-                    conn.execute(_DELETE_MOVED, [{"id": e.source_event_id, "time": e.time}
-                                                 for e in latest.values()])
-                self._journey_upsert.execute(conn, rows)
-            stored += len(rows)
-        return stored
+        return self._bulk_upsert(self._journey_upsert, self._journey_row, events, batch_size,
+                                 _DELETE_MOVED, _moved_events)
 
     def journey_events(self, since: dt.datetime | None = None,
                        until: dt.datetime | None = None) -> Iterator[JourneyEvent]:
@@ -1170,6 +1164,25 @@ class Store:
                     for r in conn.execute(query)]
 
     # -- helpers -------------------------------------------------------------------------------
+
+    def _bulk_upsert(self, upsert: _BulkUpsert, to_row: Callable[[T, Any], Values],
+                     items: Iterable[T], batch_size: int, delete: sa.Delete,
+                     superseded: Callable[[list[T]], tuple[list[T], list[dict[str, Any]]]]
+                     ) -> int:
+        """Upsert ``items`` a transaction per batch; in each, first ``delete`` the stored rows
+        the batch supersedes (``superseded(chunk)``: the items to store and the delete's
+        parameters). Returns the number of rows stored."""
+        stored = 0
+        for chunk in _chunks(items, batch_size):
+            now = upsert.processor("updated_at")(self._clock())
+            kept, replaced = superseded(chunk)
+            rows = [to_row(item, now) for item in kept]
+            with self._writing() as conn:
+                if replaced:
+                    conn.execute(delete, replaced)
+                upsert.execute(conn, rows)
+            stored += len(rows)
+        return stored
 
     def _stream(self, query: sa.Select[Any]) -> Iterator[sa.Row[Any]]:
         """Rows of ``query`` fetched in chunks (server-side cursor on PostgreSQL)."""
