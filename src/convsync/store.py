@@ -438,7 +438,7 @@ def _migrate_to_v2(conn: Connection) -> None:
 def _v1_to_v2(row: sa.RowMapping) -> dict[str, Any]:
     identifiers = Identifiers.model_validate({name: row[name] for name in IDENTIFIER_COLUMNS})
     kept = {name: value for name, value in row.items() if name not in IDENTIFIER_COLUMNS}
-    return kept | {"identifiers": identifiers.model_dump_json(exclude_none=True)}
+    return kept | {"identifiers": _identifiers_json(identifiers)}
 
 
 def _migrate_to_v3(conn: Connection) -> None:
@@ -571,6 +571,14 @@ def _stat_row_builder(upsert: _BulkUpsert) -> Callable[[ConversionStat, Any], Va
 
 
 _JSON_ENCODE = msgspec.json.Encoder().encode
+
+
+def _identifiers_json(identifiers: Identifiers) -> str:
+    """journey_events.identifiers: the fields that are set, as JSON (msgspec writes it in
+    half the time pydantic's ``model_dump_json`` takes)."""
+    return _JSON_ENCODE({k: v for k, v in identifiers.__dict__.items()
+                         if v is not None}).decode()
+
 _JOURNEY_CONVERTED = ("time", "value", "updated_at")
 """Columns whose bind conversion the journey_events row builder (or upsert_journey_events)
 applies."""
@@ -580,8 +588,7 @@ def _journey_row_builder(upsert: _BulkUpsert) -> Callable[[JourneyEvent, Any], V
     """JourneyEvent -> journey_events row; ``now`` comes already converted.
 
     The events of one visit share one Identifiers object (the sources build one per person
-    and click), so its JSON is kept for the next rows (by identity, at most 4,096); msgspec
-    writes it in half the time pydantic's ``model_dump_json`` takes."""
+    and click), so its JSON is kept for the next rows (by identity, at most 4,096)."""
     time, value = upsert.processor("time"), upsert.processor("value")
     recent: dict[int, tuple[Identifiers, str]] = {}
 
@@ -591,7 +598,7 @@ def _journey_row_builder(upsert: _BulkUpsert) -> Callable[[JourneyEvent, Any], V
             return hit[1]
         if len(recent) >= 4096:
             recent.clear()
-        text = _JSON_ENCODE({k: v for k, v in i.__dict__.items() if v is not None}).decode()
+        text = _identifiers_json(i)
         recent[id(i)] = (i, text)
         return text
 
