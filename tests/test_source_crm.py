@@ -72,12 +72,14 @@ def many_rows(count: int, bad_every: int = 0) -> list[str]:
     ("user.name+NYC@Example.com", "user.name+nyc@example.com",
      "f109a2a632fbcea5fc82049f50beed3d8621bf9034399f437fb622222acccdac"),
     (" Jane.Doe+crm@GoogleMail.com ", "janedoe@googlemail.com", None),
+    ("\tUser@Example.COM\n", "user@example.com", None),
     ("John_Smith@gmail.com", "john_smith@gmail.com",
      "62a14e44f765419d10fea99367361a727c12365e2520f32218d505ed9aa0f62f"),
 ])
 def test_google_email_rule_matches_data_manager_examples(raw: str, normalized: str,
                                                          digest: str | None) -> None:
     assert hashing.normalize_email_google(raw) == normalized
+    assert hashing.hash_email(raw)[0] == hashing.sha256_hex(normalized)
     if digest:
         assert hashing.hash_email(raw)[0] == digest
 

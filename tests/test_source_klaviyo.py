@@ -6,6 +6,7 @@ directly; the client's days are America/New_York while the Klaviyo account is in
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import math
 from collections import Counter
 from collections.abc import Iterator
@@ -23,6 +24,8 @@ from convsync.model import (
     Basis,
     ConversionMap,
     ConversionStat,
+    Identifiers,
+    JourneyBatch,
     JourneyEvent,
     Kind,
     Platform,
@@ -33,7 +36,7 @@ from convsync.sandbox.control import Sandbox
 from convsync.sandbox.klaviyo import serve_klaviyo
 from convsync.sandbox.world import KlaviyoEvent, KlaviyoMetric, World, WorldSpec
 from convsync.settings import ClientConfig, ClientSection, ConversionEntry, KlaviyoSection, Secrets
-from convsync.sources import Requests, Row, Stream, klaviyo
+from convsync.sources import Requests, Row, Stream, klaviyo, last_complete_day
 from convsync.store import Store
 
 TZ = "America/New_York"
@@ -182,12 +185,22 @@ def test_year_spans_cover_the_range_without_gaps_or_overlaps() -> None:
 
 # -- events ----------------------------------------------------------------------------------
 
+def journey_events(rows: list[Row]) -> list[JourneyEvent]:
+    """The events of a pull, its batches taken apart."""
+    return [e for r in rows if isinstance(r, JourneyBatch) for e in r.events()]
+
+
 @pytest.fixture(scope="module")
-def events(klaviyo_served: tuple[Sandbox, str], world: World) -> list[JourneyEvent]:
+def batches(klaviyo_served: tuple[Sandbox, str], world: World) -> list[JourneyBatch]:
     """The whole world's events, pulled once for the tests that only read them."""
     rows = pulled(open_streams(klaviyo_served[1])["events"], world.start, world.end)
-    assert all(isinstance(r, JourneyEvent) for r in rows)
-    return [r for r in rows if isinstance(r, JourneyEvent)]
+    assert rows and all(isinstance(r, JourneyBatch) for r in rows)
+    return [r for r in rows if isinstance(r, JourneyBatch)]
+
+
+@pytest.fixture(scope="module")
+def events(batches: list[JourneyBatch]) -> list[JourneyEvent]:
+    return journey_events(list(batches))
 
 
 @pytest.fixture(scope="module")
@@ -195,11 +208,10 @@ def truth(world: World) -> dict[str, KlaviyoEvent]:
     return {e.id: e for e in world_events(world, world.start, world.end)}
 
 
-def test_events_are_the_worlds_for_the_mapped_metrics_in_time_order(
+def test_events_are_the_worlds_for_the_mapped_metrics(
         events: list[JourneyEvent], truth: dict[str, KlaviyoEvent]) -> None:
     assert len(events) == len(truth) > 1000
     assert {e.source_event_id for e in events} == set(truth)
-    assert [e.time for e in events] == sorted(e.time for e in events)
     for event in events:
         source = truth[event.source_event_id]
         assert event.time == dt.datetime.fromtimestamp(int(source.timestamp), dt.UTC)
@@ -210,12 +222,37 @@ def test_events_are_the_worlds_for_the_mapped_metrics_in_time_order(
     assert {e.platform_conversion for e in events} == set(MAPPED)
 
 
+def test_batches_are_pages_in_the_order_the_pipeline_relies_on(
+        batches: list[JourneyBatch]) -> None:
+    """A batch is one page of one metric, oldest first, and no event of a later batch is older
+    than a batch's first (how the pipeline knows which days are complete); the metrics' pages
+    interleave in time (so a person's events on several metrics meet in the people cache)."""
+    assert all(b.times == sorted(b.times) for b in batches)
+    assert all(0 < len(b) <= klaviyo.EVENTS_PAGE_SIZE for b in batches)
+    assert max(map(len, batches)) == klaviyo.EVENTS_PAGE_SIZE
+    firsts = [b.times[0] for b in batches]
+    assert firsts == sorted(firsts)
+    switches = sum(a.platform_conversion != b.platform_conversion
+                   for a, b in itertools.pairwise(batches))
+    assert switches > len(MAPPED) - 1  # one walk after the other would switch only so often
+
+
+def test_a_batch_marks_the_days_before_its_first_event_complete(
+        batches: list[JourneyBatch]) -> None:
+    """Later batches hold no older event than a batch's first, so its day (less the margin
+    for the account's zone) bounds what is complete, not its last event's."""
+    zone = ZoneInfo(TZ)
+    batch = next(b for b in batches if (b.times[-1] - b.times[0]) > 3 * 86_400)
+    first = dt.datetime.fromtimestamp(batch.times[0], zone).date()
+    assert last_complete_day(batch, TZ) == first - dt.timedelta(days=2)
+
+
 def test_a_day_range_means_the_client_time_zone(streams: dict[str, Stream],
                                                 world: World) -> None:
     day = world.start + dt.timedelta(days=10)
-    rows = pulled(streams["events"], day, day)
+    rows = journey_events(pulled(streams["events"], day, day))
     lo, hi = local_span(day, day)
-    assert rows and all(lo <= r.time < hi for r in rows if isinstance(r, JourneyEvent))
+    assert rows and all(lo <= r.time < hi for r in rows)
     assert len(rows) == len(world_events(world, day, day))
 
 
@@ -253,6 +290,11 @@ def test_click_ids_in_event_properties_are_kept_as_identifiers(
     assert kinds["gclid"] > 100 and kinds["fbclid"] > 100
 
 
+def test_identifiers_built_unvalidated_equal_validated_ones(events: list[JourneyEvent]) -> None:
+    for event in events:
+        assert Identifiers.model_validate(event.identifiers.model_dump()) == event.identifiers
+
+
 def test_stored_events_hold_no_email_in_clear(events: list[JourneyEvent],
                                               tmp_path: Path) -> None:
     database = tmp_path / "store.db"
@@ -274,7 +316,7 @@ def test_a_pull_makes_exactly_the_minimum_requests(
     streams = open_streams(klaviyo_served[1], requests)
     rows = [r for name in ("metrics", "metric_aggregates", "events")
             for r in pulled(streams[name], world.start, world.end)]
-    per_metric = Counter(r.platform_conversion for r in rows if isinstance(r, JourneyEvent))
+    per_metric = Counter(r.platform_conversion for r in journey_events(rows))
     assert any(n > klaviyo.EVENTS_PAGE_SIZE for n in per_metric.values())
     minimum = klaviyo.min_requests(world.start, world.end, [per_metric[m] for m in MAPPED],
                                    metric_count=len(world.klaviyo_metrics))

@@ -24,6 +24,7 @@ from convsync.model import (
     ConversionDefinition,
     ConversionStat,
     Identifiers,
+    JourneyBatch,
     JourneyEvent,
     Kind,
     Platform,
@@ -346,6 +347,45 @@ def test_a_crm_event_moved_in_time_replaces_its_old_version(store: Store) -> Non
         (Platform.CRM, T0 + 2 * hour, 99.0), (Platform.KLAVIYO, T0, 2.5)]
     store.upsert_journey_events([event(1, T0 + hour, source_platform=Platform.KLAVIYO)])
     assert store.count_rows("journey_events") == 3
+
+
+def batch_of(events: list[JourneyEvent]) -> JourneyBatch:
+    """Events of one source and conversion (whole seconds) as one batch."""
+    first = events[0]
+    return JourneyBatch(first.source_platform, first.conversion, first.platform_conversion,
+                        [e.source_event_id for e in events],
+                        [int(e.time.timestamp()) for e in events],
+                        [e.person_key for e in events], [e.value for e in events],
+                        [e.currency for e in events], [e.campaign_id for e in events],
+                        [e.identifiers for e in events])
+
+
+def test_a_batch_is_stored_as_its_events_one_by_one_are(store: Store, clock: Clock) -> None:
+    """Same rows either way: the same event given once as a batch and once alone is one row,
+    and the batch's whole seconds are the same instant as the event's time."""
+    times = [dt.datetime(2026, 9, 3, 23, 59, 59, tzinfo=dt.UTC), T0, T0,
+             dt.datetime(1969, 12, 31, 23, 0, 1, tzinfo=dt.UTC),
+             dt.datetime(2099, 1, 1, tzinfo=PARIS)]
+    events = [event(n, t) for n, t in enumerate(times)]
+    shared = events[1].identifiers
+    events[2] = event(2, T0, identifiers=shared, person_key="person-1")
+    assert store.upsert_journey_batches([batch_of(events[:3]), batch_of(events[3:])]) == 5
+    stored = sorted(store.journey_events(), key=lambda e: e.source_event_id)
+    assert stored == events
+    assert list(batch_of(events).events()) == events
+
+    clock.tick(minutes=5)
+    store.upsert_journey_events(events)
+    store.upsert_journey_batches([batch_of([event(0, times[0], value=7.0)])])
+    assert store.count_rows("journey_events") == 5
+    assert {e.source_event_id: e.value for e in store.journey_events()}["ev-0"] == 7.0
+
+
+def test_a_crm_batch_replaces_its_moved_events_as_single_events_do(store: Store) -> None:
+    store.upsert_journey_events([event(1, T0, source_platform=Platform.CRM)])
+    moved = event(1, T0 + dt.timedelta(hours=2), source_platform=Platform.CRM, value=99.0)
+    assert store.upsert_journey_batches([batch_of([moved])]) == 1
+    assert [(e.time, e.value) for e in store.journey_events()] == [(moved.time, 99.0)]
 
 
 def test_version_1_journey_events_move_to_the_time_ordered_key(url: str, clock: Clock) -> None:

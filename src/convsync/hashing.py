@@ -34,7 +34,10 @@ def sha256_hex(text: str) -> str:
 
 def normalize_email_google(email: str) -> str:
     """Google's rule: lower-case, no whitespace; gmail local part without dots and +suffix."""
-    text = _WHITESPACE.sub("", email).lower()
+    return _gmail_canonical(_WHITESPACE.sub("", email).lower())
+
+
+def _gmail_canonical(text: str) -> str:
     local, at, domain = text.rpartition("@")
     if at and domain in GMAIL_DOMAINS:
         return f"{local.split('+', 1)[0].replace('.', '')}@{domain}"
@@ -51,7 +54,9 @@ def hash_email(email: str) -> tuple[str, str]:
     meta = normalize_email_meta(email)
     if not _EMAIL.fullmatch(meta):
         raise ValueError("not an email address (expected name@domain.tld)")
-    return sha256_hex(normalize_email_google(email)), sha256_hex(meta)
+    # the pattern leaves ``meta`` no whitespace at all, so it is Google's lower-cased,
+    # whitespace-free text already: a third of the time of normalizing the email again
+    return sha256_hex(_gmail_canonical(meta)), sha256_hex(meta)
 
 
 def normalize_phone(phone: str) -> str:

@@ -17,6 +17,7 @@ from typing import Any
 from convsync.model import (
     ConversionMap,
     ConversionStat,
+    JourneyBatch,
     JourneyEvent,
     Platform,
     PlatformConversion,
@@ -350,11 +351,13 @@ def _commit_batches(config: ClientConfig, store: Store, stream: Stream, start: d
     complete (the rows come in date order, so every day before the last row's is done; a
     stream that promises no order yields nothing)."""
     batch: list[Row] = []
+    pending = 0
     for row in stream.pull(start, end):
         batch.append(row)
-        if len(batch) >= BATCH_ROWS:
+        pending += len(row) if isinstance(row, JourneyBatch) else 1
+        if pending >= BATCH_ROWS:
             _store_batch(store, batch, outcome)
-            batch = []
+            batch, pending = [], 0
             done = last_complete_day(row, config.client.timezone) if stream.ordered else None
             if done is not None and done >= start:
                 yield done
@@ -364,18 +367,22 @@ def _commit_batches(config: ClientConfig, store: Store, stream: Stream, start: d
 def _store_batch(store: Store, batch: list[Row], outcome: PlatformPull) -> None:
     stats = [r for r in batch if isinstance(r, ConversionStat)]
     events = [r for r in batch if isinstance(r, JourneyEvent)]
+    batches = [r for r in batch if isinstance(r, JourneyBatch)]
     definitions = [r for r in batch if isinstance(r, PlatformConversion)]
     if stats:
         store.upsert_stats(stats)
         outcome.days.update(r.date for r in stats)
     if events:
         store.upsert_journey_events(events)
+    if batches:
+        store.upsert_journey_batches(batches)
     if definitions:
         store.save_platform_conversions(definitions)
-    outcome.rows += len(stats) + len(events)
+    outcome.rows += len(stats) + len(events) + sum(map(len, batches))
     outcome.unmapped.update(r.platform_conversion for r in stats if r.conversion is None)
-    outcome.unmapped.update(r.platform_conversion for r in events if r.conversion is None
-                            and r.platform_conversion != "click")
+    people: list[JourneyEvent | JourneyBatch] = [*events, *batches]
+    outcome.unmapped.update(r.platform_conversion for r in people
+                            if r.conversion is None and r.platform_conversion != "click")
     outcome.unmapped.update(r.name for r in definitions if r.conversion is None
                             and "alias_of" not in r.settings)
 

@@ -5,9 +5,10 @@ migration and ``MIGRATIONS`` is the ordered list of migration functions (``MIGRA
 takes an empty database to version 1). ``Store.open`` applies the pending ones in one
 transaction and refuses a database written by a newer convsync.
 
-Hot paths (``upsert_stats``, ``upsert_journey_events``) run an INSERT ... ON CONFLICT statement
-compiled once per store, with rows passed as plain tuples (see ``_BulkUpsert``): SQLAlchemy's
-per-row parameter processing would otherwise cost more than SQLite itself.
+Hot paths (``upsert_stats``, ``upsert_journey_events``, ``upsert_journey_batches``) run an
+INSERT ... ON CONFLICT statement compiled once per store, with rows passed as plain tuples
+(see ``_BulkUpsert``): SQLAlchemy's per-row parameter processing would otherwise cost more
+than SQLite itself.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from convsync.model import (
     ConversionDefinition,
     ConversionStat,
     Identifiers,
+    JourneyBatch,
     JourneyEvent,
     Kind,
     Platform,
@@ -584,30 +586,67 @@ _JOURNEY_CONVERTED = ("time", "value", "updated_at")
 applies."""
 
 
-def _journey_row_builder(upsert: _BulkUpsert) -> Callable[[JourneyEvent, Any], Values]:
-    """JourneyEvent -> journey_events row; ``now`` comes already converted.
+class _JourneyRows:
+    """journey_events rows from JourneyEvents and JourneyBatches; ``now`` comes converted.
 
     The events of one visit share one Identifiers object (the sources build one per person
     and click), so its JSON is kept for the next rows (by identity, at most 4,096)."""
-    time, value = upsert.processor("time"), upsert.processor("value")
-    recent: dict[int, tuple[Identifiers, str]] = {}
 
-    def identifiers_json(i: Identifiers) -> str:
-        hit = recent.get(id(i))
-        if hit is not None and hit[0] is i:
+    def __init__(self, upsert: _BulkUpsert, dialect: Dialect) -> None:
+        self._time, self._value = upsert.processor("time"), upsert.processor("value")
+        self._seconds = _seconds_processor(self._time, dialect)
+        self._recent: dict[int, tuple[Identifiers, str]] = {}
+
+    def identifiers_json(self, identifiers: Identifiers) -> str:
+        hit = self._recent.get(id(identifiers))
+        if hit is not None and hit[0] is identifiers:
             return hit[1]
-        if len(recent) >= 4096:
-            recent.clear()
-        text = _identifiers_json(i)
-        recent[id(i)] = (i, text)
+        if len(self._recent) >= 4096:
+            self._recent.clear()
+        text = _identifiers_json(identifiers)
+        self._recent[id(identifiers)] = (identifiers, text)
         return text
 
-    def row(e: JourneyEvent, now: Any) -> Values:
+    def row(self, e: JourneyEvent, now: Any) -> Values:
         return (e.source_platform, e.source_event_id, e.person_key, e.conversion,
-                e.platform_conversion, time(e.time), value(e.value), e.currency, e.campaign_id,
-                identifiers_json(e.identifiers), now)
+                e.platform_conversion, self._time(e.time), self._value(e.value), e.currency,
+                e.campaign_id, self.identifiers_json(e.identifiers), now)
 
-    return row
+    def batch_rows(self, batch: JourneyBatch, now: Any) -> Iterator[Values]:
+        """The batch's rows, put together column by column in C (``zip``, ``map``)."""
+        n, value = len(batch), self._value
+        return zip(itertools.repeat(batch.source_platform, n), batch.source_event_ids,
+                   batch.person_keys, itertools.repeat(batch.conversion, n),
+                   itertools.repeat(batch.platform_conversion, n),
+                   map(self._seconds, batch.times),
+                   batch.values if value is _unchanged else map(value, batch.values),
+                   batch.currencies, batch.campaign_ids,
+                   map(self.identifiers_json, batch.identifiers), itertools.repeat(now, n),
+                   strict=True)
+
+
+_EPOCH = dt.datetime(1970, 1, 1)
+_MINUTE_SECOND_TEXT = tuple(f"{s // 60:02d}:{s % 60:02d}.000000" for s in range(3600))
+
+
+def _seconds_processor(bind_time: Processor, dialect: Dialect) -> Processor:
+    """Whole POSIX seconds to a bound ``UtcDateTime``. On SQLite straight to its text,
+    ``YYYY-MM-DD HH:MM:SS.000000``, from the hour's prefix (kept for the next events) and a
+    table of the rest: 0.2 us a value against 1.5 through a datetime and its ``isoformat``."""
+    if dialect.name != "sqlite":
+        return lambda seconds: bind_time(dt.datetime.fromtimestamp(seconds, dt.UTC))
+    hours: dict[int, str] = {}
+
+    def text(seconds: int) -> str:
+        hour, rest = divmod(seconds, 3600)
+        prefix = hours.get(hour)
+        if prefix is None:
+            if len(hours) >= 4096:
+                hours.clear()
+            prefix = hours[hour] = (_EPOCH + dt.timedelta(hours=hour)).isoformat(" ", "hours")
+        return f"{prefix}:{_MINUTE_SECOND_TEXT[rest]}"
+
+    return text
 
 
 class _Reader(Generic[M]):
@@ -768,7 +807,7 @@ class Store:
         self._stat_row = _stat_row_builder(self._stats_upsert)
         self._journey_upsert = _BulkUpsert(_upsert_insert(dialect, journey_events, JOURNEY_KEY),
                                            dialect, _JOURNEY_CONVERTED)
-        self._journey_row = _journey_row_builder(self._journey_upsert)
+        self._journey_rows = _JourneyRows(self._journey_upsert, dialect)
         self.applied_migrations: tuple[int, ...] = ()
         """Schema versions this open migrated to (empty when the schema was current)."""
 
@@ -976,8 +1015,24 @@ class Store:
                               batch_size: int = DEFAULT_BATCH_SIZE) -> int:
         """Store person-level events: the same (time, source_platform, source_event_id) is one
         row; a CRM event that comes back with another time replaces its old version."""
-        return self._bulk_upsert(self._journey_upsert, self._journey_row, events, batch_size,
-                                 _DELETE_MOVED, _moved_events)
+        return self._bulk_upsert(self._journey_upsert, self._journey_rows.row, events,
+                                 batch_size, _DELETE_MOVED, _moved_events)
+
+    def upsert_journey_batches(self, batches: Sequence[JourneyBatch]) -> int:
+        """Store whole batches of events in one transaction, as ``upsert_journey_events``
+        stores single events."""
+        movable = [b for b in batches if b.source_platform == MOVABLE_SOURCE]
+        stored = self.upsert_journey_events(e for b in movable for e in b.events())
+        batches = [b for b in batches if b.source_platform != MOVABLE_SOURCE]
+        if batches:
+            upsert = self._journey_upsert
+            now = upsert.processor("updated_at")(self._clock())
+            rows = list(itertools.chain.from_iterable(
+                self._journey_rows.batch_rows(b, now) for b in batches))
+            with self._writing() as conn:
+                upsert.execute(conn, rows)
+            stored += len(rows)
+        return stored
 
     def journey_events(self, since: dt.datetime | None = None,
                        until: dt.datetime | None = None) -> Iterator[JourneyEvent]:

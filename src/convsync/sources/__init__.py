@@ -1,8 +1,9 @@
 """One module per platform: connect with the platform's own SDK, pull, normalize.
 
 Every source offers its data as ``Stream``s: named, per account, each a function from a date
-range to normalized rows (``ConversionStat`` or ``JourneyEvent``) yielded in date order, so
-the pipeline can commit as it goes and resume a killed backfill from the last complete day.
+range to normalized rows (``ConversionStat``, ``JourneyEvent``, ``JourneyBatch``) yielded in
+date order, so the pipeline can commit as it goes and resume a killed backfill from the last
+complete day.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from zoneinfo import ZoneInfo
 
-from convsync.model import ConversionStat, JourneyEvent, PlatformConversion
+from convsync.model import ConversionStat, JourneyBatch, JourneyEvent, PlatformConversion
 
-Row = ConversionStat | JourneyEvent | PlatformConversion
-"""What a stream yields: aggregate cells, person-level events, or (undated) the conversion
-definitions the platform reports, such as Google Ads conversion actions."""
+Row = ConversionStat | JourneyEvent | JourneyBatch | PlatformConversion
+"""What a stream yields: aggregate cells, person-level events (one by one or a page at a
+time), or (undated) the conversion definitions the platform reports, such as Google Ads
+conversion actions."""
 
 
 @dataclass(frozen=True)
@@ -28,8 +30,9 @@ class Stream:
 
     ``pull(start, end)`` yields rows for days ``start..end`` (inclusive, in the account's time
     zone) in nondecreasing date order: once a row of day D is yielded, no row of an earlier day
-    follows. ``chunk_days`` > 0 asks the pipeline to split the range into chunks (for APIs that
-    take one day, or a bounded span, per request); 0 means one pull for the whole range.
+    follows (a ``JourneyBatch`` counts as its first event). ``chunk_days`` > 0 asks the
+    pipeline to split the range into chunks (for APIs that take one day, or a bounded span,
+    per request); 0 means one pull for the whole range.
     ``ordered=False`` lifts the date-order promise (an API that does not document its order):
     the pipeline then counts a day complete only once the whole pull, or chunk, is stored."""
 
@@ -59,12 +62,16 @@ def last_complete_day(row: Row, timezone: str) -> dt.date | None:
     """The last day surely complete once ``row`` is stored, the rows coming in date order.
 
     A stat carries its own (account) date: every earlier day is done. An event has only a
-    time, read here in ``timezone`` (the client's), while the stream's days are the account's,
-    which can differ by a day: one more day of margin. Undated rows say nothing (None)."""
+    time (a batch counts as its first event's), read here in ``timezone`` (the client's),
+    while the stream's days are the account's, which can differ by a day: one more day of
+    margin. Undated rows say nothing (None)."""
     if isinstance(row, ConversionStat):
         return row.date - dt.timedelta(days=1)
     if isinstance(row, JourneyEvent):
         return row.time.astimezone(ZoneInfo(timezone)).date() - dt.timedelta(days=2)
+    if isinstance(row, JourneyBatch) and row.times:
+        first = dt.datetime.fromtimestamp(row.times[0], ZoneInfo(timezone))
+        return first.date() - dt.timedelta(days=2)
     return None
 
 
