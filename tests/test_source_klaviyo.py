@@ -290,9 +290,12 @@ def test_click_ids_in_event_properties_are_kept_as_identifiers(
     assert kinds["gclid"] > 100 and kinds["fbclid"] > 100
 
 
-def test_identifiers_built_unvalidated_equal_validated_ones(events: list[JourneyEvent]) -> None:
-    for event in events:
-        assert Identifiers.model_validate(event.identifiers.model_dump()) == event.identifiers
+def test_a_batch_carries_the_set_identifiers_one_dict_per_visit(
+        batches: list[JourneyBatch]) -> None:
+    carried = [fields for batch in batches for fields in batch.identifiers]
+    assert all(fields and None not in fields.values() for fields in carried)
+    assert all(Identifiers.model_validate(fields) for fields in carried)
+    assert len({id(fields) for fields in carried}) < len(carried)
 
 
 def test_stored_events_hold_no_email_in_clear(events: list[JourneyEvent],

@@ -23,6 +23,7 @@ from convsync.model import (
     Basis,
     ConversionDefinition,
     ConversionStat,
+    IdentifierFields,
     Identifiers,
     JourneyBatch,
     JourneyEvent,
@@ -351,13 +352,17 @@ def test_a_crm_event_moved_in_time_replaces_its_old_version(store: Store) -> Non
 
 def batch_of(events: list[JourneyEvent]) -> JourneyBatch:
     """Events of one source and conversion (whole seconds) as one batch."""
-    first = events[0]
+    first, shared = events[0], {id(e.identifiers): fields(e.identifiers) for e in events}
     return JourneyBatch(first.source_platform, first.conversion, first.platform_conversion,
                         [e.source_event_id for e in events],
                         [int(e.time.timestamp()) for e in events],
                         [e.person_key for e in events], [e.value for e in events],
                         [e.currency for e in events], [e.campaign_id for e in events],
-                        [e.identifiers for e in events])
+                        [shared[id(e.identifiers)] for e in events])
+
+
+def fields(identifiers: Identifiers) -> IdentifierFields:
+    return identifiers.model_dump(exclude_none=True)  # type: ignore[return-value]
 
 
 def test_a_batch_is_stored_as_its_events_one_by_one_are(store: Store, clock: Clock) -> None:
@@ -373,6 +378,7 @@ def test_a_batch_is_stored_as_its_events_one_by_one_are(store: Store, clock: Clo
     stored = sorted(store.journey_events(), key=lambda e: e.source_event_id)
     assert stored == events
     assert list(batch_of(events).events()) == events
+    assert IdentifierFields.__annotations__.keys() == Identifiers.model_fields.keys()
 
     clock.tick(minutes=5)
     store.upsert_journey_events(events)

@@ -37,6 +37,7 @@ from sqlalchemy.sql.dml import Insert
 from convsync.model import (
     ConversionDefinition,
     ConversionStat,
+    IdentifierFields,
     Identifiers,
     JourneyBatch,
     JourneyEvent,
@@ -575,11 +576,12 @@ def _stat_row_builder(upsert: _BulkUpsert) -> Callable[[ConversionStat, Any], Va
 _JSON_ENCODE = msgspec.json.Encoder().encode
 
 
-def _identifiers_json(identifiers: Identifiers) -> str:
+def _identifiers_json(identifiers: Identifiers | IdentifierFields) -> str:
     """journey_events.identifiers: the fields that are set, as JSON (msgspec writes it in
     half the time pydantic's ``model_dump_json`` takes)."""
-    return _JSON_ENCODE({k: v for k, v in identifiers.__dict__.items()
-                         if v is not None}).decode()
+    fields = identifiers if isinstance(identifiers, dict) else {
+        k: v for k, v in identifiers.__dict__.items() if v is not None}
+    return _JSON_ENCODE(fields).decode()
 
 _JOURNEY_CONVERTED = ("time", "value", "updated_at")
 """Columns whose bind conversion the journey_events row builder (or upsert_journey_events)
@@ -589,15 +591,16 @@ applies."""
 class _JourneyRows:
     """journey_events rows from JourneyEvents and JourneyBatches; ``now`` comes converted.
 
-    The events of one visit share one Identifiers object (the sources build one per person
-    and click), so its JSON is kept for the next rows (by identity, at most 4,096)."""
+    The events of one visit share one Identifiers object, or one dict in a batch (the sources
+    build one per person and click), so its JSON is kept for the next rows (by identity, at
+    most 4,096)."""
 
     def __init__(self, upsert: _BulkUpsert, dialect: Dialect) -> None:
         self._time, self._value = upsert.processor("time"), upsert.processor("value")
         self._seconds = _seconds_processor(self._time, dialect)
-        self._recent: dict[int, tuple[Identifiers, str]] = {}
+        self._recent: dict[int, tuple[Identifiers | IdentifierFields, str]] = {}
 
-    def identifiers_json(self, identifiers: Identifiers) -> str:
+    def identifiers_json(self, identifiers: Identifiers | IdentifierFields) -> str:
         hit = self._recent.get(id(identifiers))
         if hit is not None and hit[0] is identifiers:
             return hit[1]

@@ -47,11 +47,10 @@ from convsync.model import (
     Basis,
     ConversionMap,
     ConversionStat,
-    Identifiers,
+    IdentifierFields,
     JourneyBatch,
     Platform,
     PlatformConversion,
-    copy_with,
 )
 from convsync.retry import RetryPolicy, retrying
 from convsync.settings import ClientConfig, KlaviyoSection, Secrets
@@ -494,7 +493,7 @@ class _Person:
     __slots__ = ("_by_clicks", "_hashes", "key")
 
     def __init__(self, profile_id: str, profile: _ProfileAttributes) -> None:
-        hashes: dict[str, str] = {}
+        hashes: IdentifierFields = {}
         # a malformed email or phone is dropped, never logged: it is personal data
         if profile.email:
             with contextlib.suppress(ValueError):
@@ -510,23 +509,23 @@ class _Person:
         email, phone = hashes.get("email_sha256_google"), hashes.get("phone_sha256_google")
         self.key = (f"email:{email}" if email else f"phone:{phone}" if phone
                     else f"klaviyo:{profile_id}")
-        self._by_clicks: dict[ClickIds, Identifiers] = {}
+        self._by_clicks: dict[ClickIds, IdentifierFields] = {}
 
-    def identifiers(self, clicks: ClickIds) -> Identifiers:
+    def identifiers(self, clicks: ClickIds) -> IdentifierFields:
         """The person's identifiers with an event's click ids: the events of one visit carry
-        the same ones, so they share one object. Built unvalidated (``copy_with``): every
-        value is a hex digest of ``hashing``, a string, or None."""
+        the same ones, so they share one dict."""
         found = self._by_clicks.get(clicks)
         if found is None:
             if len(self._by_clicks) >= 8:
                 self._by_clicks.clear()
-            found = self._by_clicks[clicks] = copy_with(
-                _NO_IDENTIFIERS, self._hashes | dict(zip(CLICK_FIELDS, clicks, strict=True)))
+            given: IdentifierFields = {name: value  # type: ignore[assignment]
+                                       for name, value in zip(CLICK_FIELDS, clicks, strict=True)
+                                       if value}
+            found = self._by_clicks[clicks] = given | self._hashes
         return found
 
 
 _NOBODY = _ProfileAttributes()
-_NO_IDENTIFIERS = Identifiers()
 
 
 class _People:
