@@ -21,7 +21,6 @@ events of ``start..end`` are those from ``start`` 00:00 to ``end`` 24:00 there.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import heapq
 import json
@@ -494,20 +493,27 @@ class _Person:
 
     def __init__(self, profile_id: str, profile: _ProfileAttributes) -> None:
         hashes: IdentifierFields = {}
-        # a malformed email or phone is dropped, never logged: it is personal data
+        google = phone = None
+        # a malformed email or phone is dropped, never logged: it is personal data (try/except
+        # rather than contextlib.suppress, which cost 0.2 us a person)
         if profile.email:
-            with contextlib.suppress(ValueError):
-                hashes["email_sha256_google"], hashes["email_sha256_meta"] = hash_email(
-                    profile.email)
+            try:
+                google, hashes["email_sha256_meta"] = hash_email(profile.email)
+            except ValueError:
+                pass
+            else:
+                hashes["email_sha256_google"] = google
         if profile.phone_number:
-            with contextlib.suppress(ValueError):
-                hashes["phone_sha256_google"], hashes["phone_sha256_meta"] = hash_phone(
-                    profile.phone_number)
+            try:
+                phone, hashes["phone_sha256_meta"] = hash_phone(profile.phone_number)
+            except ValueError:
+                pass
+            else:
+                hashes["phone_sha256_google"] = phone
         if profile.external_id:
             hashes["external_id"] = str(profile.external_id)
         self._hashes = hashes
-        email, phone = hashes.get("email_sha256_google"), hashes.get("phone_sha256_google")
-        self.key = (f"email:{email}" if email else f"phone:{phone}" if phone
+        self.key = (f"email:{google}" if google else f"phone:{phone}" if phone
                     else f"klaviyo:{profile_id}")
         self._by_clicks: dict[ClickIds, IdentifierFields] = {}
 
