@@ -381,8 +381,8 @@ def _store_batch(store: Store, batch: list[Row], outcome: PlatformPull) -> None:
         store.save_platform_conversions(definitions)
     outcome.rows += len(stats) + len(events) + sum(map(len, batches))
     outcome.unmapped.update(r.platform_conversion for r in stats if r.conversion is None)
-    people: list[JourneyEvent | JourneyBatch] = [*events, *batches]
-    outcome.unmapped.update(r.platform_conversion for r in people
+    journeys: list[JourneyEvent | JourneyBatch] = [*events, *batches]
+    outcome.unmapped.update(r.platform_conversion for r in journeys
                             if r.conversion is None and r.platform_conversion != "click")
     outcome.unmapped.update(r.name for r in definitions if r.conversion is None
                             and "alias_of" not in r.settings)
