@@ -72,12 +72,13 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-PAGE_ROWS = {"grpc": 150_000, "rest": 30_000}
+PAGE_ROWS = {"grpc": 125_000, "rest": 30_000}
 """Rows per ``events`` page, by transport. The API allows 250,000, but a page costs the client
 memory while it arrives and is read: over gRPC about 800 bytes a row (the message, then its
 parsed form: five dimension values and three metric values a row), so a year of 200
-campaigns (370,000 rows) peaked at 300 - 320 MB in pages of 200,000 and under 290 in pages of
-150,000, with every SDK loaded and the store's page cache full. Over REST the JSON text and
+campaigns (370,000 rows) peaked at 300 - 320 MB in pages of 200,000, 285 - 290 in pages of
+150,000 (too near the 300 MB target) and 264 - 273 in pages of 125,000, with every SDK loaded
+and the store's page cache full. Over REST the JSON text and
 its parsed dictionaries peak at about 3.7 kB a row: 30,000 rows, 110 MB."""
 JOURNEY_PAGE_ROWS = {"grpc": 100_000, "rest": 20_000}
 """Rows per ``journeys`` page: its rows are wider (a 46-character gclid each), 250,000 of them
