@@ -89,6 +89,7 @@ def test_meta_rules_match_published_hashes() -> None:
     assert hashing.hash_email("John_Smith@gmail.com")[1] == (
         "62a14e44f765419d10fea99367361a727c12365e2520f32218d505ed9aa0f62f")
     assert hashing.hash_email("Jane.Doe+crm@gmail.com") == (JANE_GOOGLE, JANE_META)
+    assert hashing.hash_email("janedoe@gmail.com") == (JANE_GOOGLE, JANE_GOOGLE)
     assert hashing.hash_phone("+1 (650) 555-1212") == (PHONE_GOOGLE, PHONE_META)
 
 
