@@ -255,34 +255,81 @@ def test_guard_rails_withhold_thin_segments_and_say_why() -> None:
     thin = _row(rows, "signup", "c7")
     assert thin.volume == 20
     assert thin.value is None and thin.estimate > 0
-    assert "only 20 events (needs 30)" in thin.reason
-    assert thin.recommendation == Recommendation.ANALYTICS_ONLY
+    assert thin.withheld == "only 20 events (needs 30)"
     whole = _row(rows, "signup")
+    assert thin.recommendation == whole.recommendation  # decided over all segments
+    if whole.upload_value is not None:  # a thin segment uploads the figure over all of them
+        assert thin.upload_value == whole.upload_value
+        assert thin.upload_note.startswith("the all-segments figure")
     assert whole.value == whole.estimate and whole.volume == 3000
     wide = estimate_values(journeys, AS_OF, 90.0, ValuationSettings(min_events=1,
                                                                     max_relative_width=0.01))
-    assert "interval too wide" in _row(wide, "signup", "c7").reason
-    short = estimate_values(journeys, AS_OF, 200.0)
-    assert "shorter than the 200-day horizon" in _row(short, "signup").reason
+    assert "interval too wide" in _row(wide, "signup", "c7").withheld
+    short = _row(estimate_values(journeys, AS_OF, 200.0), "signup")
+    assert short.history_days == pytest.approx(180.0, abs=0.5)
+    assert short.withheld == (f"{short.history_days:.1f} days of history, shorter than the "
+                              "200-day horizon")
+    assert short.value is None and short.upload_value is None
 
 
-def test_lift_coverage_and_recommendation_on_hand_made_people() -> None:
+def _hand_made(people: list[tuple[int, str, float, float | None]],
+               groups: tuple[str, ...] = ("gclid", "email")) -> Journeys:
+    """People as (group, micro conversion, days before AS_OF, purchase days before AS_OF or
+    None); "buy" as the micro conversion: a person whose only event is a purchase."""
     t = AS_OF.timestamp()
-    # persons 0-3 signed up 40 days ago, 0 and 1 bought 5 days later; persons 4-7 only browsed
-    # (another micro conversion) 40 days ago, 4 bought; person 8 bought with no micro at all
-    journeys = Journeys(
-        conversions=("signup", "browse"), segments=("all",),
-        micro_person=np.arange(8), micro_conversion=np.array([0, 0, 0, 0, 1, 1, 1, 1]),
-        micro_segment=np.zeros(8, np.int64), micro_time=np.full(8, t - 40 * DAY),
-        micro_size=np.full(8, np.nan), macro_person=np.array([0, 1, 4, 8]),
-        macro_time=np.array([t - 35 * DAY, t - 35 * DAY, t - 35 * DAY, t - 35 * DAY]),
-        macro_value=np.full(4, 50.0))
-    row = _row(estimate_values(journeys, AS_OF, 30.0, ValuationSettings(min_events=1)), "signup")
-    # doers 2/4; non-doers 2/5 (person 4, and person 8 counted from their purchase)
-    assert row.lift == pytest.approx((2 / 4) / (2 / 5))
+    micro = [(p, c, d) for p, (_, c, d, _b) in enumerate(people) if c != "buy"]
+    conversions = ("signup", "browse")
+    return Journeys(
+        conversions=conversions, segments=("all",),
+        micro_person=np.array([p for p, _, _ in micro]),
+        micro_conversion=np.array([conversions.index(c) for _, c, _ in micro]),
+        micro_segment=np.zeros(len(micro), np.int64),
+        micro_time=np.array([t - d * DAY for _, _, d in micro]),
+        micro_size=np.full(len(micro), np.nan),
+        macro_person=np.array([p for p, person in enumerate(people) if person[3] is not None]),
+        macro_time=np.array([t - person[3] * DAY for person in people if person[3] is not None]),
+        macro_value=np.full(sum(person[3] is not None for person in people), 50.0),
+        person_group=np.array([g for g, *_ in people]), groups=groups)
+
+
+def test_the_comparison_by_hand_strata_burn_in_and_people_first_seen_at_their_purchase() -> None:
+    gclid, email = 0, 1
+    people = [
+        (gclid, "signup", 100, 95),  # first of gclid's window: within the burn-in, left out
+        *[(gclid, "signup", 60, 55)] * 2, *[(gclid, "signup", 60, None)] * 2,  # doers 2 of 4
+        (gclid, "browse", 60, 55), *[(gclid, "browse", 60, None)] * 4,  # others 1 of 5
+        (gclid, "buy", 0, 50),  # first seen at the purchase: left out
+        (email, "browse", 100, None),  # first of email's window: left out
+        (email, "signup", 60, 55), (email, "signup", 60, None),  # doers 1 of 2
+        *[(email, "browse", 60, 55)] * 2, *[(email, "browse", 60, None)] * 2,  # others 2 of 4
+    ]
+    settings = ValuationSettings(min_events=1, min_compared=1, min_compared_conversions=1,
+                                 max_relative_width=100.0)
+    row = _row(estimate_values(_hand_made(people), AS_OF, 30.0, settings), "signup")
+    assert row.burn_in_days == pytest.approx(5.0)  # every purchase came 5 days after
+    assert row.history_days == pytest.approx(100.0)
+    assert (row.compared_doers, row.compared_doers_converted) == (6, 3)
+    assert (row.compared_others, row.compared_others_converted) == (9, 3)
+    # Mantel-Haenszel by hand: (2 x 5 / 9 + 1 x 4 / 6) / (1 x 4 / 9 + 2 x 2 / 6) = 1.6; pooled
+    # into one group the same people would read (3 / 6) / (3 / 9) = 1.5
+    assert row.lift == pytest.approx(1.6)
     assert row.lift_interval is not None and row.lift_interval[0] < 1 < row.lift_interval[1]
-    assert row.coverage == pytest.approx(2 / 4)
+    assert row.coverage == pytest.approx(3 / 6)  # buyers seen from their start: 3 signed up
     assert row.recommendation == Recommendation.ANALYTICS_ONLY
+    assert "not clearly above 1" in row.reason and row.upload_value is None
+
+
+def test_too_few_people_to_compare_is_not_enough_evidence_never_drop() -> None:
+    people = [(0, "browse", 100, None), *[(0, "signup", 60, None)] * 40,
+              *[(0, "browse", 60, 55)] * 10]
+    rows = estimate_values(_hand_made(people, ("email",)), AS_OF, 30.0,
+                           ValuationSettings(min_events=1))
+    row = _row(rows, "signup")
+    assert row.lift is not None and row.lift_interval is not None
+    assert row.lift_interval[1] < 1.25  # on its own it would read "drop"
+    assert row.recommendation == Recommendation.NOT_ENOUGH_EVIDENCE
+    assert "10 did not (needs 20 each)" in row.reason
+    assert row.upload_value is None and row.upload_note == "not uploaded: not_enough_evidence"
 
 
 def test_a_strong_micro_conversion_is_tracked_and_a_useless_one_dropped() -> None:
@@ -305,6 +352,94 @@ def test_a_strong_micro_conversion_is_tracked_and_a_useless_one_dropped() -> Non
     assert strong.lift is not None and strong.lift > 5
     assert useless.recommendation == Recommendation.DROP_NOISE
     assert "does not predict" in useless.reason
+
+
+def _two_populations(seed: int, predictive: bool) -> Journeys:
+    """Click-id people (a third) buy at 20% and most sign up; email people buy at 2% and few
+    sign up. With ``predictive``, signing up doubles the odds to buy within each population;
+    without, signing up says nothing within either (pooled together, it would seem to)."""
+    rng = np.random.default_rng(seed)
+    people, t = 9000, AS_OF.timestamp()
+    group = (rng.random(people) < 2 / 3).astype(np.int64)  # 0: gclid, 1: email
+    start = t - rng.uniform(0, 240, people) * DAY
+    signup = rng.random(people) < np.where(group == 0, 0.8, 0.2)
+    base = np.where(group == 0, 0.2, 0.02)
+    buys = rng.random(people) < np.where(predictive & signup, 2 * base, base)
+    persons = np.concatenate([np.flatnonzero(signup), np.flatnonzero(~signup)])
+    bought = start + rng.exponential(3.0, people) * DAY
+    seen = buys & (bought <= t)
+    return Journeys(
+        conversions=("signup", "browse"), segments=("all",), micro_person=persons,
+        micro_conversion=np.repeat([0, 1], [signup.sum(), (~signup).sum()]),
+        micro_segment=np.zeros(people, np.int64), micro_time=start[persons],
+        micro_size=np.full(people, np.nan), macro_person=np.flatnonzero(seen),
+        macro_time=bought[seen], macro_value=np.full(seen.sum(), 80.0),
+        person_group=group, groups=("gclid", "email"))
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_people_keyed_differently_are_never_pooled_into_one_comparison(seed: int) -> None:
+    useless = _row(estimate_values(_two_populations(seed, predictive=False), AS_OF), "signup")
+    assert useless.lift is not None and 0.75 < useless.lift < 1.3
+    assert useless.recommendation != Recommendation.TRACK_AND_UPLOAD
+    assert useless.upload_value is None
+    pooled = _two_populations(seed, predictive=False)
+    pooled = Journeys(**{**pooled.__dict__, "person_group": np.zeros(0, np.int64),
+                         "groups": ("",)})
+    assert _row(estimate_values(pooled, AS_OF), "signup").lift > 2  # what pooling would say
+    useful = _row(estimate_values(_two_populations(seed, predictive=True), AS_OF), "signup")
+    assert useful.recommendation == Recommendation.TRACK_AND_UPLOAD
+    assert useful.lift_interval is not None and useful.lift_interval[0] > 1
+
+
+def test_unrelated_buyers_in_the_store_change_no_comparison() -> None:
+    journeys = _two_populations(4, predictive=True)
+    t = AS_OF.timestamp()
+    rng = np.random.default_rng(4)
+    extra = journeys.persons + np.arange(200)  # CRM rows: people seen only at their purchase
+    crowded = Journeys(**{
+        **journeys.__dict__,
+        "macro_person": np.concatenate([journeys.macro_person, extra]),
+        "macro_time": np.concatenate([journeys.macro_time,
+                                      t - rng.uniform(0, 240, 200) * DAY]),
+        "macro_value": np.concatenate([journeys.macro_value, np.full(200, 500.0)]),
+        "person_group": np.concatenate([journeys.groups_of_persons(), np.ones(200, np.int64)])})
+    for alone, crowd in zip(estimate_values(journeys, AS_OF), estimate_values(crowded, AS_OF),
+                            strict=True):
+        assert (crowd.lift, crowd.lift_interval, crowd.coverage, crowd.recommendation) == (
+            alone.lift, alone.lift_interval, alone.coverage, alone.recommendation)
+        assert crowd.compared_others == alone.compared_others
+
+
+def _signups(lagged: bool) -> Journeys:
+    """1,000 signups, every tenth of whom buys for $500 within 30 days. ``lagged``: signups
+    evenly over the last 93.75 days and lags evenly over 1.5 .. 28.5 days, so that 16 of the
+    100 purchases are still to come; else all signups 100 days old, all purchases seen."""
+    t = AS_OF.timestamp()
+    days = np.linspace(93.75, 0.0, 1000) if lagged else np.full(1000, 100.0)
+    start = t - days * DAY
+    buyers = np.arange(0, 1000, 10)
+    lag = (np.arange(100) * 7 % 10) * 3.0 + 1.5  # 1.5 .. 28.5 days, mixed over time
+    bought = start[buyers] + lag * DAY
+    seen = bought <= t
+    return Journeys(
+        conversions=("signup",), segments=("all",), micro_person=np.arange(1000),
+        micro_conversion=np.zeros(1000, np.int64), micro_segment=np.zeros(1000, np.int64),
+        micro_time=start, micro_size=np.full(1000, np.nan), macro_person=buyers[seen],
+        macro_time=bought[seen], macro_value=np.full(seen.sum(), 500.0))
+
+
+def test_the_seed_example_a_signup_is_worth_fifty_dollars_lag_or_not() -> None:
+    matured = _row(estimate_values(_signups(lagged=False), AS_OF, 30.0), "signup")
+    assert matured.estimate == pytest.approx(50.0, rel=0.02)
+    assert matured.interval[0] < 50.0 < matured.interval[1]
+    lagged_journeys = _signups(lagged=True)
+    assert len(lagged_journeys.macro_person) == 84  # 16 purchases still to come
+    textbook = textbook_values(lagged_journeys, AS_OF, 30.0)["signup", "all"]
+    assert textbook == pytest.approx(42.0)
+    lagged = _row(estimate_values(lagged_journeys, AS_OF, 30.0), "signup")
+    assert lagged.estimate == pytest.approx(50.0, rel=0.05)
+    assert lagged.interval[0] < 50.0 < lagged.interval[1]
 
 
 def test_size_scaling_is_kept_only_when_it_predicts_better() -> None:

@@ -449,5 +449,6 @@ def _value_row(value: Any) -> dict[str, Any]:
 
     row = asdict(value)
     row["as_of"] = value.as_of.isoformat()
+    row["window_start"] = value.window_start.isoformat() if value.window_start else None
     row["recommendation"] = str(value.recommendation)
     return row

@@ -36,7 +36,7 @@ import datetime as dt
 import math
 import zlib
 from collections.abc import Collection, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from functools import cached_property
 from typing import Literal
@@ -81,6 +81,7 @@ exp(tau^2 / 2), so tau must be bounded for it to exist when the data cannot boun
 class Recommendation(StrEnum):
     TRACK_AND_UPLOAD = "track_and_upload"
     ANALYTICS_ONLY = "analytics_only"
+    NOT_ENOUGH_EVIDENCE = "not_enough_evidence"
     DROP_NOISE = "drop_noise"
 
 
@@ -96,6 +97,18 @@ class ValuationSettings:
     """Coverage of the intervals kept with values and lifts."""
     noise_lift: float = 1.25
     """A micro conversion whose lift is surely below this does not predict the macro."""
+    min_compared: int = 20
+    """Fewest matured people on each side of the lift's comparison (did it / did not) before
+    the lift decides anything: fewer give "not enough evidence", never "drop"."""
+    min_compared_conversions: int = 5
+    """Fewest macro conversions over both sides of the comparison before the lift decides."""
+    burn_in_share: float = 0.9
+    """People first seen before the window's start plus the time by which this share of a
+    journey's within-horizon conversions have happened are left out of the comparison: their
+    journey may have begun before the pulled window."""
+    ladder_coverage: float = 0.5
+    """A ladder step that at least this share of comparable buyers did first is never dropped
+    for a low lift: most sales pass through it, so a low lift says the comparison is off."""
     size_scaling: bool = True
     """Try scaling by the micro event's size (cart value, items); kept only if it predicts
     held-out cohorts better."""
@@ -113,7 +126,10 @@ class Journeys:
     Times are epoch seconds (UTC). ``micro_conversion`` indexes ``conversions``,
     ``micro_segment`` indexes ``segments``; person codes are shared by both tables. A micro
     event's ``micro_size`` (cart value, items) is NaN when it carries none. ``ladder`` lists
-    the ladder's micro conversions in climbing order (empty: no ladder).
+    the ladder's micro conversions in climbing order (empty: no ladder). ``person_group``
+    gives each person code the way the person is keyed (an index into ``groups``: click id,
+    email, ...; people keyed differently are different populations, never compared with each
+    other); person codes beyond its length are in group 0.
     """
 
     conversions: tuple[str, ...]
@@ -127,9 +143,12 @@ class Journeys:
     macro_time: FloatArray
     macro_value: FloatArray
     ladder: tuple[str, ...] = ()
+    person_group: IntArray = field(default_factory=lambda: np.zeros(0, np.int64))
+    groups: tuple[str, ...] = ("",)
 
     def __post_init__(self) -> None:
-        for name in ("micro_person", "micro_conversion", "micro_segment", "macro_person"):
+        for name in ("micro_person", "micro_conversion", "micro_segment", "macro_person",
+                     "person_group"):
             object.__setattr__(self, name, np.asarray(getattr(self, name), dtype=np.int64))
         for name in ("micro_time", "micro_size", "macro_time", "macro_value"):
             object.__setattr__(self, name, np.asarray(getattr(self, name), dtype=np.float64))
@@ -140,6 +159,7 @@ class Journeys:
             raise ValueError("micro columns and macro columns must each have equal lengths")
         _check_codes("micro_conversion", self.micro_conversion, len(self.conversions))
         _check_codes("micro_segment", self.micro_segment, len(self.segments))
+        _check_codes("person_group", self.person_group, len(self.groups))
         if unknown := set(self.ladder) - set(self.conversions):
             raise ValueError(f"ladder steps {sorted(unknown)} are not micro conversions")
 
@@ -148,6 +168,13 @@ class Journeys:
         """Number of person codes in use (one more than the largest)."""
         top = [int(a.max()) for a in (self.micro_person, self.macro_person) if len(a)]
         return max(top, default=-1) + 1
+
+    def groups_of_persons(self) -> IntArray:
+        """Each person code's group (0 beyond ``person_group``)."""
+        group = np.zeros(self.persons, np.int64)
+        known = min(len(self.person_group), len(group))
+        group[:known] = self.person_group[:known]
+        return group
 
 
 def _check_codes(name: str, codes: IntArray, count: int) -> None:
@@ -159,8 +186,11 @@ def _check_codes(name: str, codes: IntArray, count: int) -> None:
 class MicroValue:
     """The value of one micro conversion in one segment (``ALL_SEGMENTS``: over all).
 
-    ``estimate`` is always computed; ``value`` is None when a guard rail withholds it
-    (``reason`` says why). Lift and coverage describe the conversion over all segments.
+    ``estimate`` is the expected macro value of one person who did it (a diagnostic: every
+    step of a ladder counts the same sale again); ``value`` is that estimate unless a guard
+    rail withholds it (``withheld`` says why). Lift, coverage and the recommendation (with its
+    ``reason``) describe the conversion over all segments. ``upload_value`` is what one event
+    uploads, the only value a sink sends.
     """
 
     conversion: str
@@ -176,6 +206,8 @@ class MicroValue:
     estimate: float
     interval: tuple[float, float]
     value: float | None
+    withheld: str
+    """Why ``value`` is None: the guard rail that withholds it ('' when it is given)."""
     lift: float | None
     lift_interval: tuple[float, float] | None
     coverage: float | None
@@ -184,6 +216,22 @@ class MicroValue:
     value_per_size_unit: float | None
     recommendation: Recommendation
     reason: str
+    window_start: dt.datetime | None = None
+    """First micro event of the journeys (the pulled window's start, as far as seen)."""
+    history_days: float = 0.0
+    """Days from ``window_start`` to ``as_of``."""
+    burn_in_days: float = 0.0
+    """People first seen within this many days of the window's start are left out of the
+    lift's comparison (their journey may have begun before it)."""
+    compared_doers: int = 0
+    compared_doers_converted: int = 0
+    compared_others: int = 0
+    compared_others_converted: int = 0
+    upload_value: float | None = None
+    """What one event of this conversion in this segment uploads: the ladder credit for a
+    ladder step, the value for a micro conversion outside the ladder; None when nothing is
+    to be uploaded (``upload_note`` says why)."""
+    upload_note: str = ""
 
 
 @dataclass(frozen=True)
@@ -537,10 +585,12 @@ class _Timeline:
     """The events visible at ``as_of``, indexed to find a person's first macro at or after a
     moment (whole seconds)."""
 
-    def __init__(self, journeys: Journeys, as_of: dt.datetime, horizon_days: float) -> None:
+    def __init__(self, journeys: Journeys, as_of: dt.datetime, horizon_days: float,
+                 burn_in_share: float = 0.9) -> None:
         self.journeys = journeys
         self.now = as_of.timestamp()
         self.horizon = horizon_days
+        self.burn_in_share = burn_in_share
         self.micro = self._first_micro_rows(journeys)
         self.micro_code = journeys.micro_conversion[self.micro]
         macro = np.flatnonzero(journeys.macro_time <= self.now)
@@ -595,12 +645,11 @@ class _Timeline:
                           j.micro_size[rows])
 
     @cached_property
-    def first_seen(self) -> FloatArray:
-        """Each person's first visible event of any kind (inf: none)."""
+    def first_micro(self) -> FloatArray:
+        """Each person's first visible micro event (inf: none)."""
         first = np.full(self.journeys.persons, np.inf)
         np.minimum.at(first, self.journeys.micro_person[self.micro],
                       self.journeys.micro_time[self.micro])
-        np.minimum.at(first, self.macro_person, self.macro_time)
         return first
 
     @cached_property
@@ -609,6 +658,53 @@ class _Timeline:
         first = np.full(self.journeys.persons, np.inf)
         np.minimum.at(first, self.macro_person, self.macro_time)
         return first
+
+    @cached_property
+    def group(self) -> IntArray:
+        return self.journeys.groups_of_persons()
+
+    @cached_property
+    def window_start(self) -> FloatArray:
+        """Per group, its first visible micro event: where its pulled window starts, as far
+        as the journeys show (inf: the group has none)."""
+        start = np.full(len(self.journeys.groups), np.inf)
+        seen = np.isfinite(self.first_micro)
+        np.minimum.at(start, self.group[seen], self.first_micro[seen])
+        return start
+
+    @cached_property
+    def burn_in(self) -> float:
+        """Days from a person's first micro event by which ``burn_in_share`` of their
+        within-horizon macro conversions have happened (Kaplan-Meier, censored at ``now``):
+        journeys seen to start sooner than this after the window's start may have begun
+        before it."""
+        persons = np.flatnonzero(np.isfinite(self.first_micro))
+        start = self.first_micro[persons]
+        found, when, _ = self.first_macro_from(persons, start)
+        follow_up = np.minimum((self.now - start) / DAY, self.horizon)
+        lag = (when - start) / DAY
+        converted = found & (lag <= follow_up)
+        curve = kaplan_meier(np.where(converted, lag, follow_up), converted)
+        done = 1.0 - curve.survival
+        total = 1.0 - float(curve.at(self.horizon))
+        if total <= 0:
+            return 0.0
+        reached = np.flatnonzero(done >= self.burn_in_share * total - 1e-12)
+        return float(min(curve.times[reached[0]], self.horizon))
+
+    @cached_property
+    def comparable(self) -> BoolArray:
+        """People seen from the start of their journey: first seen at a micro event (not at
+        the macro, as people known only from their purchase are), after their group's window
+        start plus the burn-in."""
+        first, start = self.first_micro, self.window_start[self.group]
+        return np.asarray(np.isfinite(first) & (first < self.first_macro)
+                          & (first >= start + self.burn_in * DAY), dtype=np.bool_)
+
+    @cached_property
+    def history_days(self) -> float:
+        start = float(self.window_start.min()) if len(self.window_start) else math.inf
+        return (self.now - start) / DAY if math.isfinite(start) else 0.0
 
 
 # ---------------------------------------------------------------- one conversion
@@ -627,7 +723,6 @@ class _Fit:
     estimate: FloatArray
     share_draws: FloatArray
     value_draws: FloatArray
-    history_days: float
 
 
 def _fit(exposures: _Exposures, horizon: float, settings: ValuationSettings,
@@ -646,8 +741,7 @@ def _fit(exposures: _Exposures, horizon: float, settings: ValuationSettings,
                               plug_in=not settings.prior_uncertainty)
     macro_value = values.mean()
     return _Fit(codes.astype(np.int64), volume, conversions, exposure, share, macro_value,
-                share * macro_value, share_draws, share_draws * values.draw(rng, settings.draws),
-                float(exposures.age.max()))
+                share * macro_value, share_draws, share_draws * values.draw(rng, settings.draws))
 
 
 def _interval(draws: FloatArray, level: float) -> FloatArray:
@@ -657,41 +751,65 @@ def _interval(draws: FloatArray, level: float) -> FloatArray:
 
 
 @dataclass(frozen=True)
+class _Comparison:
+    """The lift's two groups, summed over the person groups (strata) that have both."""
+
+    doers: int = 0
+    doers_converted: int = 0
+    others: int = 0
+    others_converted: int = 0
+    lift: float | None = None
+    interval: tuple[float, float] | None = None
+
+
+@dataclass(frozen=True)
 class _Diagnostics:
-    lift: float | None
-    lift_interval: tuple[float, float] | None
+    comparison: _Comparison
     coverage: float | None
     scaled: bool
     scale_note: str
 
 
-def _lift(timeline: _Timeline, exposures: _Exposures, level: float
-          ) -> tuple[float | None, tuple[float, float] | None]:
-    """P(macro within H | did it) / P(macro within H | did not), on matured people: a doer
-    from the micro event on, anyone else from their first event on. Katz log interval."""
-    horizon = timeline.horizon
-    doers = exposures.matured(horizon)
-    n1, a = float(doers.sum()), float(exposures.converted[doers].sum())
-    first_seen, first_macro = timeline.first_seen, timeline.first_macro
-    others = np.isfinite(first_seen)
-    others[exposures.person] = False
-    others &= (timeline.now - first_seen) / DAY >= horizon
-    n0 = float(others.sum())
-    c = float(((first_macro[others] - first_seen[others]) / DAY <= horizon).sum())
-    if n1 == 0 or n0 == 0:
-        return None, None
-    if a == 0 or c == 0:
-        a, c, n1, n0 = a + 0.5, c + 0.5, n1 + 1.0, n0 + 1.0
-    ratio = (a / n1) / (c / n0)
-    se = math.sqrt(1 / a - 1 / n1 + 1 / c - 1 / n0)
-    z = float(stats.norm.ppf(0.5 + level / 2))
-    return ratio, (ratio * math.exp(-z * se), ratio * math.exp(z * se))
+def _compare(timeline: _Timeline, exposures: _Exposures, level: float) -> _Comparison:
+    """P(macro within H | did it) / P(macro within H | did not), among comparable matured
+    people: a doer from the micro event on, anyone else from their first event on.
+
+    People keyed differently (click id, email) are different populations with different base
+    rates: each group is a stratum and the ratio is Mantel-Haenszel's over the strata, with
+    the Greenland-Robins interval (a stratum with an empty cell gets half a person each)."""
+    horizon, comparable = timeline.horizon, timeline.comparable
+    did = np.zeros(len(comparable), np.bool_)
+    did[exposures.person] = True
+    doer = comparable[exposures.person] & exposures.matured(horizon)
+    others = comparable & ~did & ((timeline.now - timeline.first_micro) / DAY >= horizon)
+    groups = len(timeline.journeys.groups)
+    n1 = np.bincount(timeline.group[exposures.person[doer]], minlength=groups).astype(float)
+    a = np.bincount(timeline.group[exposures.person[doer]],
+                    weights=exposures.converted[doer], minlength=groups)
+    n0 = np.bincount(timeline.group[others], minlength=groups).astype(float)
+    other_lag = (timeline.first_macro[others] - timeline.first_micro[others]) / DAY
+    c = np.bincount(timeline.group[others], weights=other_lag <= horizon, minlength=groups)
+    both = (n1 > 0) & (n0 > 0)
+    counts = (int(n1[both].sum()), int(a[both].sum()), int(n0[both].sum()), int(c[both].sum()))
+    if not both.any():
+        return _Comparison(*counts)
+    a, c, n1, n0 = a[both], c[both], n1[both], n0[both]
+    empty = (a == 0) | (c == 0)
+    a, c = a + 0.5 * empty, c + 0.5 * empty
+    n1, n0 = n1 + empty, n0 + empty
+    n = n1 + n0
+    top, bottom = float((a * n0 / n).sum()), float((c * n1 / n).sum())
+    ratio = top / bottom
+    variance = float(((n1 * n0 * (a + c) - a * c * n) / n**2).sum()) / (top * bottom)
+    z = float(stats.norm.ppf(0.5 + level / 2)) * math.sqrt(max(variance, 0.0))
+    return _Comparison(*counts, ratio, (ratio * math.exp(-z), ratio * math.exp(z)))
 
 
 def _coverage(timeline: _Timeline, exposures: _Exposures) -> float | None:
-    """Share of people with a macro conversion who did the micro one at or before it."""
+    """Share of comparable people with a macro conversion who did the micro one at or before
+    it (people first seen at their purchase say nothing about the steps before it)."""
     first_macro = timeline.first_macro
-    buyers = np.isfinite(first_macro)
+    buyers = np.isfinite(first_macro) & timeline.comparable
     if not buyers.any():
         return None
     first_micro = np.full(len(first_macro), np.inf)
@@ -726,10 +844,10 @@ def _size_scaling(exposures: _Exposures, horizon: float) -> tuple[bool, str]:
 
 def _diagnostics(timeline: _Timeline, exposures: _Exposures,
                  settings: ValuationSettings) -> _Diagnostics:
-    lift, lift_interval = _lift(timeline, exposures, settings.level)
+    comparison = _compare(timeline, exposures, settings.level)
     scaled, note = (_size_scaling(exposures, timeline.horizon) if settings.size_scaling
                     else (False, ""))
-    return _Diagnostics(lift, lift_interval, _coverage(timeline, exposures), scaled, note)
+    return _Diagnostics(comparison, _coverage(timeline, exposures), scaled, note)
 
 
 def _withheld(volume: float, conversions: float, estimate: float, interval: FloatArray,
@@ -738,7 +856,7 @@ def _withheld(volume: float, conversions: float, estimate: float, interval: Floa
     if volume < settings.min_events:
         return f"only {volume:.0f} events (needs {settings.min_events})"
     if history < horizon:
-        return f"{history:.0f} days of history, shorter than the {horizon:g}-day horizon"
+        return f"{history:.1f} days of history, shorter than the {horizon:g}-day horizon"
     if conversions == 0 and estimate == 0:
         return "no macro conversion seen after it"
     width = (interval[1] - interval[0]) / estimate if estimate > 0 else math.inf
@@ -748,20 +866,39 @@ def _withheld(volume: float, conversions: float, estimate: float, interval: Floa
     return ""
 
 
-def _recommend(value: float | None, withheld: str, diagnostics: _Diagnostics,
+def _recommend(value: float | None, withheld: str, diagnostics: _Diagnostics, ladder_step: bool,
                settings: ValuationSettings) -> tuple[Recommendation, str]:
-    lift, interval = diagnostics.lift, diagnostics.lift_interval
-    if interval is not None and interval[1] < settings.noise_lift:
-        return Recommendation.DROP_NOISE, (
-            f"lift {lift:.2f} (at most {interval[1]:.2f}): does not predict the macro")
-    if value is None:
-        return Recommendation.ANALYTICS_ONLY, withheld
-    if interval is None:
-        return Recommendation.ANALYTICS_ONLY, "no people without it to compare with: lift unknown"
-    if interval[0] <= 1:
-        return Recommendation.ANALYTICS_ONLY, f"lift {lift:.2f} not clearly above 1"
+    """What to do with a micro conversion, from its value over all segments and its lift."""
+    c = diagnostics.comparison
+    lift, interval = c.lift, c.interval
+    if (lift is None or interval is None or min(c.doers, c.others) < settings.min_compared
+            or c.doers_converted + c.others_converted < settings.min_compared_conversions):
+        return Recommendation.NOT_ENOUGH_EVIDENCE, _too_few(c, settings)
     low, high = interval
+    if high < settings.noise_lift:
+        coverage = diagnostics.coverage
+        if ladder_step and coverage is not None and coverage >= settings.ladder_coverage:
+            return Recommendation.ANALYTICS_ONLY, (
+                f"lift {lift:.2f} [{low:.2f}, {high:.2f}], yet {coverage:.0%} of buyers did it "
+                "first: a ladder step most sales pass through; the comparison looks off, so "
+                "it is not dropped")
+        return Recommendation.DROP_NOISE, (
+            f"lift {lift:.2f} (at most {high:.2f}): does not predict the macro")
+    if value is None:
+        return Recommendation.ANALYTICS_ONLY, f"value withheld: {withheld}"
+    if low <= 1:
+        return Recommendation.ANALYTICS_ONLY, (
+            f"lift {lift:.2f} [{low:.2f}, {high:.2f}] not clearly above 1")
     return Recommendation.TRACK_AND_UPLOAD, f"lift {lift:.2f} [{low:.2f}, {high:.2f}]"
+
+
+def _too_few(c: _Comparison, settings: ValuationSettings) -> str:
+    if c.doers == 0 or c.others == 0:
+        missing = "who did it" if c.doers == 0 else "who did not"
+        return f"not enough evidence: no comparable people {missing} (lift unknown)"
+    return (f"not enough evidence: {c.doers} comparable people did it and {c.others} did not "
+            f"(needs {settings.min_compared} each), {c.doers_converted + c.others_converted} "
+            f"macro conversions between them (needs {settings.min_compared_conversions})")
 
 
 def _rows(name: str, journeys: Journeys, timeline: _Timeline, exposures: _Exposures,
@@ -783,28 +920,35 @@ def _rows(name: str, journeys: Journeys, timeline: _Timeline, exposures: _Exposu
         value_draws, settings.level)
     realisation = _realisation(exposures, fit, estimate, horizon)
     sizes = _mean_sizes(exposures, fit.codes)
-    rows = []
-    for i, segment in enumerate(segments):
-        withheld = _withheld(volume[i], conversions[i], estimate[i], interval[:, i],
-                             fit.history_days, horizon, settings)
-        value = None if withheld else float(estimate[i])
-        recommendation, reason = _recommend(value, withheld, diagnostics, settings)
-        if diagnostics.scaled:
-            reason = f"{reason}; {diagnostics.scale_note}"
-        rows.append(MicroValue(
-            conversion=name, segment=segment, as_of=as_of, horizon_days=horizon,
-            volume=int(volume[i]), conversions=int(conversions[i]),
-            exposure=float(exposure[i]), customer_share=float(share[i]),
-            customer_share_interval=(float(share_interval[0, i]), float(share_interval[1, i])),
-            mean_macro_value=float(macro_value[i]), estimate=float(estimate[i]),
-            interval=(float(interval[0, i]), float(interval[1, i])), value=value,
-            lift=diagnostics.lift, lift_interval=diagnostics.lift_interval,
-            coverage=diagnostics.coverage, realisation_ratio=realisation[i],
-            scaled_by_size=diagnostics.scaled,
-            value_per_size_unit=(float(estimate[i] / sizes[i])
-                                 if diagnostics.scaled and sizes[i] > 0 else None),
-            recommendation=recommendation, reason=reason))
-    return rows
+    history = timeline.history_days
+    withheld = [_withheld(volume[i], conversions[i], estimate[i], interval[:, i], history,
+                          horizon, settings) for i in range(len(segments))]
+    overall = None if withheld[-1] else float(estimate[-1])
+    recommendation, reason = _recommend(overall, withheld[-1], diagnostics,
+                                        name in journeys.ladder, settings)
+    if diagnostics.scaled:
+        reason = f"{reason}; {diagnostics.scale_note}"
+    c = diagnostics.comparison
+    starts = timeline.window_start[np.isfinite(timeline.window_start)]
+    window_start = (dt.datetime.fromtimestamp(float(starts.min()), dt.UTC) if len(starts)
+                    else None)
+    return [MicroValue(
+        conversion=name, segment=segment, as_of=as_of, horizon_days=horizon,
+        volume=int(volume[i]), conversions=int(conversions[i]),
+        exposure=float(exposure[i]), customer_share=float(share[i]),
+        customer_share_interval=(float(share_interval[0, i]), float(share_interval[1, i])),
+        mean_macro_value=float(macro_value[i]), estimate=float(estimate[i]),
+        interval=(float(interval[0, i]), float(interval[1, i])),
+        value=None if withheld[i] else float(estimate[i]), withheld=withheld[i],
+        lift=c.lift, lift_interval=c.interval, coverage=diagnostics.coverage,
+        realisation_ratio=realisation[i], scaled_by_size=diagnostics.scaled,
+        value_per_size_unit=(float(estimate[i] / sizes[i])
+                             if diagnostics.scaled and sizes[i] > 0 else None),
+        recommendation=recommendation, reason=reason, window_start=window_start,
+        history_days=history, burn_in_days=timeline.burn_in, compared_doers=c.doers,
+        compared_doers_converted=c.doers_converted, compared_others=c.others,
+        compared_others_converted=c.others_converted)
+        for i, segment in enumerate(segments)]
 
 
 def _realisation(exposures: _Exposures, fit: _Fit, estimate: FloatArray,
@@ -835,15 +979,22 @@ def _mean_sizes(exposures: _Exposures, codes: IntArray) -> FloatArray:
 
 def estimate_values(journeys: Journeys, as_of: dt.datetime, horizon_days: float = 90.0,
                     settings: ValuationSettings | None = None) -> list[MicroValue]:
-    """Value every micro conversion per segment, plus one ``ALL_SEGMENTS`` row each.
+    """Value every micro conversion per segment, plus one ``ALL_SEGMENTS`` row each, with
+    the value each of its events uploads (``upload_values``).
 
     Only events at or before ``as_of`` are used (a past ``as_of`` replays an earlier run).
     A person's first event of a micro conversion is their exposure; the macro counted is their
     first one at or after it within ``horizon_days``."""
     settings = settings or ValuationSettings()
+    rows = _step_values(journeys, as_of, horizon_days, settings)
+    return upload_values(journeys, rows, as_of, horizon_days, settings)
+
+
+def _step_values(journeys: Journeys, as_of: dt.datetime, horizon_days: float,
+                 settings: ValuationSettings) -> list[MicroValue]:
     if as_of.tzinfo is None:
         raise ValueError("as_of must be timezone-aware")
-    timeline = _Timeline(journeys, as_of, horizon_days)
+    timeline = _Timeline(journeys, as_of, horizon_days, settings.burn_in_share)
     rows: list[MicroValue] = []
     for code, name in enumerate(journeys.conversions):
         exposures = timeline.exposures(code)
@@ -853,6 +1004,44 @@ def estimate_values(journeys: Journeys, as_of: dt.datetime, horizon_days: float 
         fit = _fit(exposures, horizon_days, settings, rng)
         rows.extend(_rows(name, journeys, timeline, exposures, fit, as_of, settings))
     return rows
+
+
+def upload_values(journeys: Journeys, rows: Sequence[MicroValue], as_of: dt.datetime,
+                  horizon_days: float, settings: ValuationSettings) -> list[MicroValue]:
+    """``rows`` with their upload values: nothing for a conversion not recommended for
+    upload; a ladder step's credit among the ladder steps that are (so that over everyone,
+    the uploads add up to the macro value the ladder leads to); a micro conversion outside
+    the ladder its value. A segment whose own figure is withheld uploads the figure over all
+    segments."""
+    tracked = {r.conversion for r in rows if r.segment == ALL_SEGMENTS
+               and r.recommendation is Recommendation.TRACK_AND_UPLOAD}
+    credits = {(c.conversion, c.segment): c for c in estimate_ladder(
+        journeys, as_of, horizon_days, settings, rows, tracked=tracked)}
+    own = {(r.conversion, r.segment): _own_upload_value(r, tracked, journeys.ladder, credits)
+           for r in rows}
+    uploaded = []
+    for row in rows:
+        value, note = own[row.conversion, row.segment]
+        overall, _ = own.get((row.conversion, ALL_SEGMENTS), (None, ""))
+        if value is None and row.conversion in tracked and overall is not None:
+            value, note = overall, f"the all-segments figure (here: {note})"
+        uploaded.append(replace(row, upload_value=value, upload_note=note))
+    return uploaded
+
+
+def _own_upload_value(row: MicroValue, tracked: Collection[str], ladder: Sequence[str],
+                      credits: dict[tuple[str, str], LadderCredit]) -> tuple[float | None, str]:
+    """What one event of ``row`` uploads from its own segment's figures, and why."""
+    if row.conversion not in tracked:
+        return None, f"not uploaded: {row.recommendation}"
+    if row.conversion not in ladder:
+        return row.value, row.withheld or "its value"
+    credit = credits.get((row.conversion, row.segment))
+    if credit is None or credit.credit is None or row.value is None:
+        return None, row.withheld or (credit.reason if credit else "no ladder total")
+    if credit.credit <= 0:
+        return None, "its ladder credit is 0: the steps after it carry the ladder's value"
+    return credit.credit, f"ladder credit: {credit.share:.0%} of the ladder's value"
 
 
 def textbook_values(journeys: Journeys, as_of: dt.datetime, horizon_days: float = 90.0, *,
@@ -886,22 +1075,24 @@ def ladder_weights(values: Sequence[float], entry_value: float) -> list[float]:
     return [r / total for r in raw] if total > 0 else [0.0] * len(raw)
 
 
-def ladder_credits(weights: Sequence[float], reach: Sequence[float],
-                   entry_total: float) -> list[float]:
+def ladder_credits(weights: Sequence[float], reach: Sequence[float], entry_total: float,
+                   eligible: Sequence[bool] | None = None) -> list[float]:
     """Per-event credit of each step: ``weights[k] x entry_total / reach[k]``, over the steps
     someone reached, so that ``sum(reach[k] x credit[k]) == entry_total``. When no reached
-    step has a weight, the deepest reached step carries the whole total."""
-    shares = _shares(weights, reach)
+    step has a weight, the deepest reached step (among the ``eligible`` ones) carries the
+    whole total."""
+    shares = _shares(weights, reach, eligible)
     return [share * entry_total / r if r > 0 else 0.0
             for share, r in zip(shares, reach, strict=True)]
 
 
-def _shares(weights: Sequence[float], reach: Sequence[float]) -> list[float]:
+def _shares(weights: Sequence[float], reach: Sequence[float],
+            eligible: Sequence[bool] | None = None) -> list[float]:
     kept = [w if r > 0 else 0.0 for w, r in zip(weights, reach, strict=True)]
     total = sum(kept)
     if total > 0:
         return [w / total for w in kept]
-    reached = [k for k, r in enumerate(reach) if r > 0]
+    reached = [k for k, r in enumerate(reach) if r > 0 and (eligible is None or eligible[k])]
     return [1.0 if reached and k == reached[-1] else 0.0 for k in range(len(reach))]
 
 
@@ -920,33 +1111,61 @@ def ladder_entry(journeys: Journeys) -> Journeys:
         micro_person=journeys.micro_person[rows], micro_conversion=np.zeros(len(rows), np.int64),
         micro_segment=journeys.micro_segment[rows], micro_time=journeys.micro_time[rows],
         micro_size=np.full(len(rows), np.nan), macro_person=journeys.macro_person,
-        macro_time=journeys.macro_time, macro_value=journeys.macro_value)
+        macro_time=journeys.macro_time, macro_value=journeys.macro_value,
+        person_group=journeys.person_group, groups=journeys.groups)
 
 
 def estimate_ladder(journeys: Journeys, as_of: dt.datetime, horizon_days: float = 90.0,
                     settings: ValuationSettings | None = None,
-                    values: Sequence[MicroValue] | None = None) -> list[LadderCredit]:
+                    values: Sequence[MicroValue] | None = None,
+                    tracked: Collection[str] | None = None) -> list[LadderCredit]:
     """Credits of the ladder steps per segment (and over all), by the lift-share rule.
 
     ``values``: the rows of ``estimate_values`` for the same arguments, if already computed.
-    """
+    ``tracked``: the steps that upload (default: all); the others get no share, so the
+    tracked ones carry the whole ladder total."""
     if not journeys.ladder:
         return []
     settings = settings or ValuationSettings()
     if values is None:
-        values = estimate_values(journeys, as_of, horizon_days, settings)
+        values = _step_values(journeys, as_of, horizon_days, settings)
     by_key = {(v.conversion, v.segment): v for v in values}
-    entries = estimate_values(ladder_entry(journeys), as_of, horizon_days, settings)
-    if not entries:
+    entries = _step_values(ladder_entry(journeys), as_of, horizon_days, settings)
+    if not entries or (tracked is not None and not set(tracked) & set(journeys.ladder)):
         return []
     entry_all = next(e for e in entries if e.segment == ALL_SEGMENTS)
     overall = [_estimate_of(by_key.get((step, ALL_SEGMENTS))) for step in journeys.ladder]
-    weights = ladder_weights(overall, entry_all.estimate)
+    first = by_key.get((journeys.ladder[0], ALL_SEGMENTS))
+    weights = ladder_weights(overall, _arrival_value(first, entry_all.estimate))
+    eligible = None
+    if tracked is not None:
+        eligible = [step in tracked for step in journeys.ladder]
+        weights = _tracked_weights(weights, eligible)
     credits: list[LadderCredit] = []
     for entry in entries:
         steps = [by_key.get((step, entry.segment)) for step in journeys.ladder]
-        credits.extend(_segment_credits(journeys.ladder, entry, steps, weights))
+        credits.extend(_segment_credits(journeys.ladder, entry, steps, weights, eligible))
     return credits
+
+
+def _arrival_value(first: MicroValue | None, entry_value: float) -> float:
+    """What a comparable person is worth before the ladder's first step: the value of those
+    who do it and of those who do not, mixed by their shares, ``V1 x (p + (1 - p) / lift)``;
+    the ladder's entry value when nobody is seen without the first step (then it tells
+    nothing and gets no share)."""
+    if first is None or first.lift is None or not first.compared_others or first.lift <= 0:
+        return entry_value
+    doing = first.compared_doers / (first.compared_doers + first.compared_others)
+    return first.estimate * (doing + (1.0 - doing) / first.lift)
+
+
+def _tracked_weights(weights: Sequence[float], tracked: Sequence[bool]) -> list[float]:
+    """The weights of the tracked steps only; when none of them has a weight (say only the
+    step everyone does is tracked), equal weights among them."""
+    kept = [w if t else 0.0 for w, t in zip(weights, tracked, strict=True)]
+    if sum(kept) > 0:
+        return kept
+    return [1.0 if t else 0.0 for t in tracked]
 
 
 def _estimate_of(row: MicroValue | None) -> float:
@@ -955,13 +1174,14 @@ def _estimate_of(row: MicroValue | None) -> float:
 
 def _segment_credits(ladder: Sequence[str], entry: MicroValue,
                      steps: Sequence[MicroValue | None],
-                     weights: Sequence[float]) -> list[LadderCredit]:
+                     weights: Sequence[float],
+                     eligible: Sequence[bool] | None) -> list[LadderCredit]:
     reach = [row.volume if row is not None else 0 for row in steps]
     total = entry.volume * entry.estimate
-    shares = _shares(weights, reach)
-    per_event = ladder_credits(weights, reach, total)
+    shares = _shares(weights, reach, eligible)
+    per_event = ladder_credits(weights, reach, total, eligible)
     expected = [_estimate_of(row) for row in steps]
-    withheld = "" if entry.value is not None else f"ladder total withheld: {entry.reason}"
+    withheld = "" if entry.value is not None else f"ladder total withheld: {entry.withheld}"
     return [LadderCredit(
         conversion=step, segment=entry.segment, position=k + 1, reach=reach[k],
         expected_value=expected[k], increment=expected[k] - (expected[k - 1] if k else 0.0),
@@ -976,8 +1196,11 @@ def journeys_from_events(events: Iterable[JourneyEvent], macro: Collection[str],
     """Columns from stored journey events. Events of a ``macro`` conversion are macro
     events (their value is the order value); other mapped events are micro events, whose
     positive value is their size; unmapped events are skipped. ``segment_by`` picks a micro
-    event's segment: its campaign, its source platform, or one segment for the client."""
+    event's segment: its campaign, its source platform, or one segment for the client. A
+    person's group is the kind of key they are known by (``email`` in ``email:<hash>``)."""
     persons: dict[str, int] = {}
+    groups: dict[str, int] = {}
+    person_group: list[int] = []
     conversions: dict[str, int] = {step: k for k, step in enumerate(ladder)}
     segments: dict[str, int] = {}
     micro: list[tuple[int, int, int, float, float]] = []
@@ -986,6 +1209,9 @@ def journeys_from_events(events: Iterable[JourneyEvent], macro: Collection[str],
         if event.conversion is None:
             continue
         person = persons.setdefault(event.person_key, len(persons))
+        if person == len(person_group):
+            kind = event.person_key.partition(":")[0]
+            person_group.append(groups.setdefault(kind, len(groups)))
         moment = event.time.timestamp()
         if event.conversion in macro:
             macros.append((person, moment, event.value))
@@ -1004,7 +1230,8 @@ def journeys_from_events(events: Iterable[JourneyEvent], macro: Collection[str],
         micro_size=np.array(micro_columns[4], np.float64),
         macro_person=np.array(macro_columns[0], np.int64),
         macro_time=np.array(macro_columns[1], np.float64),
-        macro_value=np.array(macro_columns[2], np.float64), ladder=tuple(ladder))
+        macro_value=np.array(macro_columns[2], np.float64), ladder=tuple(ladder),
+        person_group=np.array(person_group, np.int64), groups=tuple(groups) or ("",))
 
 
 def _segment_of(event: JourneyEvent, segment_by: SegmentBy) -> str:
