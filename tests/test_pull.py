@@ -148,8 +148,9 @@ def test_values_from_pulled_journeys_are_stored_with_their_day(
         pipeline.pull(config, load_secrets(config), store, platforms=[Platform.KLAVIYO],
                       since=running.world.start, until=TODAY, today=TODAY)
         as_of = dt.datetime(2026, 10, 31, 15, tzinfo=dt.UTC)
-        rows = pipeline.values(config, store, as_of)
+        summary = pipeline.values(config, store, as_of)
         saved = store.micro_values(config.client.name)
+    rows = summary["values"]
     overall = {r["conversion"]: r for r in rows if r["segment"] == "*"}
     assert set(overall) == {"product_view", "add_to_cart", "begin_checkout",
                             "newsletter_signup"}
@@ -158,3 +159,8 @@ def test_values_from_pulled_journeys_are_stored_with_their_day(
             < overall["begin_checkout"]["estimate"])
     assert overall["begin_checkout"]["value"] is not None  # 60 days of history, horizon 28
     assert len(saved) == len(rows) and saved[0]["as_of"] == as_of.isoformat()
+    assert set(summary["sources"]) == {"klaviyo"} and summary["sources"]["klaviyo"] > 1000
+    assert summary["person_groups"] == ["email"]
+    start = dt.datetime.fromisoformat(summary["window_start"])
+    assert start.date() >= running.world.start and summary["history_days"] == pytest.approx(
+        (as_of - start).total_seconds() / 86_400)

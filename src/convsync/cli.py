@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from enum import IntEnum
 from pathlib import Path
 from typing import Annotated, Any
+from zoneinfo import ZoneInfo
 
 import typer
 from rich.console import Console
@@ -367,48 +368,59 @@ def import_command(
 def values_command(
     config: ConfigOption,
     as_of: Annotated[str | None, typer.Option(
-        "--as-of", help="Value as of this day's end, YYYY-MM-DD (default: now).")] = None,
+        "--as-of", help="Value as of the end of this day in the client's time zone, "
+                        "YYYY-MM-DD (default: now).")] = None,
+    by: Annotated[str, typer.Option(
+        "--by", help="overall: one row per micro conversion; segment: each segment's row "
+                     "too (campaign, source or client, as [valuation] segment_by says).")
+    ] = "overall",
+    wide: Annotated[bool, typer.Option(
+        "--wide", help="Every figure of every segment's row, for a wide terminal or a file.")
+    ] = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Estimate what each micro conversion is worth, and whether to upload it.
 
-    From the stored journeys (pull first): the share of people who go on to a macro
-    conversion within the horizon (lag-corrected), the average macro value, the value with
-    its 90% interval, lift, volume, coverage, and a recommendation. Values are stored with
-    the day they were computed."""
-    from convsync import pipeline
+    From the stored journeys (pull or backfill first): per micro conversion, the upload
+    value (what one event uploads: ladder steps share the sale they lead to, so their
+    uploads add up to it once), the expected macro value of one person who did it (a
+    diagnostic), its lift over comparable people who did not do it with its 90% range, how
+    many did it, the share of buyers who did it first, and advice. Under the table: the
+    history the figures rest on, each reason as a footnote, and the backfill to run when
+    the history is too short. Values are stored with the day they were computed; `push`
+    sends the upload values."""
+    from convsync import pipeline, values_table
     from convsync.store import Store
 
+    if by not in ("overall", "segment"):
+        raise typer.BadParameter("use overall or segment", param_hint="--by")
     client, _ = _load(config)
+    zone = ZoneInfo(client.client.timezone)
     moment = (dt.datetime.combine(_day(as_of, "--as-of") + dt.timedelta(days=1), dt.time(),
-                                  dt.UTC) if as_of else dt.datetime.now(dt.UTC))
+                                  zone).astimezone(dt.UTC) if as_of else dt.datetime.now(dt.UTC))
     with Store.open(client.store_url()) as store:
-        rows = pipeline.values(client, store, moment)
-    summary = {"client": client.client.name, "as_of": moment.isoformat(), "values": rows}
+        summary = pipeline.values(client, store, moment)
 
     def human() -> None:
-        if not rows:
-            out.print("no journeys in the store yet: run `convsync pull` first")
+        if not summary["values"]:
+            out.print("no journeys in the store yet: run `convsync backfill --config "
+                      f"{config} --since YYYY-MM-DD` (or `convsync pull`) first")
             return
-        table = Table(title=f"Micro-conversion values, {client.client.name}, as of "
-                            f"{moment:%Y-%m-%d %H:%M} UTC, horizon "
-                            f"{client.valuation.horizon_days} days ({client.client.currency})")
-        for column in ("conversion", "segment", "customers", "avg macro", "value",
-                       "90% interval", "lift", "volume", "coverage", "recommendation"):
-            table.add_column(column)
-        for r in rows:
-            if r["segment"] != "*" and r["value"] is None:
-                continue  # withheld per-segment rows: the JSON keeps them, with the reason
-            lift = "" if r["lift"] is None else f"{r['lift']:.1f}x"
-            coverage = "" if r["coverage"] is None else f"{r['coverage']:.0%}"
-            value = "-" if r["value"] is None else f"{r['value']:.2f}"
-            table.add_row(r["conversion"], "all" if r["segment"] == "*" else r["segment"],
-                          f"{r['customer_share']:.1%}", f"{r['mean_macro_value']:.2f}", value,
-                          f"{r['interval'][0]:.2f} .. {r['interval'][1]:.2f}", lift,
-                          str(r["volume"]), coverage,
-                          f"{r['recommendation']}" + (f" ({r['reason']})" if r["reason"]
-                                                      else ""))
+        day = moment.astimezone(zone)
+        out.print(f"Micro-conversion values in {client.client.currency}, "
+                  f"{client.client.name}, as of {day:%Y-%m-%d %H:%M} {client.client.timezone}",
+                  highlight=False)
+        for line in values_table.history_lines(summary, str(config)):
+            out.print(line, highlight=False)
+        notes = values_table.Footnotes()
+        table = (values_table.wide(summary, notes) if wide else
+                 values_table.by_segment(summary, notes) if by == "segment" else
+                 values_table.overview(summary, notes))
         out.print(table)
+        for line in [values_table.withheld_line(summary), *values_table.legend(summary),
+                     *notes.lines()]:
+            if line:
+                out.print(line, highlight=False)
 
     _emit(summary, as_json, human)
 

@@ -9,7 +9,8 @@ import gc
 import json
 import logging
 import re
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -422,10 +423,10 @@ def _budget_warnings(config: ClientConfig, store: Store, result: PullResult) -> 
 
 # -- values --------------------------------------------------------------------------------
 
-def values(config: ClientConfig, store: Store, as_of: dt.datetime) -> list[dict[str, Any]]:
-    """What each micro conversion is worth as of ``as_of``, from the stored journeys; stored
-    with the day it was computed (so later runs can restate earlier uploads) and returned as
-    JSON-able rows."""
+def values(config: ClientConfig, store: Store, as_of: dt.datetime) -> dict[str, Any]:
+    """What each micro conversion is worth as of ``as_of``, from the stored journeys: the
+    rows (stored with the day computed, so later runs can restate earlier uploads) and what
+    they rest on (window, burn-in, sources, what a sound comparison needs), JSON-able."""
     from convsync import valuation
     from convsync.model import Kind
 
@@ -434,14 +435,41 @@ def values(config: ClientConfig, store: Store, as_of: dt.datetime) -> list[dict[
     macro = {d.name for d in definitions if d.kind is Kind.MACRO}
     ladder = [d.name for d in sorted(definitions, key=lambda d: d.ladder_position or 0)
               if d.ladder_position is not None and d.kind is Kind.MICRO]
-    events = (e for e in store.journey_events(until=as_of))
-    journeys = valuation.journeys_from_events(events, macro, ladder, section.segment_by)
+    sources: Counter[str] = Counter()
+
+    def counted(events: Iterable[JourneyEvent]) -> Iterator[JourneyEvent]:
+        for event in events:
+            if event.conversion is not None:
+                sources[str(event.source_platform)] += 1
+            yield event
+
+    journeys = valuation.journeys_from_events(counted(store.journey_events(until=as_of)),
+                                              macro, ladder, section.segment_by)
     settings = valuation.ValuationSettings(min_events=section.min_events,
                                            max_relative_width=section.max_relative_width)
-    rows = [_value_row(v) for v in valuation.estimate_values(
-        journeys, as_of, float(section.horizon_days), settings)]
+    horizon = float(section.horizon_days)
+    rows = [_value_row(v) for v in valuation.estimate_values(journeys, as_of, horizon, settings)]
     store.save_micro_values(config.client.name, as_of, rows)
-    return rows
+    overall = next((r for r in rows if r["segment"] == valuation.ALL_SEGMENTS), None)
+    burn_in = overall["burn_in_days"] if overall else 0.0
+    valued = {r["conversion"] for r in rows}
+    return {
+        "client": config.client.name, "as_of": as_of.isoformat(),
+        "timezone": config.client.timezone, "currency": config.client.currency,
+        "horizon_days": section.horizon_days, "segment_by": section.segment_by,
+        "window_start": overall["window_start"] if overall else None,
+        "history_days": overall["history_days"] if overall else 0.0,
+        "burn_in_days": burn_in,
+        "sound_history_days": burn_in + horizon + max(horizon, _COHORT_DAYS),
+        "sources": dict(sources), "person_groups": list(journeys.groups),
+        "missing": [d.name for d in definitions
+                    if d.kind is Kind.MICRO and d.name not in valued],
+        "values": rows}
+
+
+_COHORT_DAYS = 30.0
+"""Days of matured cohorts, beyond the burn-in and the horizon, that a sound comparison
+wants at least (a horizon's worth when that is longer)."""
 
 
 def _value_row(value: Any) -> dict[str, Any]:

@@ -879,17 +879,26 @@ def _recommend(value: float | None, withheld: str, diagnostics: _Diagnostics, la
         coverage = diagnostics.coverage
         if ladder_step and coverage is not None and coverage >= settings.ladder_coverage:
             return Recommendation.ANALYTICS_ONLY, (
-                f"lift {lift:.2f} [{low:.2f}, {high:.2f}], yet {coverage:.0%} of buyers did it "
+                f"{_lift_text(lift, low, high)}, yet {coverage:.0%} of buyers did it "
                 "first: a ladder step most sales pass through; the comparison looks off, so "
                 "it is not dropped")
         return Recommendation.DROP_NOISE, (
-            f"lift {lift:.2f} (at most {high:.2f}): does not predict the macro")
+            f"lift {_ratio(lift)} (at most {_ratio(high)}): does not predict the macro")
     if value is None:
         return Recommendation.ANALYTICS_ONLY, f"value withheld: {withheld}"
     if low <= 1:
         return Recommendation.ANALYTICS_ONLY, (
-            f"lift {lift:.2f} [{low:.2f}, {high:.2f}] not clearly above 1")
-    return Recommendation.TRACK_AND_UPLOAD, f"lift {lift:.2f} [{low:.2f}, {high:.2f}]"
+            f"{_lift_text(lift, low, high)} not clearly above 1")
+    return Recommendation.TRACK_AND_UPLOAD, _lift_text(lift, low, high)
+
+
+def _ratio(x: float) -> str:
+    """A lift as a reader takes it in: 0.22, 15.4, 2,999."""
+    return f"{x:.2f}" if x < 10 else f"{x:.1f}" if x < 100 else f"{x:,.0f}"
+
+
+def _lift_text(lift: float, low: float, high: float) -> str:
+    return f"lift {_ratio(lift)} [{_ratio(low)}, {_ratio(high)}]"
 
 
 def _too_few(c: _Comparison, settings: ValuationSettings) -> str:
