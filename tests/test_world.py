@@ -8,6 +8,13 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from convsync.hashing import (
+    GMAIL_DOMAINS,
+    hash_email,
+    normalize_email_google,
+    normalize_email_meta,
+    sha256_hex,
+)
 from convsync.sandbox.world import (
     PURCHASE,
     World,
@@ -127,3 +134,66 @@ def test_klaviyo_events_are_in_time_order_and_only_identified_people(world: Worl
     assert stamps == sorted(stamps) and len(events) > 100
     assert len({e.id for e in events}) == len(events)
     assert all("@" in e.email for e in events)
+
+
+def test_no_klaviyo_person_key_holds_more_than_one_percent_of_the_events() -> None:
+    """The person key is what the Klaviyo source makes of a profile's email, ``email:`` and
+    its Google-rule SHA-256: one address shared by many people (Google folds the dots and a
+    +tag of a gmail local part away) would make them one person and break per-person figures."""
+    world = World(WorldSpec(days=30, campaigns=6))
+    start = dt.datetime.combine(world.start, dt.time(), dt.UTC)
+    events = list(world.klaviyo_events(start, world.as_of + dt.timedelta(seconds=1)))
+    google_of: dict[str, str] = {}
+    keys: Counter[str] = Counter()
+    for event in events:
+        if event.email not in google_of:
+            google_of[event.email] = hash_email(event.email)[0]
+        keys[f"email:{google_of[event.email]}"] += 1
+    assert len(events) > 1000
+    most = keys.most_common(1)[0][1]
+    assert most <= 0.01 * len(events), f"one person key holds {most} of {len(events)} events"
+    # one profile, one address, one key
+    assert len(keys) == len({e.profile_id for e in events})
+
+
+def test_distinct_people_have_distinct_addresses_under_google_and_meta_rules() -> None:
+    world = World(WorldSpec(days=30, campaigns=6))
+    people = [(d.day, i) for d in world.days_between(world.first_day, world.last_day)
+              for i in range(d.size)]
+    # small numbers too: digits run together (day 1 index 11, day 11 index 1) must not meet
+    people += [(d, i) for d in (0, 1, 10, 11, 101, 110) for i in range(0, 120)]
+    emails = [world.email(d, i) for d, i in people]
+    assert emails == [world.email(d, i) for d, i in people]  # deterministic
+    assert World(WorldSpec(days=30, campaigns=6)).email(*people[5]) == emails[5]
+    for rule in (normalize_email_google, normalize_email_meta):
+        normalized = [rule(e) for e in emails]
+        assert len(set(normalized)) == len(people), rule.__name__
+        # gmail.com and googlemail.com are one mailbox: the local parts alone are distinct too
+        mailboxes = {n.rpartition("@")[0] if n.rpartition("@")[2] in GMAIL_DOMAINS else n
+                     for n in normalized}
+        assert len(mailboxes) == len(people), rule.__name__
+    for email in emails:  # what the Klaviyo source hashes equals each platform's rule
+        assert hash_email(email) == (sha256_hex(normalize_email_google(email)),
+                                     sha256_hex(normalize_email_meta(email)))
+
+
+def test_world_emails_are_messy_the_way_real_ones_are() -> None:
+    world = World(WorldSpec(days=30, campaigns=6))
+    emails = [world.email(d.day, i) for d in world.days_between(world.first_day, world.last_day)
+              for i in range(d.size)]
+    gmail: list[str] = []
+    others: list[str] = []
+    for email in emails:
+        domain = email.strip().rpartition("@")[2]
+        (gmail if domain.lower() in GMAIL_DOMAINS else others).append(email.strip())
+    domains = {e.rpartition("@")[2] for e in gmail + others}
+    assert {"gmail.com", "googlemail.com"} <= {d.lower() for d in domains}
+    assert any(d != d.lower() for d in domains if d.lower() not in GMAIL_DOMAINS)
+    assert any(e.startswith(" ") for e in emails) and any(e.endswith(" ") for e in emails)
+    assert any("." in e.partition("@")[0] for e in gmail)
+    assert any("+" in e.partition("@")[0] for e in gmail)
+    assert any("+" in e.partition("@")[0] for e in others)
+    assert any(e != e.lower() for e in gmail) and any(e != e.lower() for e in others)
+    # the rules disagree on gmail addresses, so both hashes are exercised
+    assert sum(normalize_email_google(e) != normalize_email_meta(e) for e in gmail) > 100
+    assert 0.2 < len(gmail) / len(emails) < 0.6

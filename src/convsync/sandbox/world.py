@@ -325,10 +325,17 @@ class World:
         return "IwAR" + _token(self.spec.seed, "fbclid", day, index, 32)
 
     def email(self, day: int, index: int) -> str:
-        """Raw emails exist only inside the world and on the Klaviyo wire (as in reality)."""
-        if index % 4 == 0:  # Gmail users with dots and a tag: Google normalizes them away
-            return f"Jane.Doe+d{day}i{index}@gmail.com"
-        return f"user.{day}.{index}@Example.com"
+        """The person's address as they typed it (raw emails exist only inside the world and on
+        the Klaviyo wire, as in reality): dots, +tags, capitals and stray spaces, gmail.com and
+        googlemail.com among other domains, in the forms of ``_EMAIL_FORMS``.
+
+        Each person has an address of their own by Google's rule and by Meta's: the local part
+        before any ``+`` ends in ``d<day>i<index>``, which dropping dots, a +tag, case or
+        spaces leaves whole, and which only that person's (day, index) gives."""
+        form = _EMAIL_FORMS[(self.spec.seed + day + index) % len(_EMAIL_FORMS)]
+        name, title, upper, plain = _EMAIL_NAMES[(day + 3 * index) % len(_EMAIL_NAMES)]
+        # positional fields take half the time of named ones, and this runs per Klaviyo event
+        return form.format(name, title, upper, plain, day, index)
 
     # -- platform views -------------------------------------------------------------------
     def visible(self, ts: np.ndarray) -> np.ndarray:
@@ -717,6 +724,25 @@ def _gclid_person(code: int, campaigns: int) -> tuple[int, int, int]:
     person, campaign = divmod(-1 - code, campaigns)
     day, index = divmod(person, _PEOPLE_PER_DAY)
     return day, index, campaign
+
+
+_EMAIL_NAMES = tuple((n, n.title(), n.upper(), n.replace(".", "")) for n in (
+    "jane.doe", "sam.lee", "maria.garcia", "wei.zhang", "amara.okafor", "lars.nilsson",
+    "priya.patel"))
+"""(as is, Title Case, UPPER CASE, without the dot) of the names people's addresses start with."""
+_EMAIL_FORMS = (
+    "{1}.d{4}i{5}+news@gmail.com",  # Google: janedoed<day>i<index>@gmail.com
+    " {3}d{4}i{5}@gmail.com",  # a leading space
+    "{2}.D{4}I{5}+SHOP@GoogleMail.com ",  # capitals throughout and a trailing space
+    "{0}.d{4}i{5}@Example.com",
+    "  {1}_d{4}i{5}+promo@Outlook.COM ",  # outside gmail a +tag is part of the address
+    "{0}.d{4}i{5}@yahoo.co.UK",
+    "{3}d{4}i{5}@example.org",
+    "{1}.d{4}i{5}@Example.com",
+)
+"""How people write their addresses, formatted with a name's four ``_EMAIL_NAMES`` forms
+({0} as is, {1} Title, {2} UPPER, {3} without the dot), the day {4} and the index {5}: 3 in 8
+at Gmail (2 at gmail.com, 1 at googlemail.com)."""
 
 
 def _token(seed: int, kind: str, day: int, index: int, length: int, extra: int = 0) -> str:
