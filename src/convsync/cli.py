@@ -406,12 +406,12 @@ def values_command(
             out.print("no journeys in the store yet: run `convsync backfill --config "
                       f"{config} --since YYYY-MM-DD` (or `convsync pull`) first")
             return
-        day = moment.astimezone(zone)
+        when = (f"the end of {as_of}" if as_of else f"{moment.astimezone(zone):%Y-%m-%d %H:%M}")
         out.print(f"Micro-conversion values in {client.client.currency}, "
-                  f"{client.client.name}, as of {day:%Y-%m-%d %H:%M} {client.client.timezone}",
+                  f"{client.client.name}, as of {when} ({client.client.timezone})",
                   highlight=False)
         for line in values_table.history_lines(summary, str(config)):
-            out.print(line, highlight=False)
+            out.print(line, highlight=False, soft_wrap=line.startswith(values_table.COMMAND))
         notes = values_table.Footnotes()
         table = (values_table.wide(summary, notes) if wide else
                  values_table.by_segment(summary, notes) if by == "segment" else

@@ -867,13 +867,13 @@ def _withheld(volume: float, conversions: float, estimate: float, interval: Floa
 
 
 def _recommend(value: float | None, withheld: str, diagnostics: _Diagnostics, ladder_step: bool,
-               settings: ValuationSettings) -> tuple[Recommendation, str]:
+               timeline: _Timeline, settings: ValuationSettings) -> tuple[Recommendation, str]:
     """What to do with a micro conversion, from its value over all segments and its lift."""
     c = diagnostics.comparison
     lift, interval = c.lift, c.interval
     if (lift is None or interval is None or min(c.doers, c.others) < settings.min_compared
             or c.doers_converted + c.others_converted < settings.min_compared_conversions):
-        return Recommendation.NOT_ENOUGH_EVIDENCE, _too_few(c, settings)
+        return Recommendation.NOT_ENOUGH_EVIDENCE, _too_few(c, timeline, settings)
     low, high = interval
     if high < settings.noise_lift:
         coverage = diagnostics.coverage
@@ -901,7 +901,12 @@ def _lift_text(lift: float, low: float, high: float) -> str:
     return f"lift {_ratio(lift)} [{_ratio(low)}, {_ratio(high)}]"
 
 
-def _too_few(c: _Comparison, settings: ValuationSettings) -> str:
+def _too_few(c: _Comparison, timeline: _Timeline, settings: ValuationSettings) -> str:
+    history, burn_in, horizon = timeline.history_days, timeline.burn_in, timeline.horizon
+    if history < burn_in + horizon:
+        return (f"not enough evidence: {history:.1f} days of history, less than the burn-in "
+                f"({burn_in:.1f} days) plus the horizon ({horizon:g}): no one can be compared "
+                "yet")
     if c.doers == 0 or c.others == 0:
         missing = "who did it" if c.doers == 0 else "who did not"
         return f"not enough evidence: no comparable people {missing} (lift unknown)"
@@ -934,7 +939,7 @@ def _rows(name: str, journeys: Journeys, timeline: _Timeline, exposures: _Exposu
                           horizon, settings) for i in range(len(segments))]
     overall = None if withheld[-1] else float(estimate[-1])
     recommendation, reason = _recommend(overall, withheld[-1], diagnostics,
-                                        name in journeys.ladder, settings)
+                                        name in journeys.ladder, timeline, settings)
     if diagnostics.scaled:
         reason = f"{reason}; {diagnostics.scale_note}"
     c = diagnostics.comparison

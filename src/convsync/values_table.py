@@ -13,6 +13,7 @@ import math
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from rich import box
 from rich.table import Table
@@ -29,6 +30,8 @@ MEANING = {
 }
 
 Row = Mapping[str, Any]
+COMMAND = "  "
+"""Lines starting so are commands to copy: printed whole, never wrapped."""
 
 
 def number(x: float | None) -> str:
@@ -66,27 +69,34 @@ def rough(x: float) -> str:
 def history_lines(summary: Mapping[str, Any], config_path: str) -> Iterator[str]:
     """What the figures rest on: the pulled window, the burn-in, the sources, and the
     backfill to run when the history is too short for a sound comparison."""
-    as_of = dt.datetime.fromisoformat(summary["as_of"])
+    zone = ZoneInfo(summary["timezone"])
+    as_of = dt.datetime.fromisoformat(summary["as_of"]).astimezone(zone)
+    last_day = (as_of - dt.timedelta(microseconds=1)).date()
     history, burn_in = summary["history_days"], summary["burn_in_days"]
     horizon = summary["horizon_days"]
     sources = ", ".join(f"{name} {count:,}" for name, count in
                         sorted(summary["sources"].items(), key=lambda kv: -kv[1]))
     if summary["window_start"]:
-        start = dt.datetime.fromisoformat(summary["window_start"])
-        yield (f"History: {start:%Y-%m-%d} .. {as_of:%Y-%m-%d}, {history:.1f} days "
+        start = dt.datetime.fromisoformat(summary["window_start"]).astimezone(zone)
+        yield (f"History: {start:%Y-%m-%d} .. {last_day}, {history:.1f} days "
                f"of journeys ({sources or 'no events'}).")
         compared = start + dt.timedelta(days=burn_in)
         last = as_of - dt.timedelta(days=horizon)
-        yield (f"Horizon {horizon} days. Lifts compare people first seen from "
-               f"{compared:%Y-%m-%d} (burn-in {burn_in:.1f} days, as their journey may have "
-               f"begun before the window) to {last:%Y-%m-%d} (so each had {horizon} days to "
-               "convert).")
+        if compared <= last:
+            yield (f"Horizon {horizon} days. Lifts compare people first seen from "
+                   f"{compared:%Y-%m-%d} (burn-in {burn_in:.1f} days, as their journey may "
+                   f"have begun before the window) to {last:%Y-%m-%d} (so each had {horizon} "
+                   "days to convert).")
+        else:
+            yield (f"Horizon {horizon} days. No lift yet: people first seen after the burn-in "
+                   f"({burn_in:.1f} days, from {compared:%Y-%m-%d}) have not had {horizon} "
+                   "days to convert.")
     needed = summary["sound_history_days"]
     if history < needed:
-        since = as_of.date() - dt.timedelta(days=math.ceil(needed))
+        since = last_day - dt.timedelta(days=math.ceil(needed) - 1)
         yield (f"History too short for sound comparisons: {history:.1f} days, needs about "
-               f"{needed:.0f} (burn-in, horizon and a month of cohorts). Run: convsync "
-               f"backfill --config {config_path} --since {since:%Y-%m-%d}")
+               f"{needed:.0f} (burn-in, horizon and a month of cohorts). Run:")
+        yield f"{COMMAND}convsync backfill --config {config_path} --since {since:%Y-%m-%d}"
 
 
 class Footnotes:
@@ -186,9 +196,11 @@ def withheld_line(summary: Mapping[str, Any]) -> str:
         return ""
     reasons = Counter(_reason_kind(r["withheld"]) for r in withheld)
     why = ", ".join(f"{kind} {count}" for kind, count in reasons.most_common())
+    fallback = sum(r["upload_value"] is not None for r in withheld)
+    uploads = (f"; {fallback} of them upload the figure over all {summary['segment_by']}s"
+               if fallback else "")
     return (f"Per {summary['segment_by']}: {len(withheld)} of {len(segment_rows)} values "
-            f"withheld ({why}); their events upload the figure over all "
-            f"{summary['segment_by']}s. --by segment lists them.")
+            f"withheld ({why}){uploads}. --by segment lists them.")
 
 
 def legend(summary: Mapping[str, Any]) -> Iterator[str]:
