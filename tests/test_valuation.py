@@ -354,6 +354,27 @@ def test_a_strong_micro_conversion_is_tracked_and_a_useless_one_dropped() -> Non
     assert "does not predict" in useless.reason
 
 
+def test_a_ladder_step_most_buyers_pass_through_is_not_dropped_without_saying_why() -> None:
+    rng = np.random.default_rng(12)
+    t = AS_OF.timestamp()
+    did = np.repeat([True, False], [2000, 1000])  # 10% of doers buy, 15% of the others
+    buys = rng.random(3000) < np.where(did, 0.10, 0.15)
+    start = t - rng.uniform(40, 200, 3000) * DAY
+    persons = np.arange(3000)
+    journeys = Journeys(
+        conversions=("view", "browse"), segments=("all",), micro_person=persons,
+        micro_conversion=np.where(did, 0, 1), micro_segment=np.zeros(3000, np.int64),
+        micro_time=start, micro_size=np.full(3000, np.nan), macro_person=persons[buys],
+        macro_time=start[buys] + 2 * DAY, macro_value=np.full(buys.sum(), 80.0),
+        ladder=("view",))
+    row = _row(estimate_values(journeys, AS_OF, 30.0), "view")
+    assert row.lift_interval is not None and row.lift_interval[1] < 1.25
+    assert row.coverage is not None and row.coverage > 0.5
+    assert row.recommendation == Recommendation.ANALYTICS_ONLY
+    assert "of buyers did it first" in row.reason and "not dropped" in row.reason
+    assert row.upload_value is None
+
+
 def _two_populations(seed: int, predictive: bool) -> Journeys:
     """Click-id people (a third) buy at 20% and most sign up; email people buy at 2% and few
     sign up. With ``predictive``, signing up doubles the odds to buy within each population;

@@ -10,11 +10,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 from typer.testing import CliRunner
 
 from convsync.cli import app
 from convsync.sandbox import server
 from convsync.sandbox.world import World, WorldSpec
+from convsync.settings import load_config
+from convsync.store import Store, micro_values
 
 TODAY = dt.date(2026, 10, 31)
 LADDER = ("product_view", "add_to_cart", "begin_checkout")
@@ -63,6 +66,11 @@ def test_a_90_day_backfill_tracks_the_ladder_and_drops_the_signup(backfilled: Pa
     assert uploaded == pytest.approx(entry, rel=0.02)
     assert expected > 2 * entry
     assert summary["history_days"] == pytest.approx(90.0, abs=0.1)
+    with Store.open(load_config(backfilled).store_url()) as store, store.engine.connect() as db:
+        stored = {(r.conversion, r.segment): r.value for r in db.execute(
+            sa.select(micro_values.c.conversion, micro_values.c.segment, micro_values.c.value))}
+    assert stored == {(r["conversion"], r["segment"]): r["upload_value"]  # type: ignore[index]
+                      for r in summary["values"]}  # type: ignore[attr-defined]
     assert 0 < summary["burn_in_days"] < 28  # type: ignore[operator]
 
 

@@ -415,7 +415,8 @@ micro_values = sa.Table(
     sa.Column("computed_at", UtcDateTime, nullable=False),
 )
 """What each micro conversion was worth as computed on a day: kept, so that a later run can
-restate the uploads made with an earlier value."""
+restate the uploads made with an earlier value. ``value`` is the upload value (what one event
+uploads, NULL: nothing); ``detail`` holds every figure of the row."""
 
 DATA_TABLES = (
     conversion_definitions, conversion_platform_names, platform_conversions, daily_stats,
@@ -1195,7 +1196,8 @@ class Store:
     def save_micro_values(self, client: str, computed_at: dt.datetime,
                           values: Sequence[Mapping[str, Any]]) -> None:
         """Store one computation's values (each a JSON-able mapping with ``conversion``,
-        ``segment``, ``value`` and ``recommendation``), replacing that day's earlier ones."""
+        ``segment``, ``upload_value`` and ``recommendation``), replacing that day's earlier
+        ones."""
         day = computed_at.date()
         with self._writing() as conn:
             conn.execute(micro_values.delete().where(micro_values.c.client == client,
@@ -1203,7 +1205,7 @@ class Store:
             if values:
                 conn.execute(micro_values.insert(), [
                     {"client": client, "computed_on": day, "conversion": v["conversion"],
-                     "segment": v["segment"], "value": v["value"],
+                     "segment": v["segment"], "value": v["upload_value"],
                      "recommendation": v["recommendation"], "detail": dict(v),
                      "computed_at": computed_at} for v in values])
 
