@@ -23,8 +23,11 @@ from convsync.reconcile import (
 from convsync.settings import ClientConfig, ReconcileSection
 from convsync.store import Store
 from convsync.valuation import ALL_SEGMENTS
+from convsync.values_table import MEANING, SHORT
 
 SEVERITY_ORDER = ("error", "warning", "info")
+UPLOAD = "track_and_upload"
+ADVICE_ORDER = (UPLOAD, "analytics_only", "not_enough_evidence", "drop_noise")
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,146 @@ class Report:
     def overall_values(self) -> list[dict[str, Any]]:
         """The values over all segments (one row per micro conversion)."""
         return [v for v in self.values if v.get("segment") == ALL_SEGMENTS]
+
+    @property
+    def value_rows(self) -> list[ValueRow]:
+        """The values table: one row per micro conversion, the uploaded ones first."""
+        return sorted((value_row(v) for v in self.overall_values),
+                      key=lambda r: (_advice_rank(r.recommendation), -r.volume, r.conversion))
+
+    @property
+    def values_basis(self) -> ValuesBasis | None:
+        """What the stored values rest on (None: no values stored)."""
+        return values_basis(self.overall_values)
+
+
+@dataclass(frozen=True)
+class ValueRow:
+    """One micro conversion over all segments, as the report shows it.
+
+    ``upload`` is what one event uploads, and is given only when the conversion is advised
+    for upload and its value is not withheld: a dropped or withheld step never shows a
+    figure there, whatever the stored row holds (``not_uploaded`` says why, in words)."""
+
+    conversion: str
+    volume: int
+    upload: float | None
+    not_uploaded: str
+    """Why nothing is uploaded, in a few words without figures ('' when ``upload`` is given)."""
+    estimate: float
+    interval: tuple[float, float]
+    lift: float | None
+    lift_interval: tuple[float, float] | None
+    compared_doers: int
+    compared_doers_converted: int
+    compared_others: int
+    compared_others_converted: int
+    coverage: float | None
+    recommendation: str
+    reasons: list[str]
+    """The recommendation's reason, then why the value is withheld or not uploaded, or how the
+    upload value is made."""
+
+    @property
+    def advice(self) -> str:
+        """The recommendation in a word, as ``convsync values`` prints it."""
+        return SHORT.get(self.recommendation, self.recommendation)
+
+    @property
+    def advice_meaning(self) -> str:
+        return MEANING.get(self.advice, "")
+
+    @property
+    def compared(self) -> bool:
+        return bool(self.compared_doers or self.compared_others)
+
+
+def value_row(row: dict[str, Any]) -> ValueRow:
+    """A stored valuation row (over all segments) as the report shows it. Rows stored by an
+    older convsync (no upload value) show nothing uploaded."""
+    recommendation = str(row.get("recommendation", ""))
+    withheld = str(row.get("withheld") or "")
+    if row.get("value") is None and not withheld:
+        withheld = "no value"
+    stored_upload, note = row.get("upload_value"), str(row.get("upload_note") or "")
+    reasons = [str(row.get("reason") or "")]
+    upload: float | None = None
+    if recommendation != UPLOAD:
+        why = f"advice: {SHORT.get(recommendation, recommendation)}"
+    elif withheld:
+        why = "value withheld"
+        reasons.append(f"value withheld: {withheld}")
+    elif "upload_value" not in row:
+        why = "no upload value stored"
+        reasons.append("computed by an older convsync: run convsync values again")
+    elif stored_upload is None or float(stored_upload) <= 0:
+        why = "no upload value"
+        reasons.append(f"not uploaded: {note}" if note else "not uploaded")
+    else:
+        upload, why = float(stored_upload), ""
+        reasons.append(f"upload value: {note}" if note else "upload value: its value")
+    lift_interval = row.get("lift_interval")
+    return ValueRow(
+        conversion=str(row["conversion"]), volume=int(row.get("volume") or 0), upload=upload,
+        not_uploaded=why, estimate=float(row["estimate"]),
+        interval=(float(row["interval"][0]), float(row["interval"][1])),
+        lift=None if row.get("lift") is None else float(row["lift"]),
+        lift_interval=None if lift_interval is None else (float(lift_interval[0]),
+                                                          float(lift_interval[1])),
+        compared_doers=int(row.get("compared_doers") or 0),
+        compared_doers_converted=int(row.get("compared_doers_converted") or 0),
+        compared_others=int(row.get("compared_others") or 0),
+        compared_others_converted=int(row.get("compared_others_converted") or 0),
+        coverage=None if row.get("coverage") is None else float(row["coverage"]),
+        recommendation=recommendation, reasons=[r for r in reasons if r])
+
+
+def _advice_rank(recommendation: str) -> int:
+    return (ADVICE_ORDER.index(recommendation) if recommendation in ADVICE_ORDER
+            else len(ADVICE_ORDER))
+
+
+@dataclass(frozen=True)
+class ValuesBasis:
+    """The history the values rest on: journeys from ``window_start`` to ``as_of``; the lift
+    compares people first seen from ``compared_from`` (after the burn-in) to ``compared_to``
+    (so each had the horizon to convert)."""
+
+    as_of: dt.datetime
+    horizon_days: float
+    window_start: dt.datetime | None
+    history_days: float
+    burn_in_days: float
+
+    @property
+    def compared_from(self) -> dt.datetime | None:
+        if self.window_start is None:
+            return None
+        return self.window_start + dt.timedelta(days=self.burn_in_days)
+
+    @property
+    def compared_to(self) -> dt.datetime:
+        return self.as_of - dt.timedelta(days=self.horizon_days)
+
+    @property
+    def anyone_compared(self) -> bool:
+        """Whether the history is longer than the burn-in plus the horizon (else nobody can
+        be compared yet, and no lift is given)."""
+        start = self.compared_from
+        return start is not None and start < self.compared_to
+
+
+def values_basis(rows: list[dict[str, Any]]) -> ValuesBasis | None:
+    if not rows:
+        return None
+    row = rows[0]
+    start = row.get("window_start")
+    return ValuesBasis(
+        as_of=dt.datetime.fromisoformat(str(row["as_of"])),
+        horizon_days=float(row["horizon_days"]),
+        window_start=dt.datetime.fromisoformat(start) if start else None,
+        history_days=float(row.get("history_days") or 0.0),
+        burn_in_days=float(row.get("burn_in_days") or 0.0))
 
 
 class NoData(LookupError):

@@ -19,9 +19,11 @@ import matplotlib as mpl
 from matplotlib.axes import Axes
 from matplotlib.dates import AutoDateLocator, ConciseDateFormatter, date2num
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 from matplotlib.typing import RcKeyType
 
 from convsync.reconcile import Funnel, FunnelDiagnosis
+from convsync.report.build import ValueRow
 
 PLATFORM_COLOURS = {"google_ads": "#1a73e8", "ga4": "#e37400", "meta": "#8e24aa",
                     "klaviyo": "#2a9d8f"}
@@ -29,6 +31,8 @@ STEP_COLOURS = ("#455a64", "#c0ca33", "#d81b60", "#6d4c41", "#00acc1")
 """Ladder transitions: not the platforms' colours, which mean platforms everywhere."""
 OTHER_SEGMENT, NO_SEGMENT = "#2a9d8f", "#90a4ae"
 MACRO_COLOUR, MICRO_COLOUR, FILLING_COLOUR = "#1b5e20", "#9e9d24", "#eceff1"
+UPLOAD_COLOUR, EXPECTED_COLOUR, NOT_UPLOADED_COLOUR = "#00695c", "#cfd8dc", "#757575"
+"""Micro-conversion values: the figure sent, the diagnostic beside it, a step not uploaded."""
 PLATFORM_NAMES = {"google_ads": "Google Ads", "ga4": "GA4", "meta": "Meta",
                   "klaviyo": "Klaviyo"}
 _STYLE: dict[RcKeyType, Any] = {
@@ -214,26 +218,46 @@ def daily_rates(diagnosis: FunnelDiagnosis,
         return _svg(figure)
 
 
-def micro_values(values: Sequence[Mapping[str, Any]], currency: str) -> str:
-    """Each micro conversion's estimated worth with its interval (valuation rows, as
-    ``convsync values`` stores them); withheld ones hatched."""
+def micro_values(rows: Sequence[ValueRow], currency: str, horizon_days: float) -> str:
+    """Per micro conversion, what one event uploads (a solid bar: the figure sent) and, below
+    it, the expected value of one person who did it with its 90% interval (a light bar: a
+    diagnostic, never sent). A conversion not uploaded gets no upload bar and no upload
+    figure, only "not uploaded" and why."""
     with mpl.rc_context(_STYLE):
-        figure = _figure(11, 0.55 * len(values) + 1.4)
+        figure = _figure(11, 0.95 * len(rows) + 1.5)
         ax = figure.add_subplot()
-        names = [str(v["conversion"]) for v in values]
-        estimates = [float(v["estimate"]) for v in values]
-        low = [e - float(v["interval"][0]) for e, v in zip(estimates, values, strict=True)]
-        high = [float(v["interval"][1]) - e for e, v in zip(estimates, values, strict=True)]
-        bars = ax.barh(names, estimates, xerr=[low, high], color="#00796b", capsize=3,
-                       error_kw={"ecolor": "#37474f", "linewidth": 1})
-        for bar, v in zip(bars, values, strict=True):
-            if v.get("value") is None:
-                bar.set_hatch("//")
-                bar.set_facecolor("#b2dfdb")
-        ax.invert_yaxis()
-        ax.set_xlabel(f"value per event ({currency}), 90% interval")
-        horizon = f"{float(values[0]['horizon_days']):g}" if values else ""
-        ax.set_title(f"What a micro conversion is worth ({horizon}-day horizon); hatched: "
-                     "withheld from uploads", loc="left")
+        top = max([r.interval[1] for r in rows] + [r.upload or 0.0 for r in rows] + [1e-9])
+        pad, half = top * 0.01, 0.19
+        for i, row in enumerate(rows):
+            if row.upload is not None:
+                ax.barh(i - half, row.upload, 2 * half * 0.95, color=UPLOAD_COLOUR)
+                ax.text(row.upload + pad, i - half, f"{row.upload:,.2f} {currency} uploaded "
+                        "per event", va="center", fontsize=9, color=UPLOAD_COLOUR,
+                        fontweight="bold")
+            else:
+                ax.text(pad, i - half, f"not uploaded ({row.not_uploaded})", va="center",
+                        fontsize=9, color=NOT_UPLOADED_COLOUR, fontstyle="italic")
+            low, high = row.interval
+            ax.barh(i + half, row.estimate, 2 * half * 0.95, color=EXPECTED_COLOUR,
+                    xerr=[[max(row.estimate - low, 0.0)], [max(high - row.estimate, 0.0)]],
+                    error_kw={"ecolor": "#78909c", "linewidth": 1, "capsize": 3})
+            ax.text(max(high, row.estimate) + pad, i + half,
+                    f"expected {row.estimate:,.2f} ({low:,.2f}-{high:,.2f}) per person, "
+                    "diagnostic", va="center", fontsize=8, color="#607d8b")
+        ax.set_yticks(range(len(rows)),
+                      [f"{r.conversion}\nadvice: {r.advice}" for r in rows])
+        ax.set_ylim(len(rows) - 0.45, -0.55)
+        ax.set_xlim(0, top * 1.55)
+        ax.set_xlabel(f"{currency} (upload value: per event; expected value: per person)")
+        ax.set_axisbelow(True)
+        ax.set_title(f"What one event of each micro conversion uploads ({currency}), and the "
+                     f"expected value per person within {horizon_days:g} days (diagnostic)",
+                     loc="left")
         ax.grid(axis="y", visible=False)
+        handles = [Patch(color=UPLOAD_COLOUR, label="upload value per event: what is sent"),
+                   Patch(color=EXPECTED_COLOUR, label="expected value per person, 90% "
+                         "interval: a diagnostic (every ladder step counts the same sale), "
+                         "never sent")]
+        figure.legend(handles=handles, loc="outside lower center", fontsize=8, ncols=2,
+                      frameon=False)
         return _svg(figure)

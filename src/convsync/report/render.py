@@ -10,13 +10,15 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from jinja2 import Environment, PackageLoader, StrictUndefined
 from markupsafe import Markup
 
 from convsync.reconcile import ALL, FunnelDiagnosis, Reconciliation, as_data
 from convsync.report import charts
-from convsync.report.build import SEVERITY_ORDER, Report
+from convsync.report.build import SEVERITY_ORDER, Report, ValueRow
+from convsync.values_table import MEANING, lift_text
 
 HTML_NAME, JSON_NAME = "report.html", "report.json"
 MAX_DAY_ROWS = 400
@@ -65,15 +67,17 @@ def render_html(report: Report) -> str:
     template = _environment().get_template("report.html.j2")
     return template.render(report=report, summary=_summary(report), charts=_charts(report),
                            day_rows=_day_rows(report.reconciliation),
-                           values=report.overall_values,
+                           value_rows=report.value_rows, basis=report.values_basis,
                            platforms=_platforms(report.reconciliation), ALL=ALL,
-                           json_name=JSON_NAME, max_day_rows=MAX_DAY_ROWS)
+                           json_name=JSON_NAME, max_day_rows=MAX_DAY_ROWS,
+                           advice_meanings=MEANING)
 
 
 def _environment() -> Environment:
     env = Environment(loader=PackageLoader("convsync.report", "templates"), autoescape=True,
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    env.filters.update(num=_num, pct=_pct, platform=charts.platform_name, evidence=_evidence)
+    env.filters.update(num=_num, pct=_pct, platform=charts.platform_name, evidence=_evidence,
+                       lift=_lift, day=_day, local=_local)
     return env
 
 
@@ -87,6 +91,23 @@ def _num(value: float | None, digits: int = 0) -> str:
 
 def _pct(value: float | None, digits: int = 1) -> str:
     return "–" if value is None else f"{100 * value:.{digits}f}%"
+
+
+def _lift(row: ValueRow) -> str:
+    """The lift with its 90% range, as ``convsync values`` prints it: 15.4 (6.0-40)."""
+    if row.lift is None:
+        return "–"
+    return lift_text({"lift": row.lift, "lift_interval": row.lift_interval or (row.lift,
+                                                                                row.lift)})
+
+
+def _day(moment: dt.datetime | None) -> str:
+    return "–" if moment is None else f"{moment:%Y-%m-%d}"
+
+
+def _local(moment: dt.datetime, timezone: str) -> str:
+    """A moment in the client's time zone, to the minute."""
+    return f"{moment.astimezone(ZoneInfo(timezone)):%Y-%m-%d %H:%M}"
 
 
 def _evidence(value: Any) -> str:
@@ -121,8 +142,10 @@ def _charts(report: Report) -> dict[str, Any]:
         [(t.platform, t.timezone, t.days, t.macro, t.micro) for t in report.trends]))
     if report.funnel is not None:
         out |= _funnel_charts(report.funnel, report.currency)
-    if report.overall_values:
-        out["values"] = Markup(charts.micro_values(report.overall_values, report.currency))
+    basis = report.values_basis
+    if basis is not None:
+        out["values"] = Markup(charts.micro_values(report.value_rows, report.currency,
+                                                   basis.horizon_days))
     return out
 
 
