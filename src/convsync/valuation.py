@@ -882,8 +882,11 @@ def _recommend(value: float | None, withheld: str, diagnostics: _Diagnostics, la
                 f"{_lift_text(lift, low, high)}, yet {coverage:.0%} of buyers did it "
                 "first: a ladder step most sales pass through; the comparison looks off, so "
                 "it is not dropped")
+        fewer = (": people who did it bought less often than those who did not" if high < 1
+                 else "")
         return Recommendation.DROP_NOISE, (
-            f"lift {_ratio(lift)} (at most {_ratio(high)}): does not predict the macro")
+            f"lift {_ratio(lift)} (at most {_ratio(high)}){fewer}; it does not predict the "
+            "macro")
     if value is None:
         return Recommendation.ANALYTICS_ONLY, f"value withheld: {withheld}"
     if low <= 1:

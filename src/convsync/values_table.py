@@ -52,11 +52,19 @@ def number(x: float | None) -> str:
     return f"{x:.2f}"
 
 
+LIFT_CAP = 100.0
+"""Lifts beyond this read "100+": nearly nobody buys without the step, and "30k times
+likelier" (a continuity correction over zero buyers) means nothing more to a reader."""
+
+
 def lift_text(row: Row) -> str:
     if row["lift"] is None:
         return "-"
     low, high = row["lift_interval"]
-    return f"{number(row['lift'])} ({rough(low)}-{rough(high)})"
+    if low >= LIFT_CAP:
+        return "100+"
+    top = "100+" if high >= LIFT_CAP else rough(high)
+    return f"{number(min(row['lift'], LIFT_CAP))} ({rough(low)}-{top})"
 
 
 def rough(x: float) -> str:
@@ -209,8 +217,8 @@ def legend(summary: Mapping[str, Any]) -> Iterator[str]:
            f"so their uploads add up to it once); expected: {currency} of macro conversions "
            f"one person who did it makes within {horizon} days (a diagnostic: every ladder "
            "step counts the same sale); lift: how much likelier comparable people who did it "
-           "are to buy than those who did not; people: how many did it; buyers first: share "
-           "of buyers who did it before buying.")
+           "are to buy than those who did not (100+: nearly nobody buys without it); people: "
+           "how many did it; buyers first: share of buyers who did it before buying.")
     used = {SHORT[r["recommendation"]] for r in summary["values"] if r["segment"] == ALL}
     yield "advice: " + "; ".join(f"{word}: {MEANING[word]}" for word in MEANING if word in used)
 
