@@ -117,7 +117,7 @@ def test_the_values_table_shows_what_each_stored_row_uploads(written: Path,
     intro = page[page.index('<section id="values">'):page.index("<figure>",
                                                                  page.index('id="values"'))]
     for text in (basis["window_start"][:10], basis["as_of"][:10], "diagnostic",
-                 "share the sale they lead", f"{basis['horizon_days']:g} days",
+                 "share the sales they lead", f"{basis['horizon_days']:g} days",
                  f"burn-in of {basis['burn_in_days']:.1f} days",
                  f"{basis['history_days']:,.1f} days of journeys"):
         assert text in " ".join(intro.split()), text

@@ -329,7 +329,8 @@ def test_too_few_people_to_compare_is_not_enough_evidence_never_drop() -> None:
     assert row.lift_interval[1] < 1.25  # on its own it would read "drop"
     assert row.recommendation == Recommendation.NOT_ENOUGH_EVIDENCE
     assert "10 did not (needs 20 each)" in row.reason
-    assert row.upload_value is None and row.upload_note == "not uploaded: not_enough_evidence"
+    assert row.upload_value is None
+    assert row.upload_note == "not uploaded: the advice is no evidence"
 
 
 def test_a_strong_micro_conversion_is_tracked_and_a_useless_one_dropped() -> None:
@@ -468,7 +469,7 @@ def test_size_scaling_is_kept_only_when_it_predicts_better() -> None:
     sizes = np.exp(rng.normal(3.0, 0.8, 20_000))
     scaled = _journeys(20_000, rate=0.3, lag_days=2.0, sizes=sizes, seed=9)
     row = _row(estimate_values(scaled, AS_OF), "signup")
-    assert row.scaled_by_size and "scaled by event size" in row.reason
+    assert row.scaled_by_size and "scaled by event size" in row.size_note
     assert row.value_per_size_unit == pytest.approx(row.estimate / sizes.mean(), rel=1e-6)
     flat_sizes = _journeys(20_000, rate=0.3, lag_days=2.0, seed=9)
     unrelated = Journeys(**{**flat_sizes.__dict__, "micro_size": sizes})

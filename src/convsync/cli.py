@@ -368,8 +368,8 @@ def import_command(
 def values_command(
     config: ConfigOption,
     as_of: Annotated[str | None, typer.Option(
-        "--as-of", help="Value as of the end of this day in the client's time zone, "
-                        "YYYY-MM-DD (default: now).")] = None,
+        "--as-of", help="Replay as of the end of this day in the client's time zone, "
+                        "YYYY-MM-DD (default: now; a replay is not stored).")] = None,
     by: Annotated[str, typer.Option(
         "--by", help="overall: one row per micro conversion; segment: each segment's row "
                      "too (campaign, source or client, as [valuation] segment_by says).")
@@ -387,8 +387,8 @@ def values_command(
     diagnostic), its lift over comparable people who did not do it with its 90% range, how
     many did it, the share of buyers who did it first, and advice. Under the table: the
     history the figures rest on, each reason as a footnote, and the backfill to run when
-    the history is too short. Values are stored with the day they were computed; `push`
-    sends the upload values."""
+    the history is too short. Values are stored with the day they were computed (the upload
+    values are what a push sends); a replay with --as-of is shown, not stored."""
     from convsync import pipeline, values_table
     from convsync.store import Store
 
@@ -396,31 +396,42 @@ def values_command(
         raise typer.BadParameter("use overall or segment", param_hint="--by")
     client, _ = _load(config)
     zone = ZoneInfo(client.client.timezone)
-    moment = (dt.datetime.combine(_day(as_of, "--as-of") + dt.timedelta(days=1), dt.time(),
-                                  zone).astimezone(dt.UTC) if as_of else dt.datetime.now(dt.UTC))
+    now = dt.datetime.now(dt.UTC)
+    moment = now
+    if as_of:
+        day = _day(as_of, "--as-of")
+        if day > now.astimezone(zone).date():
+            raise typer.BadParameter(f"{day} is in the future (in {client.client.timezone})",
+                                     param_hint="--as-of")
+        moment = dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), zone).astimezone(
+            dt.UTC)
     with Store.open(client.store_url()) as store:
-        summary = pipeline.values(client, store, moment)
+        summary = pipeline.values(client, store, min(moment, now), keep=as_of is None)
 
     def human() -> None:
         if not summary["values"]:
-            out.print("no journeys in the store yet: run `convsync backfill --config "
-                      f"{config} --since YYYY-MM-DD` (or `convsync pull`) first")
+            before = f" before the end of {as_of}" if as_of else ""
+            out.print(f"no journeys stored{before}: run `convsync backfill --config {config} "
+                      "--since YYYY-MM-DD` (or `convsync pull`) first", highlight=False)
             return
-        when = (f"the end of {as_of}" if as_of else f"{moment.astimezone(zone):%Y-%m-%d %H:%M}")
-        out.print(f"Micro-conversion values in {client.client.currency}, "
-                  f"{client.client.name}, as of {when} ({client.client.timezone})",
+        when = f"the end of {as_of}" if as_of else f"{now.astimezone(zone):%Y-%m-%d %H:%M}"
+        replay = "; a replay, not stored" if as_of else ""
+        out.print(f"{client.client.name}: micro-conversion values in "
+                  f"{client.client.currency}, as of {when} ({client.client.timezone}{replay})",
                   highlight=False)
         for line in values_table.history_lines(summary, str(config)):
             out.print(line, highlight=False, soft_wrap=line.startswith(values_table.COMMAND))
         notes = values_table.Footnotes()
+        view = "wide" if wide else by if by == "segment" else "overview"
         table = (values_table.wide(summary, notes) if wide else
                  values_table.by_segment(summary, notes) if by == "segment" else
                  values_table.overview(summary, notes))
-        out.print(table)
-        for line in [values_table.withheld_line(summary), *values_table.legend(summary),
-                     *notes.lines()]:
+        out.print(table, width=max(out.width, 170) if wide else None)
+        for line in [values_table.withheld_line(summary, listed=view != "overview"),
+                     *values_table.legend(summary, view)]:
             if line:
                 out.print(line, highlight=False)
+        out.print(notes.grid(), highlight=False)
 
     _emit(summary, as_json, human)
 

@@ -423,10 +423,12 @@ def _budget_warnings(config: ClientConfig, store: Store, result: PullResult) -> 
 
 # -- values --------------------------------------------------------------------------------
 
-def values(config: ClientConfig, store: Store, as_of: dt.datetime) -> dict[str, Any]:
+def values(config: ClientConfig, store: Store, as_of: dt.datetime, *,
+           keep: bool = True) -> dict[str, Any]:
     """What each micro conversion is worth as of ``as_of``, from the stored journeys: the
-    rows (stored with the day computed, so later runs can restate earlier uploads) and what
-    they rest on (window, burn-in, sources, what a sound comparison needs), JSON-able."""
+    rows and what they rest on (window, burn-in, sources, what a sound comparison needs),
+    JSON-able. ``keep``: store the rows with the day computed (so later runs can restate
+    earlier uploads); a replay of a past day is not kept."""
     from convsync import valuation
     from convsync.model import Kind
 
@@ -449,7 +451,8 @@ def values(config: ClientConfig, store: Store, as_of: dt.datetime) -> dict[str, 
                                            max_relative_width=section.max_relative_width)
     horizon = float(section.horizon_days)
     rows = [_value_row(v) for v in valuation.estimate_values(journeys, as_of, horizon, settings)]
-    store.save_micro_values(config.client.name, as_of, rows)
+    if keep:
+        store.save_micro_values(config.client.name, as_of, rows)
     overall = next((r for r in rows if r["segment"] == valuation.ALL_SEGMENTS), None)
     burn_in = overall["burn_in_days"] if overall else 0.0
     valued = {r["conversion"] for r in rows}
@@ -460,16 +463,11 @@ def values(config: ClientConfig, store: Store, as_of: dt.datetime) -> dict[str, 
         "window_start": overall["window_start"] if overall else None,
         "history_days": overall["history_days"] if overall else 0.0,
         "burn_in_days": burn_in,
-        "sound_history_days": burn_in + horizon + max(horizon, _COHORT_DAYS),
+        "sound_history_days": burn_in + horizon + settings.min_cohort_days,
         "sources": dict(sources), "person_groups": list(journeys.groups),
         "missing": [d.name for d in definitions
                     if d.kind is Kind.MICRO and d.name not in valued],
         "values": rows}
-
-
-_COHORT_DAYS = 30.0
-"""Days of matured cohorts, beyond the burn-in and the horizon, that a sound comparison
-wants at least (a horizon's worth when that is longer)."""
 
 
 def _value_row(value: Any) -> dict[str, Any]:

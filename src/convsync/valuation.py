@@ -85,6 +85,11 @@ class Recommendation(StrEnum):
     DROP_NOISE = "drop_noise"
 
 
+ADVICE = {Recommendation.TRACK_AND_UPLOAD: "upload", Recommendation.ANALYTICS_ONLY: "analytics",
+          Recommendation.NOT_ENOUGH_EVIDENCE: "no evidence", Recommendation.DROP_NOISE: "drop"}
+"""Each recommendation in one word, as the tables print it."""
+
+
 @dataclass(frozen=True)
 class ValuationSettings:
     """Knobs of the estimator. The defaults are the ones the benchmark scores."""
@@ -102,10 +107,15 @@ class ValuationSettings:
     the lift decides anything: fewer give "not enough evidence", never "drop"."""
     min_compared_conversions: int = 5
     """Fewest macro conversions over both sides of the comparison before the lift decides."""
-    burn_in_share: float = 0.9
+    burn_in_share: float = 0.95
     """People first seen before the window's start plus the time by which this share of a
     journey's within-horizon conversions have happened are left out of the comparison: their
-    journey may have begun before the pulled window."""
+    journey may have begun before the pulled window (0.9 left twice as many such journeys in
+    the sandbox's comparisons, 0.99 cost a third more days for little gain)."""
+    min_cohort_days: float = 30.0
+    """Days of cohorts, beyond the burn-in and the horizon, before a lift decides anything:
+    on fewer, a handful of people sets the advice and the ladder's shares, and both swing
+    from one run to the next."""
     ladder_coverage: float = 0.5
     """A ladder step that at least this share of comparable buyers did first is never dropped
     for a low lift: most sales pass through it, so a low lift says the comparison is off."""
@@ -214,6 +224,7 @@ class MicroValue:
     realisation_ratio: float | None
     scaled_by_size: bool
     value_per_size_unit: float | None
+    size_note: str
     recommendation: Recommendation
     reason: str
     window_start: dt.datetime | None = None
@@ -586,7 +597,7 @@ class _Timeline:
     moment (whole seconds)."""
 
     def __init__(self, journeys: Journeys, as_of: dt.datetime, horizon_days: float,
-                 burn_in_share: float = 0.9) -> None:
+                 burn_in_share: float = 0.95) -> None:
         self.journeys = journeys
         self.now = as_of.timestamp()
         self.horizon = horizon_days
@@ -871,7 +882,10 @@ def _recommend(value: float | None, withheld: str, diagnostics: _Diagnostics, la
     """What to do with a micro conversion, from its value over all segments and its lift."""
     c = diagnostics.comparison
     lift, interval = c.lift, c.interval
-    if (lift is None or interval is None or min(c.doers, c.others) < settings.min_compared
+    short_history = (timeline.history_days
+                     < timeline.burn_in + timeline.horizon + settings.min_cohort_days)
+    if (lift is None or interval is None or short_history
+            or min(c.doers, c.others) < settings.min_compared
             or c.doers_converted + c.others_converted < settings.min_compared_conversions):
         return Recommendation.NOT_ENOUGH_EVIDENCE, _too_few(c, timeline, settings)
     low, high = interval
@@ -901,6 +915,8 @@ def _ratio(x: float) -> str:
 
 
 def _lift_text(lift: float, low: float, high: float) -> str:
+    if low >= 100:
+        return f"lift over 100 (at least {_ratio(low)}): nearly nobody who did not do it bought"
     return f"lift {_ratio(lift)} [{_ratio(low)}, {_ratio(high)}]"
 
 
@@ -910,12 +926,21 @@ def _too_few(c: _Comparison, timeline: _Timeline, settings: ValuationSettings) -
         return (f"not enough evidence: {history:.1f} days of history, less than the burn-in "
                 f"({burn_in:.1f} days) plus the horizon ({horizon:g}): no one can be compared "
                 "yet")
+    if history < burn_in + horizon + settings.min_cohort_days:
+        return (f"not enough evidence: {history:.1f} days of history leave under "
+                f"{settings.min_cohort_days:g} days of people to compare after the burn-in "
+                f"({burn_in:.1f} days) and the horizon ({horizon:g})")
     if c.doers == 0 or c.others == 0:
         missing = "who did it" if c.doers == 0 else "who did not"
         return f"not enough evidence: no comparable people {missing} (lift unknown)"
-    return (f"not enough evidence: {c.doers} comparable people did it and {c.others} did not "
-            f"(needs {settings.min_compared} each), {c.doers_converted + c.others_converted} "
-            f"macro conversions between them (needs {settings.min_compared_conversions})")
+    short = []
+    if min(c.doers, c.others) < settings.min_compared:
+        short.append(f"{c.doers:,} comparable people did it and {c.others:,} did not (needs "
+                     f"{settings.min_compared} each)")
+    if c.doers_converted + c.others_converted < settings.min_compared_conversions:
+        short.append(f"{c.doers_converted + c.others_converted} macro conversions between them "
+                     f"(needs {settings.min_compared_conversions})")
+    return "not enough evidence: " + ", ".join(short)
 
 
 def _rows(name: str, journeys: Journeys, timeline: _Timeline, exposures: _Exposures,
@@ -943,8 +968,6 @@ def _rows(name: str, journeys: Journeys, timeline: _Timeline, exposures: _Exposu
     overall = None if withheld[-1] else float(estimate[-1])
     recommendation, reason = _recommend(overall, withheld[-1], diagnostics,
                                         name in journeys.ladder, timeline, settings)
-    if diagnostics.scaled:
-        reason = f"{reason}; {diagnostics.scale_note}"
     c = diagnostics.comparison
     starts = timeline.window_start[np.isfinite(timeline.window_start)]
     window_start = (dt.datetime.fromtimestamp(float(starts.min()), dt.UTC) if len(starts)
@@ -959,6 +982,7 @@ def _rows(name: str, journeys: Journeys, timeline: _Timeline, exposures: _Exposu
         value=None if withheld[i] else float(estimate[i]), withheld=withheld[i],
         lift=c.lift, lift_interval=c.interval, coverage=diagnostics.coverage,
         realisation_ratio=realisation[i], scaled_by_size=diagnostics.scaled,
+        size_note=diagnostics.scale_note,
         value_per_size_unit=(float(estimate[i] / sizes[i])
                              if diagnostics.scaled and sizes[i] > 0 else None),
         recommendation=recommendation, reason=reason, window_start=window_start,
@@ -1050,7 +1074,7 @@ def _own_upload_value(row: MicroValue, tracked: Collection[str], ladder: Sequenc
                       credits: dict[tuple[str, str], LadderCredit]) -> tuple[float | None, str]:
     """What one event of ``row`` uploads from its own segment's figures, and why."""
     if row.conversion not in tracked:
-        return None, f"not uploaded: {row.recommendation}"
+        return None, f"not uploaded: the advice is {ADVICE[row.recommendation]}"
     if row.conversion not in ladder:
         return row.value, row.withheld or "its value"
     credit = credits.get((row.conversion, row.segment))

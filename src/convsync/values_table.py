@@ -18,9 +18,10 @@ from zoneinfo import ZoneInfo
 from rich import box
 from rich.table import Table
 
+from convsync.valuation import ADVICE
+
 ALL = "*"
-SHORT = {"track_and_upload": "upload", "analytics_only": "analytics",
-         "not_enough_evidence": "no evidence", "drop_noise": "drop"}
+SHORT: Mapping[str, str] = {str(k): v for k, v in ADVICE.items()}
 """Each recommendation as one word, explained under the table."""
 MEANING = {
     "upload": "predicts the macro: upload its events with the upload value",
@@ -64,7 +65,8 @@ def lift_text(row: Row) -> str:
     if low >= LIFT_CAP:
         return "100+"
     top = "100+" if high >= LIFT_CAP else rough(high)
-    return f"{number(min(row['lift'], LIFT_CAP))} ({rough(low)}-{top})"
+    point = "100+" if row["lift"] >= LIFT_CAP else number(row["lift"])
+    return f"{point} ({rough(low)}-{top})"
 
 
 def rough(x: float) -> str:
@@ -120,9 +122,14 @@ class Footnotes:
             self.texts.append(text)
         return f"[{self.texts.index(text) + 1}]"
 
-    def lines(self) -> Iterator[str]:
+    def grid(self) -> Table:
+        """The notes under their numbers, wrapped lines indented past the number."""
+        grid = Table.grid(padding=(0, 1, 0, 0))
+        grid.add_column(no_wrap=True)
+        grid.add_column()
         for number_, text in enumerate(self.texts, 1):
-            yield f"[{number_}] {text}"
+            grid.add_row(f"[{number_}]", text)
+        return grid
 
 
 def comparison_note(row: Row) -> str:
@@ -160,28 +167,43 @@ def by_segment(summary: Mapping[str, Any], notes: Footnotes) -> Table:
     table = _table(("conversion", "left"), (summary["segment_by"], "left"),
                    ("upload", "right"), ("expected", "right"), ("90% range", "right"),
                    ("people", "right"), ("note", "left"))
-    for row in sorted(summary["values"], key=lambda r: (r["conversion"], r["segment"] != ALL,
-                                                        -r["volume"])):
+    for row in _by_conversion(summary["values"]):
         low, high = row["interval"]
-        note = row["withheld"] or ("" if row["upload_value"] is not None or row["segment"] == ALL
-                                   else row["upload_note"])
         table.add_row(row["conversion"], "all" if row["segment"] == ALL else row["segment"],
                       number(row["upload_value"]), number(row["estimate"]),
-                      f"{number(low)}-{number(high)}", f"{row['volume']:,}", notes.mark(note))
+                      f"{number(low)}-{number(high)}", f"{row['volume']:,}",
+                      notes.mark(segment_note(row)))
     return table
+
+
+def segment_note(row: Row) -> str:
+    """Why a segment's row uploads what it does, where that needs saying."""
+    if row["segment"] == ALL:
+        return row["reason"] if row["upload_value"] is None else ""
+    if row["withheld"] and row["upload_value"] is not None:
+        return f"uploads the figure over all segments; its own is withheld: {row['withheld']}"
+    return row["withheld"] if row["upload_value"] is None and row["withheld"] else ""
+
+
+def _by_conversion(rows: Sequence[Row]) -> list[Row]:
+    """Rows in the order the conversions come (the ladder first), each conversion's row over
+    all segments first, then its segments by volume."""
+    order = {name: k for k, name in enumerate(dict.fromkeys(r["conversion"] for r in rows))}
+    return sorted(rows, key=lambda r: (order[r["conversion"]], r["segment"] != ALL,
+                                       -r["volume"]))
 
 
 def wide(summary: Mapping[str, Any], notes: Footnotes) -> Table:
     """Every figure of every row: for a wide terminal or a file."""
     currency = summary["currency"]
     table = _table(("conversion", "left"), (summary["segment_by"], "left"),
-                   (f"upload {currency}/ev", "right"), (f"expected {currency}/ev", "right"),
+                   (f"upload {currency}/event", "right"),
+                   (f"expected {currency}/person", "right"),
                    ("90% range", "right"), ("buy share", "right"),
                    (f"avg macro {currency}", "right"), ("lift (90%)", "right"),
                    ("people", "right"), ("buyers first", "right"), ("realised", "right"),
                    ("advice", "left"), ("note", "left"))
-    for row in sorted(summary["values"], key=lambda r: (r["conversion"], r["segment"] != ALL,
-                                                        -r["volume"])):
+    for row in _by_conversion(summary["values"]):
         low, high = row["interval"]
         coverage = "-" if row["coverage"] is None else f"{row['coverage']:.0%}"
         overall = row["segment"] == ALL
@@ -192,35 +214,51 @@ def wide(summary: Mapping[str, Any], notes: Footnotes) -> Table:
             lift_text(row) if overall else "", f"{row['volume']:,}",
             coverage if overall else "", number(row["realisation_ratio"]),
             SHORT[row["recommendation"]] if overall else "",
-            notes.mark(comparison_note(row) if overall else row["withheld"]))
+            notes.mark(comparison_note(row) if overall else segment_note(row)))
     return table
 
 
-def withheld_line(summary: Mapping[str, Any]) -> str:
-    """How many per-segment values the guard rails withheld, and why, in one line."""
-    segment_rows = [r for r in summary["values"] if r["segment"] != ALL]
-    withheld = [r for r in segment_rows if r["withheld"]]
+def withheld_line(summary: Mapping[str, Any], listed: bool) -> str:
+    """How many per-segment values of the uploaded conversions the guard rails withheld (and
+    so upload the figure over all segments), and why, in one line."""
+    uploaded = {r["conversion"] for r in summary["values"]
+                if r["segment"] == ALL and r["upload_value"] is not None}
+    rows = [r for r in summary["values"] if r["segment"] != ALL and r["conversion"] in uploaded]
+    withheld = [r for r in rows if r["withheld"]]
     if not withheld:
         return ""
     reasons = Counter(_reason_kind(r["withheld"]) for r in withheld)
-    why = ", ".join(f"{kind} {count}" for kind, count in reasons.most_common())
-    fallback = sum(r["upload_value"] is not None for r in withheld)
-    uploads = (f"; {fallback} of them upload the figure over all {summary['segment_by']}s"
-               if fallback else "")
-    return (f"Per {summary['segment_by']}: {len(withheld)} of {len(segment_rows)} values "
-            f"withheld ({why}){uploads}. --by segment lists them.")
+    why = ", ".join(f"{kind}: {count}" for kind, count in reasons.most_common())
+    segment = summary["segment_by"]
+    return (f"Per {segment}: {len(withheld)} of the {len(rows)} own values of the uploaded "
+            f"conversions are withheld ({why}); those {segment}s upload the figure over all "
+            f"{segment}s." + ("" if listed else " --by segment lists them."))
 
 
-def legend(summary: Mapping[str, Any]) -> Iterator[str]:
+def legend(summary: Mapping[str, Any], view: str) -> Iterator[str]:
+    """What the columns of ``view`` (overview, segment or wide) mean."""
     horizon, currency = summary["horizon_days"], summary["currency"]
-    yield (f"upload: {currency} one event uploads (ladder steps share the sale they lead to, "
-           f"so their uploads add up to it once); expected: {currency} of macro conversions "
-           f"one person who did it makes within {horizon} days (a diagnostic: every ladder "
-           "step counts the same sale); lift: how much likelier comparable people who did it "
-           "are to buy than those who did not (100+: nearly nobody buys without it); people: "
-           "how many did it; buyers first: share of buyers who did it before buying.")
-    used = {SHORT[r["recommendation"]] for r in summary["values"] if r["segment"] == ALL}
-    yield "advice: " + "; ".join(f"{word}: {MEANING[word]}" for word in MEANING if word in used)
+    parts = [f"upload: {currency} one event uploads (ladder steps share the sales they lead "
+             "to: over everyone on the ladder, the uploads add up to those sales once)",
+             f"expected: {currency} of macro conversions one person who did it makes within "
+             f"{horizon} days (a diagnostic: every ladder step counts the same sale)"]
+    if view == "segment":
+        parts.append("90% range: of the expected value; people: how many did it; note: why a "
+                     f"{summary['segment_by']} uploads what it does")
+    else:
+        parts.append("lift: how much likelier comparable people who did it are to buy than "
+                     "those who did not (100+: nearly nobody buys without it); people: how "
+                     "many did it; buyers first: share of buyers who did it before buying")
+    if view == "wide":
+        parts.append("buy share: of people who did it, the share who buy within the horizon "
+                     "(lag-corrected); avg macro: their average macro value; realised: "
+                     "realised macro value over the expected value on matured cohorts (1.0: "
+                     "as expected)")
+    yield "; ".join(parts) + "."
+    if view != "segment":
+        used = {SHORT[r["recommendation"]] for r in summary["values"] if r["segment"] == ALL}
+        yield "advice: " + "; ".join(f"{word}: {MEANING[word]}" for word in MEANING
+                                     if word in used)
 
 
 def _overall_rows(rows: Sequence[Row]) -> list[Row]:
