@@ -1,7 +1,7 @@
 """Benchmark of convsync.valuation on synthetic worlds whose true values are known.
 
     python scripts/bench_values.py                 # the full grid, 100 - 400 worlds a cell
-    python scripts/bench_values.py --quick         # 3 cells x 12 worlds (what the tests run)
+    python scripts/bench_values.py --quick         # 3 cells x 12 worlds, 3 upload worlds (tests)
     python scripts/bench_values.py --json          # same table, then one JSON object last
     python scripts/bench_values.py --jobs 2 --replicates 200
 
@@ -27,6 +27,19 @@ same. Cells expecting few conversions run more worlds (they are cheap and the no
 each cell's mean uses a control variate: the world's seen within-horizon purchase value over
 its expectation, which has mean 1 and carries most of a small world's luck. The plain mean
 is reported beside it. The estimator never sees the control; only the scoring does.
+
+Upload worlds (a second family, 4 a lag; --quick: 1): what a sink would send, scored against
+what the people then bought. Eight campaigns drawn as the sandbox draws its campaigns; people
+arrive over 300 days, 60 of them before the pulled 240-day window, and only events inside it
+are seen (a journey begun before it shows from its first step inside, or only at the
+purchase); a ladder view (92%) -> cart -> checkout (the sandbox's mixed lag) -> purchase (the
+lag above); two micro conversions that predict nothing (newsletter_signup, view_promotion:
+done at random at rates that vary by campaign); people keyed by click id (half the arrivals)
+or by email (of the rest, those who checked out or signed up, and 30% at random), and 200 CRM
+buyers seen only at their purchase. Scores: recommendation agreement (a ladder step must be
+track_and_upload, an independent one must not) over (world, step) pairs; realisation: over
+the people whose first uploaded event is at least H before as_of, the value of their first
+purchase within H after it over the upload values of their events (see ``realisation``).
 """
 
 from __future__ import annotations
@@ -49,6 +62,7 @@ from convsync.valuation import (
     ALL_SEGMENTS,
     Journeys,
     MicroValue,
+    Recommendation,
     ValuationSettings,
     estimate_ladder,
     estimate_values,
@@ -413,6 +427,285 @@ def table(results: Sequence[CellResult]) -> Iterator[str]:
                f"{r.path_sum_increments.value:.2f} | {r.withheld:.0%} |")
 
 
+# ---------------------------------------------------------------- upload worlds
+
+
+UPLOAD_CAMPAIGNS = 8
+UPLOAD_LEAD_IN, UPLOAD_WINDOW = 60.0, 240.0
+"""People arrive over the lead-in and the window; only the window's events are pulled."""
+UPLOAD_AS_OF = ORIGIN + dt.timedelta(days=UPLOAD_WINDOW)
+UPLOAD_CLICKS_MEDIAN = 100.0
+"""Median arrivals a day of a campaign (lognormal, SD 0.5 on the log scale, as in the sandbox
+with 40): about 900 a day in all, so that a world's figures are not its luck."""
+INDEPENDENT = ("newsletter_signup", "view_promotion")
+"""Micro conversions that predict nothing: done at random, whatever the person buys."""
+UPLOAD_STEPS = LADDER + INDEPENDENT
+UPLOAD_GROUPS = ("gclid", "email")
+GCLID_SHARE, EMAIL_RANDOM_SHARE = 0.5, 0.3
+"""Arrivals keyed by click id; of the rest, the share identified by email at random (checking
+out or signing up identifies anyone)."""
+VIEW_SHARE, UPLOAD_VALUE_SD = 0.92, 0.6
+CRM_BUYERS = 200
+"""Buyers whose only visible event is their purchase (a CRM import)."""
+UPLOAD_SEEDS, UPLOAD_SEEDS_QUICK = 4, 1
+"""Worlds per lag: the full run, --quick."""
+UPLOAD_SEED_TAG = 1
+"""First entry of an upload world's seed (three entries; a cell's world has two)."""
+QUICK_SHARE, QUICK_MEAN_S, SLOW_MEDIAN_DAYS, SLOW_SIGMA, MAX_LAG_DAYS = 0.7, 600.0, 2.0, 1.1, 50.0
+"""Cart -> checkout, the sandbox's mixed lag: most within the session, the rest days later."""
+
+
+@dataclass(frozen=True, eq=False)
+class CampaignRates:
+    """Per campaign, drawn as the sandbox draws its campaigns."""
+
+    clicks_per_day: FloatArray
+    cart: FloatArray
+    checkout: FloatArray
+    purchase: FloatArray
+    signup: FloatArray
+    promotion: FloatArray
+    order_value_median: FloatArray
+
+    @classmethod
+    def draw(cls, rng: np.random.Generator) -> CampaignRates:
+        n = UPLOAD_CAMPAIGNS
+        return cls(clicks_per_day=rng.lognormal(math.log(UPLOAD_CLICKS_MEDIAN), 0.5, n),
+                   cart=np.clip(rng.beta(4, 12, n), 0.05, 0.6),
+                   checkout=np.clip(rng.beta(6, 6, n), 0.15, 0.9),
+                   purchase=np.clip(rng.beta(6, 5, n), 0.15, 0.9),
+                   signup=np.clip(rng.beta(2, 40, n), 0.005, 0.2),
+                   promotion=np.clip(rng.beta(3, 12, n), 0.02, 0.5),
+                   order_value_median=rng.lognormal(math.log(70.0), 0.3, n))
+
+
+def mixed_lag(rng: np.random.Generator, count: int) -> FloatArray:
+    """Days from the cart to the checkout."""
+    quick = rng.exponential(QUICK_MEAN_S / DAY, count)
+    slow = np.minimum(rng.lognormal(math.log(SLOW_MEDIAN_DAYS), SLOW_SIGMA, count), MAX_LAG_DAYS)
+    return np.asarray(np.where(rng.random(count) < QUICK_SHARE, quick, slow))
+
+
+@dataclass(frozen=True, eq=False)
+class Arrivals:
+    """Everyone who arrived, pulled or not: campaign, step times in days from the window's
+    start (NaN: never), purchase time and value, and how they are keyed."""
+
+    campaign: npt.NDArray[np.int64]
+    times: FloatArray  # (UPLOAD_STEPS, people)
+    bought: FloatArray
+    value: FloatArray
+    gclid: npt.NDArray[np.bool_]
+    email: npt.NDArray[np.bool_]
+
+
+def arrivals(lag: str, rng: np.random.Generator) -> Arrivals:
+    """A sandbox-like day of every campaign, over the lead-in and the window at once (the
+    quick steps follow the click by the sandbox's mean seconds: view 40, cart 600 after the
+    view, signup 300; a promotion view 120)."""
+    rates = CampaignRates.draw(rng)
+    counts = rng.poisson(rates.clicks_per_day * (UPLOAD_LEAD_IN + UPLOAD_WINDOW))
+    campaign = np.repeat(np.arange(UPLOAD_CAMPAIGNS), counts)
+    n = len(campaign)
+    arrived = rng.uniform(-UPLOAD_LEAD_IN, UPLOAD_WINDOW, n)
+    u = rng.random((6, n))
+    times = np.full((len(UPLOAD_STEPS), n), np.nan)
+    viewed = u[0] < VIEW_SHARE
+    times[0] = np.where(viewed, arrived + rng.exponential(40.0 / DAY, n), np.nan)
+    carted = viewed & (u[1] < rates.cart[campaign])
+    times[1] = np.where(carted, times[0] + rng.exponential(600.0 / DAY, n), np.nan)
+    checked = carted & (u[2] < rates.checkout[campaign])
+    times[2] = np.where(checked, times[1] + mixed_lag(rng, n), np.nan)
+    buys = checked & (u[3] < rates.purchase[campaign])
+    bought = np.where(buys, times[2] + draw_lags(lag, rng, n), np.nan)
+    signed = u[4] < rates.signup[campaign]
+    times[3] = np.where(signed, arrived + rng.exponential(300.0 / DAY, n), np.nan)
+    times[4] = np.where(u[5] < rates.promotion[campaign],
+                        arrived + rng.exponential(120.0 / DAY, n), np.nan)
+    value = rng.lognormal(np.log(rates.order_value_median[campaign]), UPLOAD_VALUE_SD)
+    gclid = rng.random(n) < GCLID_SHARE
+    email = ~gclid & (checked | signed | (rng.random(n) < EMAIL_RANDOM_SHARE))
+    return Arrivals(campaign, times, bought, value, gclid, email)
+
+
+def simulate_uploads(lag: str, seed: Sequence[int]) -> Journeys:
+    """An upload world as the pull sees it: the keyed people's events inside the window (a
+    journey begun before it shows from its first step inside), and the CRM buyers."""
+    rng = np.random.default_rng(list(seed))
+    people = arrivals(lag, rng)
+    with np.errstate(invalid="ignore"):  # NaN: no such event
+        inside = (people.times >= 0.0) & (people.times <= UPLOAD_WINDOW)
+        bought = (people.bought >= 0.0) & (people.bought <= UPLOAD_WINDOW)
+    seen = np.flatnonzero((people.gclid | people.email) & (inside.any(axis=0) | bought))
+    code = np.full(len(people.campaign), -1, np.int64)
+    code[seen] = np.arange(len(seen))
+    step, index = np.nonzero(inside[:, seen])
+    person, buyers = seen[index], seen[bought[seen]]
+    crm = len(seen) + np.arange(CRM_BUYERS)
+    crm_time = rng.uniform(0.0, UPLOAD_WINDOW, CRM_BUYERS)
+    crm_value = rng.lognormal(math.log(70.0), UPLOAD_VALUE_SD, CRM_BUYERS)
+    group = np.concatenate([np.where(people.gclid[seen], 0, 1), np.ones(CRM_BUYERS, np.int64)])
+    return Journeys(
+        conversions=UPLOAD_STEPS,
+        segments=tuple(f"campaign_{c}" for c in range(UPLOAD_CAMPAIGNS)),
+        micro_person=code[person], micro_conversion=step,
+        micro_segment=people.campaign[person],
+        micro_time=ORIGIN.timestamp() + people.times[step, person] * DAY,
+        micro_size=np.full(len(step), np.nan),
+        macro_person=np.concatenate([code[buyers], crm]),
+        macro_time=ORIGIN.timestamp() + np.concatenate([people.bought[buyers], crm_time]) * DAY,
+        macro_value=np.concatenate([people.value[buyers], crm_value]),
+        ladder=LADDER, person_group=group, groups=UPLOAD_GROUPS)
+
+
+@dataclass(frozen=True)
+class Realised:
+    """Matured uploaded people of one world: what they bought within H of their first
+    uploaded event, and what their events uploaded."""
+
+    realised: float
+    uploaded: float
+    people: int
+
+    @property
+    def ratio(self) -> float:
+        return self.realised / self.uploaded if self.uploaded > 0 else math.nan
+
+
+def realisation(journeys: Journeys, rows: Sequence[MicroValue], as_of: dt.datetime,
+                horizon: float, uploading: Sequence[str] | None = None) -> Realised:
+    """Realised / uploaded over the people whose first uploaded event is at least H old.
+
+    A person uploads their first event of each conversion (``uploading``: default, every
+    conversion whose row over all segments says track_and_upload) at the ``upload_value`` of
+    their segment's row; nothing where it is None. What they realise is their first macro
+    within H after their first uploaded event."""
+    by_key = _by_key(rows)
+    if uploading is None:
+        uploading = [name for name in journeys.conversions if (name, ALL_SEGMENTS) in by_key
+                     and by_key[name, ALL_SEGMENTS].recommendation
+                     is Recommendation.TRACK_AND_UPLOAD]
+    per_event = np.zeros((len(journeys.conversions), len(journeys.segments)))
+    for (name, segment), row in by_key.items():
+        if segment != ALL_SEGMENTS and row.upload_value is not None and name in uploading:
+            per_event[journeys.conversions.index(name),
+                      journeys.segments.index(segment)] = row.upload_value
+    now = as_of.timestamp()
+    events = _first_events(journeys, now)
+    codes = [journeys.conversions.index(name) for name in uploading]
+    events = events[np.isin(journeys.micro_conversion[events], codes)]
+    person = journeys.micro_person[events]
+    first = np.full(journeys.persons, np.inf)
+    np.minimum.at(first, person, journeys.micro_time[events])
+    matured = np.flatnonzero(first <= now - horizon * DAY)
+    realised = _first_macro_value(journeys, matured, first[matured], horizon, now)
+    uploaded = np.bincount(person, minlength=journeys.persons, weights=per_event[
+        journeys.micro_conversion[events], journeys.micro_segment[events]])
+    return Realised(float(realised.sum()), float(uploaded[matured].sum()), len(matured))
+
+
+def _first_events(journeys: Journeys, now: float) -> npt.NDArray[np.int64]:
+    """Rows of each person's first visible event of each micro conversion."""
+    rows = np.flatnonzero(journeys.micro_time <= now)
+    person, code = journeys.micro_person[rows], journeys.micro_conversion[rows]
+    rows = rows[np.lexsort((journeys.micro_time[rows], code, person))]
+    person, code = journeys.micro_person[rows], journeys.micro_conversion[rows]
+    first = np.ones(len(rows), np.bool_)
+    first[1:] = (person[1:] != person[:-1]) | (code[1:] != code[:-1])
+    return np.asarray(rows[first], np.int64)
+
+
+def _first_macro_value(journeys: Journeys, person: npt.NDArray[np.int64], start: FloatArray,
+                       horizon: float, now: float) -> FloatArray:
+    """Value of each person's first visible macro at or after ``start`` within H (0: none)."""
+    seen = np.flatnonzero(journeys.macro_time <= now)
+    if not len(seen) or not len(person):
+        return np.zeros(len(person))
+    who, when = journeys.macro_person[seen], journeys.macro_time[seen]
+    origin = min(float(when.min()), float(start.min()))
+    span = math.ceil((max(float(when.max()), float(start.max())) - origin) / DAY) + 2.0
+    key = who * span + (when - origin) / DAY  # person, then days: exact to a millisecond
+    order = np.argsort(key, kind="stable")
+    index = np.searchsorted(key[order], person * span + (start - origin) / DAY, side="left")
+    inside = order[np.minimum(index, len(order) - 1)]
+    found = ((index < len(order)) & (who[inside] == person)
+             & (when[inside] - start <= horizon * DAY))
+    return np.where(found, journeys.macro_value[seen][inside], 0.0)
+
+
+@dataclass(frozen=True)
+class UploadScore:
+    """One upload world: the recommendation over all segments per step ('' when the step has
+    no row) and the realisation of its uploads (all of them; the ladder's alone)."""
+
+    lag: str
+    seed: int
+    people: int
+    recommendations: tuple[str, ...]
+    realised: Realised
+    ladder_only: Realised
+
+    @property
+    def agreement(self) -> tuple[bool, ...]:
+        """Per step: a ladder step is tracked and uploaded, an independent one is not."""
+        return tuple((rec == Recommendation.TRACK_AND_UPLOAD) == (step in LADDER)
+                     for step, rec in zip(UPLOAD_STEPS, self.recommendations, strict=True))
+
+
+def score_upload_world(task: tuple[str, int, ValuationSettings]) -> UploadScore:
+    lag, seed, settings = task
+    journeys = simulate_uploads(lag, (UPLOAD_SEED_TAG, LAGS.index(lag), seed))
+    rows = estimate_values(journeys, UPLOAD_AS_OF, HORIZON, settings)
+    overall = {r.conversion: str(r.recommendation) for r in rows if r.segment == ALL_SEGMENTS}
+    tracked_ladder = [s for s in LADDER if overall.get(s) == Recommendation.TRACK_AND_UPLOAD]
+    return UploadScore(lag, seed, journeys.persons,
+                       tuple(overall.get(step, "") for step in UPLOAD_STEPS),
+                       realisation(journeys, rows, UPLOAD_AS_OF, HORIZON),
+                       realisation(journeys, rows, UPLOAD_AS_OF, HORIZON, tracked_ladder))
+
+
+def run_uploads(lags: Sequence[str], seeds: int, jobs: int,
+                settings: ValuationSettings) -> list[UploadScore]:
+    tasks = [(lag, seed, settings) for lag in lags for seed in range(seeds)]
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        return list(pool.map(score_upload_world, tasks))
+
+
+def upload_headline(scores: Sequence[UploadScore]) -> dict[str, float | dict[str, float]]:
+    """Realisation (min and max over worlds, and per lag) and the share of (world, step)
+    pairs whose recommendation agrees with the truth."""
+    ratios = [s.realised.ratio for s in scores]
+    agree = np.array([s.agreement for s in scores], dtype=np.float64).reshape(-1, len(UPLOAD_STEPS))
+    lags = dict.fromkeys(s.lag for s in scores)
+    return {
+        "realisation_min": min(ratios, default=math.nan),
+        "realisation_max": max(ratios, default=math.nan),
+        "recommendation_agreement": float(agree.mean()) if agree.size else math.nan,
+        "realisation_min_by_lag": {lag: min(s.realised.ratio for s in scores if s.lag == lag)
+                                   for lag in lags},
+        "realisation_max_by_lag": {lag: max(s.realised.ratio for s in scores if s.lag == lag)
+                                   for lag in lags},
+        "realisation_ladder_only_min": min((s.ladder_only.ratio for s in scores),
+                                           default=math.nan),
+        "realisation_ladder_only_max": max((s.ladder_only.ratio for s in scores),
+                                           default=math.nan),
+        "recommendation_agreement_by_step": dict(zip(UPLOAD_STEPS, agree.mean(axis=0).tolist(),
+                                                     strict=True)) if agree.size else {},
+    }
+
+
+def upload_table(scores: Sequence[UploadScore]) -> Iterator[str]:
+    yield ("| lag | seed | people | " + " | ".join(UPLOAD_STEPS)
+           + " | matured uploaded people | realised / uploaded | ladder uploads alone |")
+    yield "|" + "---|" * (len(UPLOAD_STEPS) + 6)
+    for s in scores:
+        recommendations = " | ".join(rec if ok else f"**{rec or 'no row'}**"
+                                     for rec, ok in zip(s.recommendations, s.agreement,
+                                                        strict=True))
+        yield (f"| {s.lag} | {s.seed} | {s.people:,} | {recommendations} | "
+               f"{s.realised.people:,} | {s.realised.ratio:.3f} | {s.ladder_only.ratio:.3f} |")
+
+
 def grid(quick: bool) -> list[Cell]:
     if quick:
         return [Cell(lag, size, rate) for lag, size, rate in QUICK]
@@ -421,23 +714,36 @@ def grid(quick: bool) -> list[Cell]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="3 cells x 12 replicate worlds")
+    parser.add_argument("--quick", action="store_true",
+                        help="3 cells x 12 replicate worlds, 3 upload worlds")
     parser.add_argument("--replicates", type=int,
                         help="worlds per cell (default 100; quick 12), up to 4 times that in "
                              f"cells under {MORE_WORLDS_BELOW:g} expected conversions a world")
+    parser.add_argument("--upload-seeds", type=int,
+                        help=f"upload worlds per lag (default {UPLOAD_SEEDS}; quick "
+                             f"{UPLOAD_SEEDS_QUICK})")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--json", action="store_true", help="end with one JSON object")
     args = parser.parse_args()
     replicates = args.replicates or (12 if args.quick else 100)
+    seeds = args.upload_seeds or (UPLOAD_SEEDS_QUICK if args.quick else UPLOAD_SEEDS)
+    settings = ValuationSettings()
     started = time.perf_counter()
-    results = run(grid(args.quick), replicates, args.jobs, ValuationSettings())
+    results = run(grid(args.quick), replicates, args.jobs, settings)
+    cells_done = time.perf_counter()
+    uploads = run_uploads(LAGS, seeds, args.jobs, settings)
     elapsed = time.perf_counter() - started
+    upload_seconds = time.perf_counter() - cells_done
     for line in table(results):
         print(line)
-    figures = headline(results)
+    print()
+    for line in upload_table(uploads):
+        print(line)
+    figures = {**headline(results), **upload_headline(uploads)}
     worlds = sum(r.replicates for r in results)
     print(f"\n{len(results)} cells, {replicates} - {max(r.replicates for r in results)} worlds "
-          f"each, {worlds} in all, in {elapsed:.0f} s on {args.jobs} process(es)")
+          f"each, {worlds} in all, and {len(uploads)} upload worlds ({upload_seconds:.0f} s), "
+          f"in {elapsed:.0f} s on {args.jobs} process(es)")
     for key, figure in figures.items():
         print(f"{key}: {json.dumps(figure)}" if isinstance(figure, dict) else
               f"{key}: {figure:.3f}")
@@ -454,8 +760,17 @@ def main() -> None:
                   "path_sum_ratio_plain_se": r.path_sum_plain.se,
                   "path_sum_ratio_increments": r.path_sum_increments.value,
                   "withheld": r.withheld} for r in results]
+        upload_worlds = [{"lag": s.lag, "seed": s.seed, "people": s.people,
+                          "recommendations": dict(zip(UPLOAD_STEPS, s.recommendations,
+                                                      strict=True)),
+                          "realisation": s.realised.ratio, "realised": s.realised.realised,
+                          "uploaded": s.realised.uploaded,
+                          "matured_uploaded_people": s.realised.people,
+                          "realisation_ladder_only": s.ladder_only.ratio} for s in uploads]
         print(json.dumps({**figures, "replicates": replicates, "worlds": worlds,
-                          "seconds": round(elapsed, 1), "cells": cells}))
+                          "upload_seeds": seeds, "seconds": round(elapsed, 1),
+                          "upload_seconds": round(upload_seconds, 1), "cells": cells,
+                          "upload_worlds": upload_worlds}))
 
 
 if __name__ == "__main__":
