@@ -349,7 +349,13 @@ def test_a_strong_micro_conversion_is_tracked_and_a_useless_one_dropped() -> Non
         macro_time=start[buys] + 3 * DAY, macro_value=np.full(buys.sum(), 80.0))
     rows = estimate_values(journeys, AS_OF, 30.0)
     strong, useless = _row(rows, "signup"), _row(rows, "scroll")
+    # outside a ladder it predicts, but its value would count the ladder's sales again
+    assert strong.recommendation == Recommendation.ANALYTICS_ONLY
+    assert "give it a ladder_position" in strong.reason and strong.upload_value is None
+    on_ladder = Journeys(**{**journeys.__dict__, "ladder": ("signup",)})
+    strong = _row(estimate_values(on_ladder, AS_OF, 30.0), "signup")
     assert strong.recommendation == Recommendation.TRACK_AND_UPLOAD
+    assert strong.upload_value == pytest.approx(strong.estimate)  # a one-step ladder
     assert strong.lift is not None and strong.lift > 5
     assert useless.recommendation == Recommendation.DROP_NOISE
     assert "does not predict" in useless.reason
@@ -396,7 +402,7 @@ def _two_populations(seed: int, predictive: bool) -> Journeys:
         micro_segment=np.zeros(people, np.int64), micro_time=start[persons],
         micro_size=np.full(people, np.nan), macro_person=np.flatnonzero(seen),
         macro_time=bought[seen], macro_value=np.full(seen.sum(), 80.0),
-        person_group=group, groups=("gclid", "email"))
+        person_group=group, groups=("gclid", "email"), ladder=("signup",))
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
@@ -412,6 +418,29 @@ def test_people_keyed_differently_are_never_pooled_into_one_comparison(seed: int
     useful = _row(estimate_values(_two_populations(seed, predictive=True), AS_OF), "signup")
     assert useful.recommendation == Recommendation.TRACK_AND_UPLOAD
     assert useful.lift_interval is not None and useful.lift_interval[0] > 1
+
+
+def test_a_step_done_more_in_the_campaigns_that_sell_more_is_no_lift() -> None:
+    """Campaign B's people view the promotion more and buy more, for reasons of their own;
+    within each campaign viewing it says nothing."""
+    rng = np.random.default_rng(13)
+    people, t = 12_000, AS_OF.timestamp()
+    campaign = (rng.random(people) < 0.5).astype(np.int64)
+    start = t - rng.uniform(0, 240, people) * DAY
+    promo = rng.random(people) < np.where(campaign == 1, 0.6, 0.1)
+    buys = rng.random(people) < np.where(campaign == 1, 0.2, 0.04)
+    persons = np.concatenate([np.flatnonzero(promo), np.flatnonzero(~promo)])
+    bought = start + rng.exponential(3.0, people) * DAY
+    seen = buys & (bought <= t)
+    journeys = Journeys(
+        conversions=("view_promotion", "browse"), segments=("A", "B"), micro_person=persons,
+        micro_conversion=np.repeat([0, 1], [promo.sum(), (~promo).sum()]),
+        micro_segment=campaign[persons], micro_time=start[persons],
+        micro_size=np.full(people, np.nan), macro_person=np.flatnonzero(seen),
+        macro_time=bought[seen], macro_value=np.full(seen.sum(), 80.0))
+    row = _row(estimate_values(journeys, AS_OF), "view_promotion")
+    assert row.lift is not None and 0.8 < row.lift < 1.2  # pooled over campaigns: 1.96
+    assert row.recommendation != Recommendation.TRACK_AND_UPLOAD
 
 
 def test_unrelated_buyers_in_the_store_change_no_comparison() -> None:

@@ -43,7 +43,7 @@ from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
-from scipy import special, stats
+from scipy import special
 
 from convsync.model import JourneyEvent
 
@@ -675,6 +675,21 @@ class _Timeline:
         return self.journeys.groups_of_persons()
 
     @cached_property
+    def stratum(self) -> IntArray:
+        """Each person's stratum of the comparison: their group and the segment of their
+        first micro event."""
+        j = self.journeys
+        rows = self.micro[np.lexsort((j.micro_time[self.micro], j.micro_person[self.micro]))]
+        persons, earliest = np.unique(j.micro_person[rows], return_index=True)
+        first = np.zeros(j.persons, np.int64)
+        first[persons] = j.micro_segment[rows][earliest]
+        return np.asarray(self.group * max(len(j.segments), 1) + first, dtype=np.int64)
+
+    @property
+    def strata(self) -> int:
+        return len(self.journeys.groups) * max(len(self.journeys.segments), 1)
+
+    @cached_property
     def window_start(self) -> FloatArray:
         """Per group, its first visible micro event: where its pulled window starts, as far
         as the journeys show (inf: the group has none)."""
@@ -761,6 +776,11 @@ def _interval(draws: FloatArray, level: float) -> FloatArray:
     return np.asarray(np.quantile(draws, [tail, 1.0 - tail], axis=0), dtype=np.float64)
 
 
+_LOG_LIFT_MAX = 9.0
+"""The lift's likelihood grid spans exp(-9) .. exp(9) (about 1/8,100 .. 8,100): where no one
+without the step converts, the upper end is the grid's, and tables print it as 100+."""
+
+
 @dataclass(frozen=True)
 class _Comparison:
     """The lift's two groups, summed over the person groups (strata) that have both."""
@@ -786,34 +806,43 @@ def _compare(timeline: _Timeline, exposures: _Exposures, level: float) -> _Compa
     people: a doer from the micro event on, anyone else from their first event on.
 
     People keyed differently (click id, email) are different populations with different base
-    rates: each group is a stratum and the ratio is Mantel-Haenszel's over the strata, with
-    the Greenland-Robins interval (a stratum with an empty cell gets half a person each)."""
+    rates, and segments (campaigns) differ in how often people do a step and how often they
+    buy: a step done more in the campaigns that sell more would read as a lift with nothing
+    behind it. So each (group, segment of the person's first event) is a stratum, and the
+    lift is Mantel-Haenszel's ratio over the strata. Its interval comes from the likelihood
+    of one common ratio given each stratum's conversions (each conversion is a doer's with
+    odds ``ratio x n1 / n0``; a grid posterior, flat on the log ratio), which stays honest
+    where a side has no conversion at all: 0 of 54 comparable people who never viewed a
+    product bought, against 11% of viewers, is strong evidence (6 were expected), while
+    log-scale intervals with half a person added per stratum put 1 inside."""
     horizon, comparable = timeline.horizon, timeline.comparable
     did = np.zeros(len(comparable), np.bool_)
     did[exposures.person] = True
     doer = comparable[exposures.person] & exposures.matured(horizon)
     others = comparable & ~did & ((timeline.now - timeline.first_micro) / DAY >= horizon)
-    groups = len(timeline.journeys.groups)
-    n1 = np.bincount(timeline.group[exposures.person[doer]], minlength=groups).astype(float)
-    a = np.bincount(timeline.group[exposures.person[doer]],
-                    weights=exposures.converted[doer], minlength=groups)
-    n0 = np.bincount(timeline.group[others], minlength=groups).astype(float)
+    stratum, strata = timeline.stratum, timeline.strata
+    n1 = np.bincount(stratum[exposures.person[doer]], minlength=strata).astype(float)
+    a = np.bincount(stratum[exposures.person[doer]], weights=exposures.converted[doer],
+                    minlength=strata)
+    n0 = np.bincount(stratum[others], minlength=strata).astype(float)
     other_lag = (timeline.first_macro[others] - timeline.first_micro[others]) / DAY
-    c = np.bincount(timeline.group[others], weights=other_lag <= horizon, minlength=groups)
+    c = np.bincount(stratum[others], weights=other_lag <= horizon, minlength=strata)
     both = (n1 > 0) & (n0 > 0)
     counts = (int(n1[both].sum()), int(a[both].sum()), int(n0[both].sum()), int(c[both].sum()))
     if not both.any():
         return _Comparison(*counts)
     a, c, n1, n0 = a[both], c[both], n1[both], n0[both]
-    empty = (a == 0) | (c == 0)
-    a, c = a + 0.5 * empty, c + 0.5 * empty
-    n1, n0 = n1 + empty, n0 + empty
-    n = n1 + n0
-    top, bottom = float((a * n0 / n).sum()), float((c * n1 / n).sum())
-    ratio = top / bottom
-    variance = float(((n1 * n0 * (a + c) - a * c * n) / n**2).sum()) / (top * bottom)
-    z = float(stats.norm.ppf(0.5 + level / 2)) * math.sqrt(max(variance, 0.0))
-    return _Comparison(*counts, ratio, (ratio * math.exp(-z), ratio * math.exp(z)))
+    weight = n1 * n0 / (n1 + n0)
+    log_ratio = np.linspace(-_LOG_LIFT_MAX, _LOG_LIFT_MAX, 1601)
+    odds = np.exp(log_ratio)[:, None] * n1 / n0
+    posterior = _normalized((a * np.log(odds) - (a + c) * np.log1p(odds)).sum(axis=1))
+    cdf = np.cumsum(posterior)
+    tail = (1.0 - level) / 2.0
+    low, high = np.exp(log_ratio[np.searchsorted(cdf, [tail, 1.0 - tail])])
+    top, bottom = float(weight @ (a / n1)), float(weight @ (c / n0))
+    ratio = top / bottom if top and bottom else float(np.exp(log_ratio[np.searchsorted(
+        cdf, 0.5)]))
+    return _Comparison(*counts, ratio, (float(low), float(high)))
 
 
 def _coverage(timeline: _Timeline, exposures: _Exposures) -> float | None:
@@ -882,6 +911,11 @@ def _recommend(value: float | None, withheld: str, diagnostics: _Diagnostics, la
     """What to do with a micro conversion, from its value over all segments and its lift."""
     c = diagnostics.comparison
     lift, interval = c.lift, c.interval
+    described = (_lift_text(lift, *interval) if lift is not None and interval is not None
+                 else "")
+    if interval is not None and c.others and not c.others_converted:
+        described = (f"none of the {c.others:,} comparable people without it bought "
+                     f"(lift at least {_ratio(interval[0])})")
     short_history = (timeline.history_days
                      < timeline.burn_in + timeline.horizon + settings.min_cohort_days)
     if (lift is None or interval is None or short_history
@@ -893,7 +927,7 @@ def _recommend(value: float | None, withheld: str, diagnostics: _Diagnostics, la
         coverage = diagnostics.coverage
         if ladder_step and coverage is not None and coverage >= settings.ladder_coverage:
             return Recommendation.ANALYTICS_ONLY, (
-                f"{_lift_text(lift, low, high)}, yet {coverage:.0%} of buyers did it "
+                f"{described}, yet {coverage:.0%} of buyers did it "
                 "first: a ladder step most sales pass through; the comparison looks off, so "
                 "it is not dropped")
         fewer = (": people who did it bought less often than those who did not" if high < 1
@@ -905,8 +939,13 @@ def _recommend(value: float | None, withheld: str, diagnostics: _Diagnostics, la
         return Recommendation.ANALYTICS_ONLY, f"value withheld: {withheld}"
     if low <= 1:
         return Recommendation.ANALYTICS_ONLY, (
-            f"{_lift_text(lift, low, high)} not clearly above 1")
-    return Recommendation.TRACK_AND_UPLOAD, _lift_text(lift, low, high)
+            f"{described}: not clearly above 1")
+    if not ladder_step:
+        return Recommendation.ANALYTICS_ONLY, (
+            f"{described}: it predicts the macro, but only ladder steps "
+            "upload (their credits count each sale once; its own value would count the same "
+            "sales again): give it a ladder_position in the config to upload it")
+    return Recommendation.TRACK_AND_UPLOAD, described
 
 
 def _ratio(x: float) -> str:
@@ -1050,15 +1089,14 @@ def _step_values(journeys: Journeys, as_of: dt.datetime, horizon_days: float,
 def upload_values(journeys: Journeys, rows: Sequence[MicroValue], as_of: dt.datetime,
                   horizon_days: float, settings: ValuationSettings) -> list[MicroValue]:
     """``rows`` with their upload values: nothing for a conversion not recommended for
-    upload; a ladder step's credit among the ladder steps that are (so that over everyone,
-    the uploads add up to the macro value the ladder leads to); a micro conversion outside
-    the ladder its value. A segment whose own figure is withheld uploads the figure over all
-    segments."""
+    upload (only ladder steps are); a ladder step's credit among the ladder steps that are,
+    so that over everyone the uploads add up to the macro value the ladder leads to, once. A
+    segment whose own figure is withheld uploads the figure over all segments."""
     tracked = {r.conversion for r in rows if r.segment == ALL_SEGMENTS
                and r.recommendation is Recommendation.TRACK_AND_UPLOAD}
     credits = {(c.conversion, c.segment): c for c in estimate_ladder(
         journeys, as_of, horizon_days, settings, rows, tracked=tracked)}
-    own = {(r.conversion, r.segment): _own_upload_value(r, tracked, journeys.ladder, credits)
+    own = {(r.conversion, r.segment): _own_upload_value(r, tracked, credits)
            for r in rows}
     uploaded = []
     for row in rows:
@@ -1070,13 +1108,11 @@ def upload_values(journeys: Journeys, rows: Sequence[MicroValue], as_of: dt.date
     return uploaded
 
 
-def _own_upload_value(row: MicroValue, tracked: Collection[str], ladder: Sequence[str],
+def _own_upload_value(row: MicroValue, tracked: Collection[str],
                       credits: dict[tuple[str, str], LadderCredit]) -> tuple[float | None, str]:
     """What one event of ``row`` uploads from its own segment's figures, and why."""
     if row.conversion not in tracked:
         return None, f"not uploaded: the advice is {ADVICE[row.recommendation]}"
-    if row.conversion not in ladder:
-        return row.value, row.withheld or "its value"
     credit = credits.get((row.conversion, row.segment))
     if credit is None or credit.credit is None or row.value is None:
         return None, row.withheld or (credit.reason if credit else "no ladder total")

@@ -64,6 +64,8 @@ def lift_text(row: Row) -> str:
     low, high = row["lift_interval"]
     if low >= LIFT_CAP:
         return "100+"
+    if row["compared_others"] and not row["compared_others_converted"]:
+        return f"{rough(low)}+"  # nobody without it bought: only the lower end means anything
     top = "100+" if high >= LIFT_CAP else rough(high)
     point = "100+" if row["lift"] >= LIFT_CAP else number(row["lift"])
     return f"{point} ({rough(low)}-{top})"
