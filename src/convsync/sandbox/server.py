@@ -5,14 +5,14 @@ from __future__ import annotations
 import datetime as dt
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import grpc
 
-from convsync.sandbox import ga4, google_ads, klaviyo, meta
+from convsync.sandbox import datamanager, ga4, google_ads, klaviyo, meta
 from convsync.sandbox.control import FAULT_KINDS, Fault, Sandbox
 from convsync.sandbox.http import (
     ApiError,
@@ -49,6 +49,7 @@ class RunningSandbox:
     sandbox: Sandbox
     cert: Path
     endpoints: dict[str, str]
+    datamanager: datamanager.DataManager | None = None
     _grpc: list[grpc.Server] = field(default_factory=list)
     _http: list[ThreadingHTTPServer] = field(default_factory=list)
 
@@ -72,15 +73,20 @@ class RunningSandbox:
 
 def start(world: World, state_dir: Path, host: str = "127.0.0.1",
           port_base: int = 0) -> RunningSandbox:
-    """Start every simulator; ports are port_base..port_base+5, or ephemeral when 0."""
+    """Start every simulator; ports are port_base..port_base+6, or ephemeral when 0.
+
+    The Data Manager API (IngestionService) shares the Google Ads gRPC server and port; its
+    REST front end has a port of its own."""
     cert, key = ensure_certificate(state_dir)
     sandbox = Sandbox(world)
-    running = RunningSandbox(sandbox, cert, {})
+    dm = datamanager.DataManager(sandbox)
+    running = RunningSandbox(sandbox, cert, {}, dm)
 
     def port(offset: int) -> int:
         return port_base + offset if port_base else 0
 
-    gads_server, gads_port = google_ads.build_google_ads_server(sandbox, cert, key, host, port(0))
+    gads_server, gads_port = google_ads.build_google_ads_server(
+        sandbox, cert, key, host, port(0), extra_handlers=[datamanager.datamanager_handler(dm)])
     ga4_property = ga4.Ga4Property(world)  # one quota ledger and cache for gRPC and REST
     ga4_server, ga4_port = ga4.build_ga4_grpc_server(sandbox, cert, key, host, port(1),
                                                      ga4=ga4_property)
@@ -89,7 +95,8 @@ def start(world: World, state_dir: Path, host: str = "127.0.0.1",
         "ga4_rest": ga4.Ga4Rest(sandbox, ga4_property),
         "meta": meta.MetaGraph(sandbox),
         "klaviyo": klaviyo.KlaviyoApi(sandbox),
-        "control": ControlApi(sandbox),
+        "control": ControlApi(sandbox, dm),
+        "datamanager_rest": datamanager.DataManagerRest(dm),
     }
     for offset, (name, platform) in enumerate(rest.items(), start=2):
         server = serve_rest(platform, sandbox, host, port(offset))
@@ -97,16 +104,19 @@ def start(world: World, state_dir: Path, host: str = "127.0.0.1",
         running.endpoints[name] = f"http://{host}:{server.server_port}"
     running.endpoints["google_ads"] = f"localhost:{gads_port}"
     running.endpoints["ga4"] = f"localhost:{ga4_port}"
+    running.endpoints["datamanager"] = f"localhost:{gads_port}"
     return running
 
 
 class ControlApi:
-    """``/requests``, ``/faults``, ``/clock``, ``/world``: drive a sandbox from another process."""
+    """``/requests``, ``/faults``, ``/clock``, ``/world``, ``/datamanager``: drive a sandbox from
+    another process."""
 
     name = "control"
 
-    def __init__(self, sandbox: Sandbox) -> None:
+    def __init__(self, sandbox: Sandbox, dm: datamanager.DataManager | None = None) -> None:
         self.sandbox = sandbox
+        self.dm = dm
 
     def route(self, request: Request) -> tuple[str, Handler]:
         routes: dict[tuple[str, str], Callable[[Request], Response]] = {
@@ -118,6 +128,13 @@ class ControlApi:
             ("POST", "/clock"): self._set_clock,
             ("GET", "/world"): self._world,
         }
+        if self.dm is not None:
+            routes.update({
+                ("GET", "/datamanager"): self._dm_summary,
+                ("POST", "/datamanager/config"): self._dm_configure,
+                ("DELETE", "/datamanager/quota"): self._dm_reset_quota,
+                ("POST", "/datamanager/actions"): self._dm_action,
+            })
         handler = routes.get((request.method, request.path.rstrip("/")))
         if handler is None:
             raise ApiError(self.error_response(404, f"no route {request.method} {request.path}"))
@@ -164,6 +181,53 @@ class ControlApi:
 
     def _world(self, request: Request) -> Response:
         return Response(200, describe(self.sandbox.world))
+
+    def _datamanager(self) -> datamanager.DataManager:
+        assert self.dm is not None
+        return self.dm
+
+    def _dm_summary(self, request: Request) -> Response:
+        action = request.arg("action_id")
+        if action is not None and not action.isdigit():
+            return self.error_response(400, "action_id must be a conversion action id")
+        return Response(200, self._datamanager().summary(
+            int(action) if action else None,
+            with_transactions=request.arg("transactions", "1") != "0"))
+
+    def _dm_configure(self, request: Request) -> Response:
+        try:
+            config = self._datamanager().configure(**request.json())
+        except (TypeError, ValueError) as error:
+            return self.error_response(400, str(error))
+        return Response(200, asdict(config))
+
+    def _dm_reset_quota(self, request: Request) -> Response:
+        self._datamanager().reset_quota()
+        return Response(200, {})
+
+    def _dm_action(self, request: Request) -> Response:
+        """Create an UPLOAD_CLICKS action (as a user does in the Google Ads UI), or re-date one:
+        ``created_hours_ago`` (default 0) puts its creation that long before the world's now."""
+        body = request.json()
+        world = self.sandbox.world
+        created = world.as_of - dt.timedelta(hours=float(body.get("created_hours_ago", 0)))
+        try:
+            if "id" in body:
+                action = world.set_action_created(int(body["id"]), created)
+            else:
+                action = world.add_google_ads_action(
+                    str(body["name"]), category=str(body.get("category", "DEFAULT")),
+                    primary_for_goal=bool(body.get("primary_for_goal", False)),
+                    counting_type=str(body.get("counting_type", "MANY_PER_CLICK")),
+                    default_value=float(body.get("default_value", 0.0)),
+                    click_through_days=int(body.get("click_through_days", 90)),
+                    created=created)
+        except KeyError as missing:
+            return self.error_response(404 if "id" in body else 400,
+                                       f"no such action or missing key: {missing}")
+        except ValueError as error:
+            return self.error_response(400, str(error))
+        return Response(200, asdict(action))
 
 
 def describe(world: World) -> dict[str, Any]:

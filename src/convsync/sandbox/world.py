@@ -21,21 +21,27 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import heapq
-from collections import defaultdict
-from collections.abc import Iterable, Iterator
+import re
+import threading
+from collections import OrderedDict, defaultdict
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from zoneinfo import ZoneInfo
 
 import numpy as np
 
+from convsync.hashing import normalize_email_google
 from convsync.model import META_WINDOWS
+from convsync.sandbox.uploads import ClickRef, Upload, UploadLedger
 
 DAY = 86_400
 MAX_LAG_DAYS = 50
 """Each lagged step comes back at most this many days later, so nothing happens more than
 about 110 days after a click (HORIZON_DAYS bounds what a view has to scan)."""
 HORIZON_DAYS = 120
+CLICK_INDEX_DAYS = 160
+"""Days of gclid / email indexes kept for matching uploads (16 bytes a click: a few MB)."""
 FAULTS = frozenset({"duplicate_tag", "micro_in_column", "tz_shift", "broken_checkout"})
 """Faults a world can carry: a second primary purchase action counting the same orders, a
 micro action (add to cart) counted in column, a GA4 property in a far-away time zone, and a
@@ -84,6 +90,9 @@ class GoogleAdsAction:
     default_value: float
     click_through_days: int
     view_through_days: int
+    created_ts: float | None = None
+    """When the action was created (epoch seconds); None: long before the world began. A new
+    action takes about 6 hours before it accepts uploads."""
 
 
 @dataclass(frozen=True)
@@ -150,6 +159,9 @@ class WorldSpec:
     faults: frozenset[str] = frozenset()
     as_of: dt.datetime | None = None  # None: the end of the last day
     accounts: Accounts = field(default_factory=Accounts)
+    micro_upload_action: bool = False
+    """Add a second UPLOAD_CLICKS action, "convsync micro value (upload)" (secondary, 90 days),
+    for value-weighted micro-conversion uploads."""
 
     def __post_init__(self) -> None:
         unknown = set(self.faults) - FAULTS
@@ -224,9 +236,16 @@ class World:
         end_of_world = (self.last_day + 1) * DAY
         self.as_of_ts = (self.spec.as_of.timestamp() if self.spec.as_of else float(end_of_world))
         self.campaigns = _make_campaigns(self.spec.seed, self.spec.campaigns)
-        self.google_ads_actions = _make_google_ads_actions(self.spec.faults)
+        self.google_ads_actions = _make_google_ads_actions(self.spec.faults,
+                                                           self.spec.micro_upload_action)
         self.klaviyo_metrics = KLAVIYO_METRICS
         self._day = lru_cache(maxsize=48)(self._generate_day)
+        self.uploads = UploadLedger()
+        """Offline conversions accepted through the Data Manager API (datamanager.py)."""
+        self._google = np.array([c.platform == "google_ads" for c in self.campaigns])
+        self._click_index: OrderedDict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = (
+            OrderedDict())
+        self._click_index_lock = threading.Lock()
 
     # -- time ---------------------------------------------------------------------------
     @property
@@ -252,6 +271,36 @@ class World:
 
     def campaigns_on(self, platform: str) -> list[Campaign]:
         return [c for c in self.campaigns if c.platform == platform]
+
+    # -- conversion actions ---------------------------------------------------------------
+    def google_ads_action(self, action_id: int) -> GoogleAdsAction | None:
+        return next((a for a in self.google_ads_actions if a.id == action_id), None)
+
+    def add_google_ads_action(self, name: str, *, category: str = "DEFAULT",
+                              type_: str = "UPLOAD_CLICKS", primary_for_goal: bool = False,
+                              counting_type: str = "MANY_PER_CLICK", default_value: float = 0.0,
+                              click_through_days: int = 90,
+                              created: dt.datetime | None = None) -> GoogleAdsAction:
+        """Create a conversion action in the account, as a user does in the Google Ads UI
+        (created now on the world's clock unless ``created`` says when)."""
+        if not 1 <= click_through_days <= 90:
+            raise ValueError("click_through_days must be 1..90")
+        action = GoogleAdsAction(
+            max(a.id for a in self.google_ads_actions) + 1, name, -1, category, type_, "WEBSITE",
+            primary_for_goal, counting_type, default_value, click_through_days, 0,
+            created.timestamp() if created else self.as_of_ts)
+        self.google_ads_actions = (*self.google_ads_actions, action)
+        return action
+
+    def set_action_created(self, action_id: int, created: dt.datetime) -> GoogleAdsAction:
+        """Say when an action was created (a recent one refuses uploads for ~6 hours)."""
+        action = self.google_ads_action(action_id)
+        if action is None:
+            raise KeyError(action_id)
+        changed = replace(action, created_ts=created.timestamp())
+        self.google_ads_actions = tuple(changed if a.id == action_id else a
+                                        for a in self.google_ads_actions)
+        return changed
 
     # -- generation -----------------------------------------------------------------------
     def day(self, day_number: int) -> Day:
@@ -337,6 +386,107 @@ class World:
         # positional fields take half the time of named ones, and this runs per Klaviyo event
         return form.format(name, title, upper, plain, day, index)
 
+    # -- finding clicks again (what Google Ads does with an uploaded conversion) -----------
+    def find_clicks(self, gclids: Mapping[str, float]) -> dict[str, ClickRef]:
+        """The clicks (of Google campaigns, made by ``as_of``) behind these gclids, each given
+        with the time of the conversion it comes with; gclids the world never made are absent.
+
+        The days around each conversion (the 91 before it and the next) are searched first,
+        then the others back to ``HORIZON_DAYS`` before the earliest conversion (a click after
+        its conversion, or too old for any window). Each day's gclids are hashed once into a
+        small sorted index (16 bytes a click), a bounded number of days kept."""
+        pending = {g: t for g, t in gclids.items() if _WORLD_GCLID.fullmatch(g)}
+        found: dict[str, ClickRef] = {}
+        if not pending:
+            return found
+        last = min(self.last_day, int(self.as_of_ts // DAY))
+        near: set[int] = set()
+        for t in pending.values():
+            near.update(range(int(t // DAY) - 91, int(t // DAY) + 2))
+        lowest = max(self.first_day, int(min(pending.values()) // DAY) - HORIZON_DAYS)
+        days = sorted((d for d in near if lowest <= d <= last), reverse=True)
+        days += [d for d in range(last, lowest - 1, -1) if d not in near]
+        for number in days:
+            if not pending:
+                break
+            keys, people = self._click_index_of("gclid", number)
+            if keys.size == 0:
+                continue
+            wanted = list(pending)
+            targets = np.array([int(g[6:22], 16) for g in wanted], dtype=np.uint64)
+            pos = np.minimum(np.searchsorted(keys, targets), keys.size - 1)
+            for k in np.nonzero(keys[pos] == targets)[0].tolist():
+                gclid, index = wanted[k], int(people[pos[k]])
+                if self.gclid(number, index) != gclid:
+                    continue
+                del pending[gclid]
+                click = self._click_ref(number, index)
+                if click.ts <= self.as_of_ts:
+                    found[gclid] = click
+        return found
+
+    def find_email_clicks(self, queries: Sequence[tuple[bytes, float, int]]
+                          ) -> list[ClickRef | None]:
+        """For each (SHA-256 of an email under Google's rule, conversion time, window days):
+        the latest click of a Google campaign by that person within the window before the
+        conversion (how enhanced conversions for leads find a click from user data), or None."""
+        out: list[ClickRef | None] = [None] * len(queries)
+        by_day: defaultdict[int, list[int]] = defaultdict(list)
+        for q, (digest, ts, window) in enumerate(queries):
+            if len(digest) != 32:
+                continue
+            for number in range(int(ts // DAY) - window - 1, int(ts // DAY) + 1):
+                if self.first_day <= number <= self.last_day:
+                    by_day[number].append(q)
+        for number in sorted(by_day, reverse=True):
+            keys, people = self._click_index_of("email", number)
+            if keys.size == 0:
+                continue
+            asked = [q for q in by_day[number] if out[q] is None]
+            targets = np.array([int.from_bytes(queries[q][0][:8], "big") for q in asked],
+                               dtype=np.uint64)
+            pos = np.minimum(np.searchsorted(keys, targets), keys.size - 1)
+            for k in np.nonzero(keys[pos] == targets)[0].tolist():
+                q, index = asked[k], int(people[pos[k]])
+                digest, ts, window = queries[q]
+                if hashlib.sha256(normalize_email_google(self.email(number, index)).encode()
+                                  ).digest() != digest:
+                    continue
+                click = self._click_ref(number, index)
+                if click.ts <= min(ts, self.as_of_ts) and ts - click.ts <= window * DAY:
+                    out[q] = click
+        return out
+
+    def _click_ref(self, number: int, index: int) -> ClickRef:
+        day = self.day(number)
+        return ClickRef(number, index, int(day.campaign[index]), float(day.click_ts[index]))
+
+    def _click_index_of(self, kind: str, number: int) -> tuple[np.ndarray, np.ndarray]:
+        """(sorted 64-bit keys, person indexes) of one day's clickers of Google campaigns: the
+        first 8 bytes of their gclid token (``gclid``) or of their email's SHA-256 (``email``)."""
+        with self._click_index_lock:
+            cached = self._click_index.get((kind, number))
+            if cached is not None:
+                self._click_index.move_to_end((kind, number))
+                return cached
+        day = self.day(number)
+        people = np.nonzero(self._google[day.campaign] & ~day.view_through)[0]
+        seed = self.spec.seed
+        if kind == "gclid":
+            raw = (int(_token(seed, "gclid", number, i, 16), 16) for i in people.tolist())
+        else:
+            raw = (int.from_bytes(hashlib.sha256(
+                normalize_email_google(self.email(number, i)).encode()).digest()[:8], "big")
+                for i in people.tolist())
+        keys = np.fromiter(raw, dtype=np.uint64, count=people.size)
+        order = np.argsort(keys, kind="stable")
+        entry = (keys[order], people[order])
+        with self._click_index_lock:
+            self._click_index[(kind, number)] = entry
+            while len(self._click_index) > CLICK_INDEX_DAYS:
+                self._click_index.popitem(last=False)
+        return entry
+
     # -- platform views -------------------------------------------------------------------
     def visible(self, ts: np.ndarray) -> np.ndarray:
         with np.errstate(invalid="ignore"):
@@ -355,13 +505,16 @@ class World:
         lo, hi = epoch_day(start), epoch_day(end)
         first = lo - 1 - (lookback if by_conversion_date else 0)
         acc = _DatedSums(lo, hi)
-        google = np.array([c.platform == "google_ads" for c in self.campaigns])
+        google = self._google
+        uploads = self.uploads.has_uploads()
         for day in self.days_between(first, hi + 1):
             mine = google[day.campaign] & ~day.view_through
             click_days = local_day_numbers(day.click_ts, tz)
+            if uploads:  # offline imports: only what someone uploaded (and was processed)
+                self._add_uploads(acc, day.day, tz, by_conversion_date)
             for action in self.google_ads_actions:
                 if action.type.startswith("UPLOAD"):
-                    continue  # offline imports: only what someone uploaded shows up
+                    continue
                 ts = day.times[action.step]
                 in_window = ts - day.click_ts <= action.click_through_days * DAY
                 ok = mine & self.visible(ts) & in_window
@@ -379,6 +532,33 @@ class World:
 
     def _action(self, action_id: int) -> GoogleAdsAction:
         return next(a for a in self.google_ads_actions if a.id == action_id)
+
+    def _add_uploads(self, acc: _DatedSums, click_day: int, tz: str,
+                     by_conversion_date: bool) -> None:
+        """Uploaded conversions whose click was on ``click_day``, as processed by now: each
+        at its latest processed value, on its click (or conversion) date, under its click's
+        campaign; a ONE_PER_CLICK action counts one conversion per click (the earliest)."""
+        actions = {a.id: a for a in self.google_ads_actions}
+        chosen: dict[tuple[int, int | str], tuple[Upload, float]] = {}
+        for upload in self.uploads.on_click_day(click_day):
+            action = actions.get(upload.action_id)
+            current = upload.value_at(self.as_of_ts)
+            if action is None or current is None or upload.conversion_ts > self.as_of_ts:
+                continue
+            key: tuple[int, int | str] = (
+                (action.id, upload.click.index) if action.counting_type == "ONE_PER_CLICK"
+                else (action.id, upload.key))
+            if key in chosen and chosen[key][0].conversion_ts <= upload.conversion_ts:
+                continue
+            chosen[key] = (upload, current[0])
+        by_action: dict[int, list[tuple[Upload, float]]] = defaultdict(list)
+        for upload, value in chosen.values():
+            by_action[upload.action_id].append((upload, value))
+        for action_id, cells in by_action.items():
+            when = np.array([u.conversion_ts if by_conversion_date else u.click.ts
+                             for u, _ in cells])
+            acc.add(local_day_numbers(when, tz), np.array([u.click.campaign for u, _ in cells]),
+                    action_id, np.array([v for _, v in cells]))
 
     def google_ads_delivery(self, start: dt.date, end: dt.date) -> Iterator[GoogleAdsDelivery]:
         """Clicks per account-time-zone day and Google campaign (``metrics.clicks``), with
@@ -710,6 +890,8 @@ def _mixed_lag(rng: np.random.Generator, n: int, quick_share: float, quick_mean_
 
 
 _PEOPLE_PER_DAY = 1 << 24
+_WORLD_GCLID = re.compile(r"Cj0KCQ[0-9a-f]{40}")
+"""How the world's gclids look (``World.gclid``): others are none of its clicks."""
 
 
 def _gclid_code(day: int, campaign: np.ndarray, campaigns: int) -> np.ndarray:
@@ -786,10 +968,17 @@ def _make_campaigns(seed: int, count: int) -> list[Campaign]:
     return out
 
 
-def _make_google_ads_actions(faults: frozenset[str]) -> tuple[GoogleAdsAction, ...]:
+MICRO_UPLOAD_ACTION_ID = 6_111
+
+
+def _make_google_ads_actions(faults: frozenset[str],
+                             micro_upload: bool = False) -> tuple[GoogleAdsAction, ...]:
     dup = "duplicate_tag" in faults
     micro = "micro_in_column" in faults
     a = GoogleAdsAction
+    extra = (a(MICRO_UPLOAD_ACTION_ID, "convsync micro value (upload)", -1, "DEFAULT",
+               "UPLOAD_CLICKS", "WEBSITE", False, "MANY_PER_CLICK", 0.0, 90, 0),
+             ) if micro_upload else ()
     return (
         a(6_101, "Purchase", PURCHASE, "PURCHASE", "WEBPAGE", "WEBSITE", True, "MANY_PER_CLICK",
           0.0, 90, 1),
@@ -811,4 +1000,5 @@ def _make_google_ads_actions(faults: frozenset[str]) -> tuple[GoogleAdsAction, .
           False, "MANY_PER_CLICK", 0.0, 30, 1),
         a(6_110, "GA4 sign up", SIGNUP, "SIGNUP", "GOOGLE_ANALYTICS_4_CUSTOM", "WEBSITE", False,
           "ONE_PER_CLICK", 0.0, 30, 1),
+        *extra,
     )
