@@ -671,6 +671,15 @@ class DataManager:
         with self._lock:
             self._quota = {"write": _Quota(), "read": _Quota()}
 
+    def reset(self) -> None:
+        """Forget requests, statuses, counters and quota use, and restore the default settings
+        (the conversions Google Ads recorded, ``World.uploads``, stay)."""
+        with self._lock:
+            self.config = DataManagerConfig()
+            self._requests.clear()
+            self._quota = {"write": _Quota(), "read": _Quota()}
+            self._counters = _Counters()
+
     def transactions(self, action_id: int | None = None) -> dict[tuple[int, str],
                                                                   TransactionCounts]:
         """Per (action, transaction id): events, conversions, adjustments, duplicates."""

@@ -353,7 +353,8 @@ def catalog(customer: Customer) -> dict[str, FieldSpec]:
         f("conversion_action.value_settings.default_currency_code", "string",
           lambda c: accounts.currency),
         f("conversion_action.value_settings.always_use_default_value", "bool",
-          lambda c: _action(c).step != PURCHASE),  # the world values only purchases per order
+          # the world values only purchases per order; uploads carry their own values
+          lambda c: _action(c).step != PURCHASE and not _action(c).type.startswith("UPLOAD")),
         f("segments.conversion_action", "string", action_name),
         f("segments.conversion_action_name", "string", lambda c: _action(c).name),
         f("segments.conversion_action_category", "enum", lambda c: _action(c).category),

@@ -131,6 +131,7 @@ class ControlApi:
         if self.dm is not None:
             routes.update({
                 ("GET", "/datamanager"): self._dm_summary,
+                ("DELETE", "/datamanager"): self._dm_reset,
                 ("POST", "/datamanager/config"): self._dm_configure,
                 ("DELETE", "/datamanager/quota"): self._dm_reset_quota,
                 ("POST", "/datamanager/actions"): self._dm_action,
@@ -200,6 +201,10 @@ class ControlApi:
         except (TypeError, ValueError) as error:
             return self.error_response(400, str(error))
         return Response(200, asdict(config))
+
+    def _dm_reset(self, request: Request) -> Response:
+        self._datamanager().reset()
+        return Response(200, {})
 
     def _dm_reset_quota(self, request: Request) -> Response:
         self._datamanager().reset_quota()
