@@ -14,6 +14,10 @@ Each platform sees the world through its own rules (attribution windows, click d
 conversion date, its account time zone, which campaigns it owns, consent loss for GA4, only
 identified people for Klaviyo). The ``*_rows`` methods compute those views; the simulators
 serialize them and tests use them as ground truth.
+
+Offline conversions uploaded through the Data Manager API simulator land in ``World.uploads``
+(matched to the world's clicks by ``find_clicks`` / ``find_email_clicks``) and show in
+``google_ads_stats`` for their UPLOAD_CLICKS action once processed.
 """
 
 from __future__ import annotations
