@@ -209,6 +209,20 @@ def test_a_row_stored_before_upload_values_uploads_nothing() -> None:
     assert value_row(old | {"upload_value": 9.5, "recommendation": "drop_noise"}).upload is None
 
 
+def test_a_lift_nobody_without_the_step_contradicts_reads_as_its_lower_end() -> None:
+    from convsync.report.render import _lift
+
+    row = {"conversion": "product_view", "segment": "*", "estimate": 10.4,
+           "interval": [9.9, 11.0], "value": 10.4, "volume": 10_812, "lift": 253.4,
+           "lift_interval": [6.19, 5782.0], "coverage": 1.0,
+           "recommendation": "track_and_upload", "reason": "none bought", "upload_value": 0.07,
+           "compared_doers": 5429, "compared_doers_converted": 613, "compared_others": 54,
+           "compared_others_converted": 0}
+    assert _lift(value_row(row)) == "6.2+"
+    assert _lift(value_row(row | {"compared_others_converted": 1, "lift": 6.1,
+                                  "lift_interval": [2.03, 118.0]})) == "6.10 (2.0-100+)"
+
+
 def _value_rows(page: str) -> dict[str, dict[str, str]]:
     """The values table's rows by conversion: each cell's text (tags dropped, spaces
     collapsed) under a name from its column's header."""

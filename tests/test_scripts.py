@@ -31,7 +31,7 @@ def test_sandbox_serve_prints_endpoints_writes_config_and_stops_cleanly(tmp_path
         assert process.stdout is not None
         summary = json.loads(process.stdout.readline())
         assert set(summary["endpoints"]) == {"google_ads", "ga4", "ga4_rest", "meta", "klaviyo",
-                                             "control"}
+                                             "datamanager", "datamanager_rest", "control"}
         assert config.exists() and Path(summary["secrets_file"]).exists()
         control = summary["endpoints"]["control"]
         world = _call(f"{control}/world")

@@ -98,7 +98,9 @@ def _lift(row: ValueRow) -> str:
     if row.lift is None:
         return "–"
     return lift_text({"lift": row.lift, "lift_interval": row.lift_interval or (row.lift,
-                                                                                row.lift)})
+                                                                                row.lift),
+                      "compared_others": row.compared_others,
+                      "compared_others_converted": row.compared_others_converted})
 
 
 def _day(moment: dt.datetime | None) -> str:
