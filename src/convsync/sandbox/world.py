@@ -476,8 +476,11 @@ class World:
         day = self.day(number)
         people = np.nonzero(self._google[day.campaign] & ~day.view_through)[0]
         seed = self.spec.seed
-        if kind == "gclid":
-            raw = (int(_token(seed, "gclid", number, i, 16), 16) for i in people.tolist())
+        if kind == "gclid":  # _token's digest, its tuple's repr written out (4x faster)
+            blake = hashlib.blake2b
+            raw = (int.from_bytes(blake(f"({seed}, 'gclid', {number}, {i}, 0)".encode(),
+                                        digest_size=32).digest()[:8], "big")
+                   for i in people.tolist())
         else:
             raw = (int.from_bytes(hashlib.sha256(
                 normalize_email_google(self.email(number, i)).encode()).digest()[:8], "big")
