@@ -827,3 +827,9 @@ def test_pull_after_processing_sees_the_uploads(tls_files: tuple[Path, Path],
         assert status == 200 and config_answer["processing_delay_minutes"] == 5.0
         status, refused = _post(f"{control}/datamanager/config", {"delay": 5})
         assert status == 400 and "unknown setting" in refused["error"]
+        status, _ = _send(urllib.request.Request(f"{control}/datamanager", method="DELETE"))
+        status, summary = _get(f"{control}/datamanager?transactions=0")
+        assert (summary["ingested_requests"], summary["conversions"]) == (0, 0)
+        assert "transactions" not in summary
+        assert summary["config"]["processing_delay_minutes"] == 30.0
+        assert len(world.uploads) == 15  # what Google Ads recorded stays
