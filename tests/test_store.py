@@ -436,6 +436,41 @@ def version_2_store(url: str, stats: list[ConversionStat]) -> None:
     engine.dispose()
 
 
+def test_version_3_uploads_move_to_the_ledger_of_the_push_side(url: str,
+                                                               clock: Clock) -> None:
+    """A store at schema version 3 keeps its upload rows through migration 4 (client '',
+    nothing sent yet), and gains the request and send tables, in the shapes the code
+    defines."""
+    if path := sqlite_path(url):
+        path.parent.mkdir(parents=True)
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        store_module.schema_version.create(conn)
+        for version, migrate in enumerate(store_module.MIGRATIONS[:3], start=1):
+            migrate(conn)
+            conn.execute(store_module.schema_version.insert().values(version=version,
+                                                                     applied_at=T0))
+        conn.execute(store_module._uploads_v1().insert(), [{
+            "destination": "meta", "conversion_action": "purchase", "dedupe_key": "k1",
+            "value": 12.5, "currency": "USD", "time": T0, "status": "planned",
+            "response": "", "attempts": 0, "created_at": T0, "updated_at": T0}])
+    engine.dispose()
+    with Store.open(url, clock=clock) as store:
+        assert store.applied_migrations == (4,)
+        kept = store.get_upload(Platform.META, "k1")
+        assert kept is not None and (kept.value, kept.account_id, kept.conversion) == (
+            12.5, "", "")
+        inspector = sa.inspect(store.engine)
+        assert "uploads_v3" not in inspector.get_table_names()
+        for table in (store_module.uploads, store_module.upload_requests,
+                      store_module.upload_sends):
+            assert [c["name"] for c in inspector.get_columns(table.name)] == [
+                c.name for c in table.c]
+        new = Upload(destination=Platform.META, conversion_action="purchase", dedupe_key="k2",
+                     value=1.0, currency="USD", time=T0)
+        assert store.plan_uploads([new], client="acme") == 1  # the ids go on after the old
+
+
 def test_version_2_stats_move_to_the_key_with_source_and_medium(url: str,
                                                                 clock: Clock) -> None:
     """A store written at schema version 2 keeps every daily cell through migration 3, with
@@ -450,7 +485,7 @@ def test_version_2_stats_move_to_the_key_with_source_and_medium(url: str,
     assert not {"source", "medium", "key_events"} & set(before)
 
     with Store.open(url, clock=clock) as store:
-        assert store.applied_migrations == (3,)
+        assert store.applied_migrations == (3, 4)
         kept = list(store.stats())
         assert sorted(kept, key=repr) == sorted(old, key=repr)
         assert {(s.source, s.medium, s.key_events) for s in kept} == {("", "", None)}

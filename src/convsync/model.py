@@ -249,11 +249,16 @@ class JourneyBatch:
 
 
 class Upload(_Frozen):
-    """One planned or sent offline conversion. ``dedupe_key`` makes the upload exactly-once."""
+    """One planned or sent offline conversion. ``dedupe_key`` makes the upload exactly-once
+    (Google's transaction id, Meta's event id, Klaviyo's unique id). ``account_id`` is the
+    destination account that owns ``conversion_action`` (Google Ads: the operating customer,
+    10 digits); ``conversion`` the canonical conversion it uploads."""
 
     destination: Platform
     conversion_action: str
     dedupe_key: str
+    account_id: str = ""
+    conversion: str = ""
     value: float
     currency: str
     time: AwareDatetime

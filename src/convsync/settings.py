@@ -91,6 +91,23 @@ class GoogleAdsSection(_PlatformSection):
     daily_operation_budget: int | None = Field(default=None, ge=1)
     conversion_date_basis: bool = False
     pull_clicks: bool = False
+    upload_actions: dict[str, str] = {}
+    """Push: the conversion action (an UPLOAD_CLICKS action's id) each conversion uploads to,
+    by canonical conversion name; a conversion not named here is not pushed to Google Ads."""
+    datamanager_endpoint: str | None = None
+    """Push: the Data Manager API's address (default Google's; the sandbox writes its own)."""
+    datamanager_transport: Literal["grpc", "rest"] = "grpc"
+    consent: Literal["granted", "denied", "unspecified"] = "unspecified"
+    """Push: the ad_user_data consent sent with every event ("denied": nothing is sent)."""
+
+    @field_validator("upload_actions")
+    @classmethod
+    def _action_ids(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, action in value.items():
+            if not str(action).isdigit():
+                raise ValueError(f"upload action for {name!r} must be a conversion action id "
+                                 f"(digits, as Google Ads shows it), not {action!r}")
+        return {name: str(action) for name, action in value.items()}
 
     @field_validator("customer_ids", mode="before")
     @classmethod

@@ -357,25 +357,93 @@ def _journey_events_v1() -> sa.Table:
                     sa.Index(None, "time"))
 
 
+def _uploads_v1() -> sa.Table:
+    """The upload ledger as schema version 1 made it (migration 4 replaced it)."""
+    frozen = sa.MetaData(naming_convention=metadata.naming_convention)
+    return sa.Table(
+        "uploads", frozen,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("destination", sa.String(16), nullable=False),
+        sa.Column("conversion_action", sa.String, nullable=False),
+        sa.Column("dedupe_key", sa.String, nullable=False),
+        sa.Column("value", _MONEY, nullable=False),
+        sa.Column("currency", sa.String, nullable=False),
+        sa.Column("time", UtcDateTime, nullable=False),
+        *_identifier_columns(),
+        sa.Column("status", sa.String(16), nullable=False),
+        sa.Column("response", sa.Text, nullable=False),
+        sa.Column("attempts", sa.Integer, nullable=False),
+        sa.Column("created_at", UtcDateTime, nullable=False),
+        sa.Column("updated_at", UtcDateTime, nullable=False),
+        sa.UniqueConstraint("destination", "dedupe_key"),
+        sa.Index(None, "destination", "status"),
+    )
+
+
 uploads = sa.Table(
     "uploads",
     metadata,
     sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("client", sa.String, nullable=False),
     sa.Column("destination", sa.String(16), nullable=False),
+    sa.Column("account_id", sa.String, nullable=False),
     sa.Column("conversion_action", sa.String, nullable=False),
+    sa.Column("conversion", sa.String, nullable=False),
     sa.Column("dedupe_key", sa.String, nullable=False),
     sa.Column("value", _MONEY, nullable=False),
     sa.Column("currency", sa.String, nullable=False),
     sa.Column("time", UtcDateTime, nullable=False),
     *_identifier_columns(),
     sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("reason", sa.String, nullable=False),
+    sa.Column("hold_until", UtcDateTime),
+    sa.Column("request_id", sa.String),
+    sa.Column("sent_value", _MONEY),
+    sa.Column("sent_at", UtcDateTime),
     sa.Column("response", sa.Text, nullable=False),
     sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("resends", sa.Integer, nullable=False),
     sa.Column("created_at", UtcDateTime, nullable=False),
     sa.Column("updated_at", UtcDateTime, nullable=False),
     sa.UniqueConstraint("destination", "dedupe_key"),
-    sa.Index(None, "destination", "status"),
+    sa.Index(None, "client", "destination", "status"),
+    sa.Index(None, "request_id"),
 )
+"""The upload ledger: one row per event to send (its dedupe key is the platform's), written
+before anything is sent. ``status`` moves planned -> sending (claimed for a request) -> sent
+(``request_id``) -> accepted / rejected, or held (``hold_until``: too recent for the
+platform) / failed (``reason``); ``sent_value`` is the value last sent, ``resends`` counts
+the sends of events that may already have arrived."""
+
+upload_requests = sa.Table(
+    "upload_requests",
+    metadata,
+    sa.Column("request_id", sa.String, primary_key=True),
+    sa.Column("client", sa.String, nullable=False),
+    sa.Column("destination", sa.String(16), nullable=False),
+    sa.Column("sent_at", UtcDateTime, nullable=False),
+    sa.Column("events", sa.Integer, nullable=False),
+    sa.Column("status", sa.String(24), nullable=False),
+    sa.Column("detail", _JSON, nullable=False),
+    sa.Column("checked_at", UtcDateTime),
+    sa.Column("next_check_at", UtcDateTime),
+    sa.Column("checks", sa.Integer, nullable=False),
+    sa.Index(None, "client", "destination", "status"),
+)
+"""One row per request a platform took, with what it later said it did (``detail``: per
+destination its status and error counts by reason)."""
+
+upload_sends = sa.Table(
+    "upload_sends",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("upload_id", sa.Integer, sa.ForeignKey("uploads.id"), nullable=False),
+    sa.Column("request_id", sa.String, nullable=False),
+    sa.Column("value", _MONEY, nullable=False),
+    sa.Column("sent_at", UtcDateTime, nullable=False),
+    sa.Index(None, "upload_id"),
+)
+"""Every value each upload was sent with: a restatement is the same dedupe key again."""
 
 watermarks = sa.Table(
     "watermarks",
@@ -420,7 +488,7 @@ uploads, NULL: nothing); ``detail`` holds every figure of the row."""
 
 DATA_TABLES = (
     conversion_definitions, conversion_platform_names, platform_conversions, daily_stats,
-    journey_events, uploads, watermarks, runs, micro_values,
+    journey_events, uploads, watermarks, runs, micro_values, upload_requests, upload_sends,
 )
 
 
@@ -430,10 +498,11 @@ def _migrate_to_v1(conn: Connection) -> None:
     This builds the *current* definitions above, except for the tables a later migration
     changed, which are frozen in their version 1 shape, so that v1 + v2 + ... always equals
     the code."""
-    frozen = (journey_events, daily_stats)
-    metadata.create_all(conn, tables=[t for t in DATA_TABLES if t not in frozen])
+    later = (journey_events, daily_stats, uploads, upload_requests, upload_sends)
+    metadata.create_all(conn, tables=[t for t in DATA_TABLES if t not in later])
     _journey_events_v1().create(conn)
     _daily_stats_v1().create(conn)
+    _uploads_v1().create(conn)
 
 
 def _set_aside(conn: Connection, table: str, version: str, index: str) -> None:
@@ -485,8 +554,34 @@ def _migrate_to_v3(conn: Connection) -> None:
     old.drop(conn)
 
 
+def _migrate_to_v4(conn: Connection) -> None:
+    """The upload ledger of the push side: uploads gain their client, account, conversion and
+    the send's states (reason, hold, request, value sent, resends); every request and every
+    value sent get a table of their own. Earlier rows (no push existed) move over as they are,
+    for the client ''."""
+    _set_aside(conn, "uploads", "v3", index="ix_uploads_destination_status")
+    if conn.dialect.name == "postgresql":  # names PostgreSQL keeps per schema, not per table
+        conn.execute(sa.text("ALTER TABLE uploads_v3 RENAME CONSTRAINT "
+                             "uq_uploads_destination_dedupe_key TO uq_uploads_v3_key"))
+        conn.execute(sa.text("ALTER SEQUENCE uploads_id_seq RENAME TO uploads_v3_id_seq"))
+    uploads.create(conn)
+    old = _uploads_v1().to_metadata(sa.MetaData(), name="uploads_v3")
+    kept = [c.name for c in old.c if c.name in uploads.c]
+    conn.execute(uploads.insert().from_select(
+        [*kept, "client", "account_id", "conversion", "reason", "resends"],
+        sa.select(*(old.c[name] for name in kept), sa.literal(""), sa.literal(""),
+                  sa.literal(""), sa.literal(""), sa.literal(0))))
+    if conn.dialect.name == "postgresql":
+        conn.execute(sa.text("SELECT setval('uploads_id_seq', "
+                             "(SELECT COALESCE(MAX(id), 0) + 1 FROM uploads), false)"))
+    old.drop(conn)
+    upload_requests.create(conn)
+    upload_sends.create(conn)
+
+
 Migration = Callable[[Connection], None]
-MIGRATIONS: tuple[Migration, ...] = (_migrate_to_v1, _migrate_to_v2, _migrate_to_v3)
+MIGRATIONS: tuple[Migration, ...] = (_migrate_to_v1, _migrate_to_v2, _migrate_to_v3,
+                                     _migrate_to_v4)
 """MIGRATIONS[n] takes the schema from version n to version n + 1."""
 LATEST_VERSION = len(MIGRATIONS)
 
@@ -726,12 +821,14 @@ _read_journey_event = _JourneyReader()
 _read_upload = _Reader(Upload, uploads)
 
 
-def _upload_params(u: Upload, now: dt.datetime) -> dict[str, Any]:
+def _upload_params(u: Upload, client: str, now: dt.datetime) -> dict[str, Any]:
     return {
-        "destination": u.destination.value, "conversion_action": u.conversion_action,
+        "client": client, "destination": u.destination.value, "account_id": u.account_id,
+        "conversion_action": u.conversion_action, "conversion": u.conversion,
         "dedupe_key": u.dedupe_key, "value": u.value, "currency": u.currency, "time": u.time,
-        **u.identifiers.model_dump(), "status": u.status.value, "response": u.response,
-        "attempts": 0, "created_at": now, "updated_at": now,
+        **u.identifiers.model_dump(), "status": u.status.value, "reason": "",
+        "response": u.response, "attempts": 0, "resends": 0, "created_at": now,
+        "updated_at": now,
     }
 
 
@@ -1055,8 +1152,8 @@ class Store:
 
     # -- the upload ledger ---------------------------------------------------------------------
 
-    def plan_uploads(self, planned: Iterable[Upload],
-                     batch_size: int = DEFAULT_BATCH_SIZE) -> int:
+    def plan_uploads(self, planned: Iterable[Upload], batch_size: int = DEFAULT_BATCH_SIZE,
+                     *, client: str = "") -> int:
         """Add uploads whose (destination, dedupe_key) is new; returns how many were added.
 
         An existing key is left exactly as it is (status, value, attempts): exactly-once."""
@@ -1067,7 +1164,7 @@ class Store:
         for chunk in _chunks(planned, batch_size):
             now = self._clock()
             with self._writing() as conn:
-                result = conn.execute(stmt, [_upload_params(u, now) for u in chunk])
+                result = conn.execute(stmt, [_upload_params(u, client, now) for u in chunk])
                 added += len(result.all())
         return added
 
