@@ -46,6 +46,8 @@ class Basis(StrEnum):
 
 class UploadStatus(StrEnum):
     PLANNED = "planned"
+    HELD = "held"
+    SENDING = "sending"
     SENT = "sent"
     ACCEPTED = "accepted"
     REJECTED = "rejected"

@@ -765,7 +765,7 @@ class _Reader(Generic[M]):
             names += IDENTIFIER_COLUMNS
         self.columns = [table.c[name] for name in names]
 
-    def __call__(self, row: sa.Row[Any]) -> M:
+    def __call__(self, row: sa.Row[Any] | Values) -> M:
         data: dict[str, Any] = dict(zip(self._fields, row, strict=False))
         if self._nested:
             data["identifiers"] = dict(zip(IDENTIFIER_COLUMNS, row[len(self._fields):],
@@ -1240,6 +1240,157 @@ class Store:
         )
         with self._engine.connect() as conn:
             return [_read_upload(row) for row in conn.execute(query)]
+
+    def restate_uploads(self, destination: Platform | str,
+                        values: Iterable[tuple[str, float]], *, threshold: float) -> int:
+        """Give uploads already sent a new value where it moved by more than ``threshold``
+        (relative to the value sent): they are planned again under the same dedupe key (the
+        platform restates, never counts twice). Returns how many were restated."""
+        table, where = uploads, Platform(destination).value
+        moved = 0
+        now = self._clock()
+        for chunk in _chunks(values, DEFAULT_BATCH_SIZE):
+            wanted = dict(chunk)
+            with self._writing() as conn:
+                rows = conn.execute(sa.select(table.c.id, table.c.dedupe_key, table.c.sent_value)
+                                    .where(table.c.destination == where,
+                                           table.c.dedupe_key.in_(list(wanted)),
+                                           table.c.sent_value.is_not(None))).all()
+                changed = [{"b_id": r.id, "b_value": wanted[r.dedupe_key]} for r in rows
+                           if abs(wanted[r.dedupe_key] - float(r.sent_value))
+                           > threshold * max(abs(float(r.sent_value)), 0.01)]
+                if changed:
+                    conn.execute(table.update().where(table.c.id == sa.bindparam("b_id"))
+                                 .values(value=sa.bindparam("b_value"),
+                                         status=UploadStatus.PLANNED.value, reason="restated",
+                                         updated_at=now), changed)
+                moved += len(changed)
+        return moved
+
+    def hold_uploads(self, destination: Platform | str,
+                     holds: Iterable[tuple[str, dt.datetime, str]]) -> None:
+        """Keep planned uploads back until a time (key, until, why): a later run sends them."""
+        table, where = uploads, Platform(destination).value
+        params = [{"b_key": key, "b_until": until, "b_reason": why} for key, until, why in holds]
+        if not params:
+            return
+        with self._writing() as conn:
+            conn.execute(table.update().where(
+                table.c.destination == where, table.c.dedupe_key == sa.bindparam("b_key"),
+                table.c.status.in_([UploadStatus.PLANNED.value, UploadStatus.HELD.value]))
+                .values(status=UploadStatus.HELD.value, hold_until=sa.bindparam(
+                    "b_until", type_=UtcDateTime), reason=sa.bindparam("b_reason"),
+                    updated_at=self._clock()), params)
+
+    def claim_uploads(self, client: str, destination: Platform | str, *, limit: int,
+                      now: dt.datetime) -> list[tuple[Upload, bool]]:
+        """Take up to ``limit`` uploads to send and mark them sending, in one transaction:
+        planned ones, held ones whose time has come, and ones a killed run left sending
+        (those may have arrived: the flag says so, and they go out again under the same
+        key). Call under the client's lock (``convsync.locks``)."""
+        table, where = uploads, Platform(destination).value
+        ready = sa.or_(table.c.status.in_([UploadStatus.PLANNED.value,
+                                           UploadStatus.SENDING.value]),
+                       sa.and_(table.c.status == UploadStatus.HELD.value,
+                               table.c.hold_until <= now))
+        query = (sa.select(table.c.id, table.c.status, *_read_upload.columns)
+                 .where(table.c.client == client, table.c.destination == where, ready)
+                 .order_by(table.c.id).limit(limit))
+        if self.dialect == "postgresql":
+            query = query.with_for_update(skip_locked=True)
+        with self._writing() as conn:
+            rows = conn.execute(query).all()
+            if rows:
+                conn.execute(table.update().where(table.c.id.in_([r.id for r in rows]))
+                             .values(status=UploadStatus.SENDING.value, updated_at=now))
+        return [(_read_upload(row[2:]), row.status == UploadStatus.SENDING.value)
+                for row in rows]
+
+    def record_sent(self, client: str, destination: Platform | str, keys: Sequence[str],
+                    resent: Collection[str], request_id: str, now: dt.datetime) -> None:
+        """The uploads ``keys`` went out in request ``request_id``: sent, with the value sent
+        kept (and each value ever sent in upload_sends); ``resent`` ones count a resend."""
+        table, where = uploads, Platform(destination).value
+        with self._writing() as conn:
+            rows = conn.execute(sa.select(table.c.id, table.c.dedupe_key, table.c.value).where(
+                table.c.destination == where, table.c.dedupe_key.in_(list(keys)))).all()
+            conn.execute(table.update().where(table.c.id == sa.bindparam("b_id")).values(
+                status=UploadStatus.SENT.value, request_id=request_id,
+                sent_value=table.c.value, sent_at=now, reason="", updated_at=now,
+                attempts=table.c.attempts + 1,
+                resends=table.c.resends + sa.bindparam("b_resend")),
+                [{"b_id": r.id, "b_resend": int(r.dedupe_key in resent)} for r in rows])
+            conn.execute(upload_sends.insert(), [
+                {"upload_id": r.id, "request_id": request_id, "value": r.value, "sent_at": now}
+                for r in rows])
+            conn.execute(upload_requests.insert().values(
+                request_id=request_id, client=client, destination=where, sent_at=now,
+                events=len(rows), status="processing", detail={}, checks=0,
+                next_check_at=now + dt.timedelta(minutes=30)))
+
+    def release_uploads(self, destination: Platform | str, keys: Sequence[str],
+                        status: UploadStatus, reason: str) -> None:
+        """Uploads claimed but not sent: back to planned (a later run sends them) or failed
+        with the reason (the platform refused them)."""
+        table = uploads
+        with self._writing() as conn:
+            conn.execute(table.update().where(
+                table.c.destination == Platform(destination).value,
+                table.c.dedupe_key.in_(list(keys))).values(
+                status=status.value, reason=reason, updated_at=self._clock()))
+
+    def requests_to_check(self, client: str, destination: Platform | str,
+                          now: dt.datetime) -> list[str]:
+        """Requests whose outcome the platform has not told yet and that are due a look."""
+        table = upload_requests
+        with self._engine.connect() as conn:
+            return list(conn.execute(sa.select(table.c.request_id).where(
+                table.c.client == client, table.c.destination == Platform(destination).value,
+                table.c.status == "processing", table.c.next_check_at <= now)
+                .order_by(table.c.sent_at)).scalars())
+
+    def record_request_status(self, request_id: str, status: str, detail: Mapping[str, Any],
+                              now: dt.datetime, next_check: dt.datetime | None,
+                              outcomes: Mapping[str, tuple[UploadStatus, str]]) -> None:
+        """What the platform said of a request (``detail``: per destination), when to look
+        again (None: final), and the outcome it implies for the uploads it carried, by
+        conversion action (uploads of other actions, or of a partly failed one, stay sent)."""
+        with self._writing() as conn:
+            conn.execute(upload_requests.update().where(
+                upload_requests.c.request_id == request_id).values(
+                status=status, detail=dict(detail), checked_at=now, next_check_at=next_check,
+                checks=upload_requests.c.checks + 1))
+            for action, (outcome, reason) in outcomes.items():
+                conn.execute(uploads.update().where(
+                    uploads.c.request_id == request_id, uploads.c.conversion_action == action,
+                    uploads.c.status == UploadStatus.SENT.value).values(
+                    status=outcome.value, reason=reason, updated_at=now))
+
+    def ledger(self, client: str, destination: Platform | str) -> list[dict[str, Any]]:
+        """The ledger by conversion action, day of the event (UTC), status and reason: how
+        many uploads, their value, and how many were resent."""
+        table = uploads
+        day = sa.func.substr(sa.cast(table.c.time, sa.String), 1, 10)
+        query = (sa.select(table.c.conversion, table.c.conversion_action, day.label("day"),
+                           table.c.status, table.c.reason, sa.func.count().label("uploads"),
+                           sa.func.sum(table.c.value).label("value"),
+                           sa.func.sum(table.c.resends).label("resends"))
+                 .where(table.c.client == client,
+                        table.c.destination == Platform(destination).value)
+                 .group_by(table.c.conversion, table.c.conversion_action, day, table.c.status,
+                           table.c.reason)
+                 .order_by(table.c.conversion_action, day, table.c.status))
+        with self._engine.connect() as conn:
+            return [dict(r._mapping) | {"value": float(r.value or 0)}
+                    for r in conn.execute(query)]
+
+    def upload_request_rows(self, client: str, destination: Platform | str
+                            ) -> list[dict[str, Any]]:
+        table = upload_requests
+        with self._engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(sa.select(table).where(
+                table.c.client == client, table.c.destination == Platform(destination).value)
+                .order_by(table.c.sent_at))]
 
     # -- watermarks ----------------------------------------------------------------------------
 

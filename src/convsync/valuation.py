@@ -1293,7 +1293,7 @@ def journeys_from_events(events: Iterable[JourneyEvent], macro: Collection[str],
         if event.conversion in macro:
             macros.append((person, moment, event.value))
             continue
-        segment = segments.setdefault(_segment_of(event, segment_by), len(segments))
+        segment = segments.setdefault(segment_of(event, segment_by), len(segments))
         code = conversions.setdefault(event.conversion, len(conversions))
         micro.append((person, code, segment, moment, event.value if event.value > 0 else np.nan))
     micro_columns = list(zip(*micro, strict=True)) if micro else [()] * 5
@@ -1311,7 +1311,8 @@ def journeys_from_events(events: Iterable[JourneyEvent], macro: Collection[str],
         person_group=np.array(person_group, np.int64), groups=tuple(groups) or ("",))
 
 
-def _segment_of(event: JourneyEvent, segment_by: SegmentBy) -> str:
+def segment_of(event: JourneyEvent, segment_by: SegmentBy) -> str:
+    """The segment a micro event is valued in (as ``journeys_from_events`` files it)."""
     if segment_by == "campaign":
         return event.campaign_id or "(no campaign)"
     if segment_by == "source":

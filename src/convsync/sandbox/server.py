@@ -265,13 +265,26 @@ def write_client_config(path: Path, running: RunningSandbox, store_url: str = ""
         ca_file=json.dumps(str(running.cert)), property_id=accounts.ga4_property_id,
         ga4_endpoint=ep["ga4"], ad_account=accounts.meta_ad_account_id,
         pixel_id=accounts.meta_pixel_id, meta_endpoint=ep["meta"],
-        klaviyo_endpoint=ep["klaviyo"], conversions=conversions_toml(world))
+        klaviyo_endpoint=ep["klaviyo"], conversions=conversions_toml(world),
+        dm_endpoint=ep["datamanager"], upload_actions=upload_actions_toml(world))
     path.write_text(text)
     return secrets
 
 
 MACRO_STEPS = frozenset({PURCHASE, QUALIFIED})
 LADDER = (VIEW, CART, CHECKOUT, PURCHASE)
+
+
+def upload_actions_toml(world: World) -> str:
+    """The ``upload_actions`` inline table: qualified leads to the offline lead action, the
+    ladder's micro conversions to the micro-value action when the world has one."""
+    actions = {a.step: a for a in world.google_ads_actions if a.type == "UPLOAD_CLICKS"}
+    micro = next((a for a in world.google_ads_actions
+                  if a.type == "UPLOAD_CLICKS" and a.step not in MACRO_STEPS), None)
+    pairs = {STEPS[QUALIFIED]: actions[QUALIFIED].id} if QUALIFIED in actions else {}
+    if micro is not None:
+        pairs |= {STEPS[step]: micro.id for step in LADDER if step not in MACRO_STEPS}
+    return "{ " + ", ".join(f'{name} = "{action}"' for name, action in pairs.items()) + " }"
 
 
 def conversions_toml(world: World) -> str:
@@ -313,6 +326,10 @@ endpoint = "{gads_endpoint}"
 ca_file = {ca_file}
 # both bases, so that reconcile compares Google Ads with GA4 by conversion date
 conversion_date_basis = true
+# push: the Data Manager API, and the UPLOAD_CLICKS import action each conversion uploads to
+datamanager_endpoint = "{dm_endpoint}"
+upload_actions = {upload_actions}
+consent = "granted"
 
 [ga4]
 property_id = "{property_id}"
