@@ -711,3 +711,86 @@ def test_runs_round_trip(store: Store, clock: Clock) -> None:
 def test_count_rows_names_the_tables_on_a_typo(store: Store) -> None:
     with pytest.raises(ValueError, match="daily_stats"):
         store.count_rows("daily_stat")
+
+
+# ---------------------------------------------------------------- the push side's ledger
+
+
+def google_upload(key: str, value: float = 10.0, action: str = "6111") -> Upload:
+    return Upload(destination=Platform.GOOGLE_ADS, conversion_action=action,
+                  account_id="1234567890", conversion="add_to_cart", dedupe_key=key,
+                  value=value, currency="USD", time=T0)
+
+
+def test_a_claim_takes_each_row_once_and_a_killed_runs_rows_come_back_as_resends(
+        store: Store) -> None:
+    store.plan_uploads([google_upload(f"k{i}") for i in range(5)], client="acme")
+    store.plan_uploads([google_upload("other")], client="zeta")
+    first = store.claim_uploads("acme", Platform.GOOGLE_ADS, limit=3, now=T0)
+    assert [(u.dedupe_key, again) for u, again in first] == [
+        ("k0", False), ("k1", False), ("k2", False)]
+    store.record_sent("acme", Platform.GOOGLE_ADS, ["k0", "k1"], set(), "req-1", T0)
+    # k2 stays "sending", as a run killed before it heard back leaves it
+    second = store.claim_uploads("acme", Platform.GOOGLE_ADS, limit=10, now=T0)
+    assert [(u.dedupe_key, again) for u, again in second] == [
+        ("k2", True), ("k3", False), ("k4", False)]
+    store.record_sent("acme", Platform.GOOGLE_ADS, ["k2", "k3", "k4"], {"k2"}, "req-2", T0)
+    assert store.claim_uploads("acme", Platform.GOOGLE_ADS, limit=10, now=T0) == []
+    ledger = {(r["status"], r["uploads"], r["resends"])
+              for r in store.ledger("acme", Platform.GOOGLE_ADS)}
+    assert ledger == {("sent", 5, 1)}
+    assert [r["request_id"] for r in store.upload_request_rows("acme", Platform.GOOGLE_ADS)
+            ] == ["req-1", "req-2"]
+
+
+def test_a_moved_value_is_restated_under_the_same_key_and_each_value_sent_is_kept(
+        store: Store, url: str) -> None:
+    store.plan_uploads([google_upload("k", 10.0), google_upload("j", 20.0)], client="acme")
+    claimed = store.claim_uploads("acme", Platform.GOOGLE_ADS, limit=10, now=T0)
+    store.record_sent("acme", Platform.GOOGLE_ADS, [u.dedupe_key for u, _ in claimed], set(),
+                      "req-1", T0)
+    assert store.restate_uploads(Platform.GOOGLE_ADS, [("k", 10.3), ("j", 30.0)],
+                                 threshold=0.05) == 1  # 3% is no move; 50% is
+    again = store.claim_uploads("acme", Platform.GOOGLE_ADS, limit=10, now=T0)
+    assert [(u.dedupe_key, u.value) for u, _ in again] == [("j", 30.0)]
+    store.record_sent("acme", Platform.GOOGLE_ADS, ["j"], set(), "req-2", T0)
+    with store.engine.connect() as conn:
+        sends = conn.execute(sa.select(store_module.upload_sends.c.request_id,
+                                       store_module.upload_sends.c.value)
+                             .order_by(store_module.upload_sends.c.id)).all()
+    assert sorted((r, float(v)) for r, v in sends) == [("req-1", 10.0), ("req-1", 20.0),
+                                                       ("req-2", 30.0)]
+
+
+def test_held_rows_wait_for_their_time_and_released_ones_say_why(store: Store) -> None:
+    store.plan_uploads([google_upload("early"), google_upload("late"), google_upload("bad")],
+                       client="acme")
+    store.hold_uploads(Platform.GOOGLE_ADS, [("late", T0 + dt.timedelta(hours=6), "too recent")])
+    claimed = store.claim_uploads("acme", Platform.GOOGLE_ADS, limit=10, now=T0)
+    assert [u.dedupe_key for u, _ in claimed] == ["early", "bad"]
+    store.release_uploads(Platform.GOOGLE_ADS, ["bad"], UploadStatus.FAILED,
+                          "INVALID_CONVERSION_ACTION_TYPE")
+    store.release_uploads(Platform.GOOGLE_ADS, ["early"], UploadStatus.PLANNED, "")
+    later = store.claim_uploads("acme", Platform.GOOGLE_ADS, limit=10,
+                                now=T0 + dt.timedelta(hours=7))
+    assert [u.dedupe_key for u, _ in later] == ["early", "late"]
+    reasons = {r["reason"] for r in store.ledger("acme", Platform.GOOGLE_ADS)
+               if r["status"] == "failed"}
+    assert reasons == {"INVALID_CONVERSION_ACTION_TYPE"}
+
+
+def test_a_request_status_settles_its_uploads_by_action(store: Store) -> None:
+    store.plan_uploads([google_upload("a", action="6111"), google_upload("b", action="6108")],
+                       client="acme")
+    store.claim_uploads("acme", Platform.GOOGLE_ADS, limit=10, now=T0)
+    store.record_sent("acme", Platform.GOOGLE_ADS, ["a", "b"], set(), "req", T0)
+    assert store.requests_to_check("acme", Platform.GOOGLE_ADS, T0) == []  # 30 minutes first
+    later = T0 + dt.timedelta(minutes=31)
+    assert store.requests_to_check("acme", Platform.GOOGLE_ADS, later) == ["req"]
+    store.record_request_status("req", "done", {"destinations": []}, later, None, {
+        "6111": (UploadStatus.ACCEPTED, ""),
+        "6108": (UploadStatus.REJECTED, "CLICK_NOT_FOUND 1")})
+    assert store.requests_to_check("acme", Platform.GOOGLE_ADS, later) == []
+    statuses = {(r["conversion_action"], r["status"], r["reason"])
+                for r in store.ledger("acme", Platform.GOOGLE_ADS)}
+    assert statuses == {("6111", "accepted", ""), ("6108", "rejected", "CLICK_NOT_FOUND 1")}
