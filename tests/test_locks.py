@@ -45,7 +45,7 @@ def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 def test_a_second_run_of_a_client_is_refused_and_another_client_is_not(url: str) -> None:
     with Store.open(url) as store, Store.open(url) as other:
         with client_lock(store, "acme", "push"):
-            with pytest.raises(Busy, match="acme|advisory"), client_lock(other, "acme", "push"):
+            with pytest.raises(Busy, match=r"acme|advisory"), client_lock(other, "acme", "push"):
                 pass
             with client_lock(other, "zeta", "push"), client_lock(other, "acme", "pull"):
                 pass
