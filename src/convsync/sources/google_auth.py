@@ -1,4 +1,4 @@
-"""Google credentials shared by the Google Ads and GA4 sources."""
+"""Google credentials shared by the Google Ads and GA4 sources and the Google Ads sink."""
 
 from __future__ import annotations
 
@@ -11,6 +11,9 @@ from convsync.settings import Secrets
 
 ADWORDS_SCOPE = "https://www.googleapis.com/auth/adwords"
 ANALYTICS_SCOPE = "https://www.googleapis.com/auth/analytics.readonly"
+DATAMANAGER_SCOPE = "https://www.googleapis.com/auth/datamanager"
+"""The Data Manager API (Google Ads uploads): a sensitive scope of its own, so a grant made
+for the Google Ads scope alone does not cover it."""
 TOKEN_URI = "https://oauth2.googleapis.com/token"
 
 
