@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import random
+import socket
 import time
 import urllib.request
 from collections import Counter
@@ -19,7 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from google.ads import datamanager_v1 as dm
+from google.auth import exceptions as auth_exceptions
+from google.auth.exceptions import DefaultCredentialsError, RefreshError
 
 from convsync.hashing import hash_email
 from convsync.model import Identifiers, Platform, Upload, copy_with
@@ -595,3 +599,56 @@ def test_the_request_as_built() -> None:
     plain = dm.IngestEventsRequest.pb(unspecified.build_request([by_click], validate_only=True))
     assert not plain.HasField("consent") and plain.validate_only
     assert plain.destinations[0].login_account.account_id == CUSTOMER
+
+
+# -- errors the sandbox does not play --------------------------------------------------------------
+class _Refusing:
+    """A client whose every call raises ``error`` (what google-auth and requests raise before
+    or instead of an API answer)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def ingest_events(self, **kwargs: Any) -> Any:
+        raise self.error
+
+    def retrieve_request_status(self, **kwargs: Any) -> Any:
+        raise self.error
+
+
+@pytest.mark.parametrize(("error", "reason", "fix", "retryable", "calls"), [
+    (RefreshError("invalid_grant: Token has been expired or revoked."), "ACCESS_TOKEN_EXPIRED",
+     "CONVSYNC_GOOGLE_REFRESH_TOKEN", False, 1),
+    (RefreshError("invalid_scope: Bad Request"), "ACCESS_TOKEN_SCOPE_INSUFFICIENT",
+     "consent again", False, 1),
+    (DefaultCredentialsError("File secret.json is not a valid json file."),
+     "INVALID_CREDENTIALS", "CONVSYNC_GOOGLE_SERVICE_ACCOUNT_FILE", False, 1),
+    (auth_exceptions.TransportError("token endpoint unreachable"), "UNAVAILABLE",
+     "push again later", True, 3),
+    (requests.exceptions.InvalidURL("bad"), "INVALID_ENDPOINT", "datamanager_endpoint", False, 1),
+])
+def test_credential_and_connection_errors_say_what_to_do(
+        error: Exception, reason: str, fix: str, retryable: bool, calls: int) -> None:
+    made = Made(None)  # type: ignore[arg-type]
+    made.sink = DataManagerSink(_Refusing(error), GoogleAdsSection(customer_ids=[CUSTOMER]),
+                                sleep=made.sleeps.append, attempts=3,
+                                on_request=lambda method: made.calls.update([method]))
+    with pytest.raises(SinkError) as caught:
+        made.sink.send([_base()])
+    assert (caught.value.reason, caught.value.retryable) == (reason, retryable)
+    assert fix in caught.value.fix and not caught.value.maybe_sent
+    assert "secret.json" not in str(caught.value) and "invalid_grant" not in str(caught.value)
+    assert made.calls == Counter({"IngestEvents": calls})
+
+
+def test_an_endpoint_that_refuses_connections_is_retried_and_nothing_was_sent(
+        sandbox: RunningSandbox) -> None:
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    made = make(sandbox, "rest", attempts=2, datamanager_endpoint=f"http://127.0.0.1:{port}")
+    with pytest.raises(SinkError) as caught:
+        made.sink.send(leads(sandbox.world, 1))
+    error = caught.value
+    assert (error.reason, error.retryable, error.maybe_sent) == ("UNAVAILABLE", True, False)
+    assert made.calls == Counter({"IngestEvents": 2}) and len(made.sleeps) == 1

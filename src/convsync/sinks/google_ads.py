@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import requests
+import urllib3
 from google.ads import datamanager_v1 as dm
 from google.api_core import exceptions as api
 from google.api_core.client_options import ClientOptions
@@ -245,6 +246,8 @@ class DataManagerSink:
         for upload in uploads:
             if upload.destination != Platform.GOOGLE_ADS:
                 raise ValueError("an upload for another platform in a Google Ads request")
+            if upload.time.tzinfo is None or upload.time.utcoffset() is None:
+                raise ValueError("an upload's time is not timezone-aware")
             event = request.events.add()
             event.destination_references.append(
                 references[(upload.account_id, upload.conversion_action)])
@@ -375,6 +378,9 @@ def _may_have_arrived(error: BaseException) -> bool:
     came (timeout, outage, reset connection, internal error), not a refusal."""
     if isinstance(error, requests.ConnectTimeout):
         return False  # never connected
+    if isinstance(error, requests.ConnectionError) and error.args and isinstance(
+            getattr(error.args[0], "reason", None), urllib3.exceptions.NewConnectionError):
+        return False  # refused or unreachable: nothing was sent
     return isinstance(error, api.ServiceUnavailable | api.GatewayTimeout
                       | api.InternalServerError | requests.ConnectionError | requests.Timeout)
 
@@ -510,10 +516,21 @@ def _sink_error(error: BaseException, what: str, maybe_sent: bool,
                   else "ACCESS_TOKEN_EXPIRED")
         return SinkError(f"Google refused to renew the OAuth credentials for the {what} "
                          f"({kind})", fix=FIXES[reason], reason=reason)
-    if isinstance(error, auth_errors.TransportError | requests.RequestException):
+    if isinstance(error, auth_errors.TransportError | requests.ConnectionError
+                  | requests.Timeout):
         reason = "DEADLINE_EXCEEDED" if isinstance(error, requests.Timeout) else "UNAVAILABLE"
         return SinkError(f"Google did not answer the {what} ({kind})", fix=FIXES[reason],
                          reason=reason, retryable=True, maybe_sent=maybe_sent)
+    if isinstance(error, requests.RequestException):
+        return SinkError(f"the {what} could not be made ({kind})",
+                         fix="check [google_ads] datamanager_endpoint (an http(s) URL for "
+                             "the REST transport, or leave it out for Google's)",
+                         reason="INVALID_ENDPOINT", maybe_sent=maybe_sent)
+    if isinstance(error, auth_errors.GoogleAuthError):
+        return SinkError(f"the Google credentials could not be used for the {what} ({kind})",
+                         fix="check CONVSYNC_GOOGLE_REFRESH_TOKEN / _CLIENT_ID / "
+                             "_CLIENT_SECRET, or CONVSYNC_GOOGLE_SERVICE_ACCOUNT_FILE",
+                         reason="INVALID_CREDENTIALS")
     assert isinstance(error, api.GoogleAPICallError)
     reason = _reason(error)
     code = f"HTTP {error.code}" if error.code else kind
