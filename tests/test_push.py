@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
-from convsync import pipeline, planning
+from convsync import pipeline, planning, push
 from convsync.model import Platform
 from convsync.sandbox import server
 from convsync.sandbox.world import MICRO_UPLOAD_ACTION_ID, World, WorldSpec
 from convsync.settings import ClientConfig, load_config, load_secrets
-from convsync.store import Store
+from convsync.store import Store, uploads
 
 TODAY = dt.date(2026, 10, 31)
 NOW = dt.datetime(2026, 11, 1, 4, tzinfo=dt.UTC)
@@ -83,3 +85,63 @@ def test_the_plan_uploads_each_persons_first_step_at_its_upload_value(
     sample = plan.actions["add_to_cart"].sample[0]
     assert set(sample["identifiers"]) <= {"gclid", "email_sha256_google"}  # type: ignore[arg-type]
     assert not any(isinstance(v, str) and len(v) == 64 for v in sample.values())
+
+
+def _transactions(running: server.RunningSandbox) -> dict[str, tuple[int, int, float]]:
+    """What the sandbox counted per transaction id: (events, conversions, value)."""
+    assert running.datamanager is not None
+    return {key: (c.events, c.conversions, c.value)
+            for (_, key), c in running.datamanager.transactions().items()}
+
+
+def _ledger_sent(store: Store) -> dict[str, float]:
+    with store.engine.connect() as conn:
+        rows = conn.execute(sa.select(uploads.c.dedupe_key, uploads.c.sent_value).where(
+            uploads.c.sent_value.is_not(None))).all()
+    return {key: float(value) for key, value in rows}
+
+
+def test_a_push_sends_each_eligible_event_once_and_a_rerun_sends_nothing(
+        valued: ClientConfig, running: server.RunningSandbox) -> None:
+    assert running.datamanager is not None
+    running.datamanager.reset()
+    running.datamanager.configure(processing_delay_minutes=0)
+    secrets = load_secrets(valued)
+    with Store.open(valued.store_url()) as store:
+        plan = planning.plan_google_ads(valued, store, NOW)
+        first = push.push_google_ads(valued, secrets, store, now=NOW, sleep=lambda s: None)
+        sent = _ledger_sent(store)
+        counted = _transactions(running)
+        later = NOW + dt.timedelta(minutes=31)
+        second = push.push_google_ads(valued, secrets, store, now=later, sleep=lambda s: None)
+        ledger = store.ledger(valued.client.name, Platform.GOOGLE_ADS)
+    assert first.errors == [] and first.failed == Counter()
+    held = {key for key, _, _ in plan.holds}
+    assert len(held) > 0  # the world's last clicks are under 6 hours old
+    assert first.sent == len(plan.uploads) - len(held) > 1000
+    assert first.requests["IngestEvents"] == -(-first.sent // 2000)  # the fewest requests
+    assert set(counted) == set(sent) == {u.dedupe_key for u in plan.uploads} - held
+    values = {u.dedupe_key: u.value for u in plan.uploads}
+    for key, (events, conversions, value) in counted.items():
+        assert events == 1 and conversions <= 1 and sent[key] == pytest.approx(values[key])
+        if conversions:  # Google's count, at the value the ledger says was sent
+            assert value == pytest.approx(sent[key])
+    assert sum(c for _, c, _ in counted.values()) > 0.5 * len(counted)
+    # the rerun plans the same events and finds them in the ledger: it sends only the held
+    # ones whose time has come, and reads back what Google did with the first requests
+    due = {key for key, until, _ in plan.holds if until <= later}
+    assert (second.sent, second.planned_new, second.resent) == (len(due), 0, 0)
+    assert second.requests["IngestEvents"] == (1 if due else 0)
+    assert second.requests["RetrieveRequestStatus"] == first.requests["IngestEvents"]
+    assert set(_transactions(running)) == set(counted) | due
+    # Google said what it did with each request: here, every request partly failed (people
+    # known by their email only, who never clicked a Google ad: CLICK_NOT_FOUND)
+    assert {s["state"] for s in second.statuses} == {"done"}
+    reasons = {r["reason"] for r in ledger if r["status"] == "sent"} - {""}
+    assert reasons and all("CLICK_NOT_FOUND" in reason for reason in reasons)
+    unread = sum(r["uploads"] for r in ledger if r["status"] == "sent" and not r["reason"])
+    assert unread == len(due)  # sent by the rerun: Google has not been asked about them yet
+    with Store.open(valued.store_url()) as store:
+        pending = store.requests_to_check(valued.client.name, Platform.GOOGLE_ADS,
+                                          later + dt.timedelta(days=1))
+    assert len(pending) == second.requests["IngestEvents"]  # only the rerun's own request

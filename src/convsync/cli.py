@@ -19,6 +19,7 @@ from typing import Annotated, Any
 from zoneinfo import ZoneInfo
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
@@ -133,7 +134,7 @@ def sandbox_serve(
              "broken_checkout.")] = None,
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
     port_base: Annotated[int, typer.Option(
-        help="First of six consecutive ports (0: any free ports).")] = 0,
+        help="First of seven consecutive ports (0: any free ports).")] = 0,
     state_dir: Annotated[Path, typer.Option(help="Where the TLS certificate is kept.")] = Path(
         "var/sandbox"),
     as_json: JsonFlag = False,
@@ -150,7 +151,7 @@ def sandbox_serve(
     try:
         spec = WorldSpec(seed=seed, start=last - dt.timedelta(days=n_days - 1), days=n_days,
                          campaigns=campaigns or default_campaigns,
-                         faults=frozenset(fault or ()),
+                         faults=frozenset(fault or ()), micro_upload_action=True,
                          as_of=dt.datetime.now(dt.UTC) if end is None else None)
     except ValueError as error:
         raise typer.BadParameter(str(error)) from None
@@ -432,6 +433,93 @@ def values_command(
             if line:
                 out.print(line, highlight=False)
         out.print(notes.grid(), highlight=False)
+
+    _emit(summary, as_json, human)
+
+
+@app.command("push")
+def push_command(
+    config: ConfigOption,
+    destination: Annotated[str, typer.Option(
+        help="Where to push: google_ads (the Data Manager API).")] = "google_ads",
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Print the plan (per action: events, total value, refusals by "
+                          "reason, a sample) and ask Google to validate it; nothing is sent "
+                          "and the ledger is unchanged.")] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Send the upload values and CRM outcomes to Google Ads, exactly once.
+
+    From the stored journeys, the upload values `convsync values` stored and the CRM
+    outcomes: each event gets its ledger row (with a deterministic transaction id) before it
+    is sent; events Google would refuse are counted by reason, events whose click is under 6
+    hours old are held for a later run; a run killed half-way is finished by the next one,
+    which resends only what may not have arrived, under the same ids. Then asks Google what
+    it did with earlier requests. Exit code 3 when some events were rejected."""
+    from convsync import push
+    from convsync.store import Store
+
+    if destination != "google_ads":
+        raise typer.BadParameter("only google_ads is pushed so far", param_hint="--destination")
+    client, secrets = _load(config)
+    with Store.open(client.store_url()) as store:
+        result = push.push_google_ads(client, secrets, store, dry_run=dry_run)
+    summary = {"client": client.client.name, **result.summary()}
+
+    def human() -> None:
+        title = "Push plan (dry run: nothing sent)" if dry_run else "Push"
+        table = Table(title=f"{title}, {client.client.name}, Google Ads", box=box.SIMPLE_HEAD)
+        for column in ("conversion", "action", "events", "value", "held", "refused"):
+            table.add_column(column, justify="left" if column in ("conversion", "action",
+                                                                   "refused") else "right")
+        for action in result.plan.actions.values():
+            refused = "; ".join(f"{why}: {n:,}" for why, n in action.refused.most_common())
+            table.add_row(action.conversion, f"{action.action_id} {action.action_name}",
+                          f"{action.events:,}", f"{action.value:,.2f}", f"{action.held:,}",
+                          refused or "-")
+        out.print(table)
+        if not dry_run:
+            out.print(f"sent {result.sent:,} ({result.resent:,} resent), new in the ledger "
+                      f"{result.planned_new:,}, restated {result.restated:,}, held "
+                      f"{result.held:,}; requests: {dict(result.requests) or 'none'}",
+                      highlight=False)
+        for problem in [*result.plan.problems, *result.errors]:
+            console.print(f"[yellow]problem[/yellow] {problem}", highlight=False)
+
+    _emit(summary, as_json, human)
+    if result.errors or result.plan.problems or result.failed:
+        raise typer.Exit(Exit.PARTIAL)
+
+
+@app.command("uploads")
+def uploads_command(config: ConfigOption, as_json: JsonFlag = False) -> None:
+    """The upload ledger: per conversion action and day, how many uploads are planned,
+    held, sent, accepted or rejected (with the reason), their value and resends; and each
+    request with what Google said it did."""
+    from convsync.model import Platform
+    from convsync.store import Store
+
+    client, _ = _load(config)
+    with Store.open(client.store_url()) as store:
+        rows = store.ledger(client.client.name, Platform.GOOGLE_ADS)
+        requests = store.upload_request_rows(client.client.name, Platform.GOOGLE_ADS)
+    summary = {"client": client.client.name, "google_ads": rows, "requests": requests}
+
+    def human() -> None:
+        if not rows:
+            out.print("the ledger is empty: run `convsync push` first")
+            return
+        table = Table(title=f"Uploads to Google Ads, {client.client.name}", box=box.SIMPLE_HEAD)
+        for column in ("action", "day", "status", "uploads", "value", "resent", "reason"):
+            table.add_column(column)
+        for r in rows:
+            table.add_row(f"{r['conversion_action']} {r['conversion']}", r["day"], r["status"],
+                          f"{r['uploads']:,}", f"{r['value']:,.2f}", f"{r['resends']:,}",
+                          r["reason"] or "")
+        out.print(table)
+        for r in requests:
+            out.print(f"request {r['request_id']}: {r['status']}, {r['events']} events, "
+                      f"sent {r['sent_at']:%Y-%m-%d %H:%M} UTC", highlight=False)
 
     _emit(summary, as_json, human)
 

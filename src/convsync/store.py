@@ -1277,7 +1277,8 @@ class Store:
         with self._writing() as conn:
             conn.execute(table.update().where(
                 table.c.destination == where, table.c.dedupe_key == sa.bindparam("b_key"),
-                table.c.status.in_([UploadStatus.PLANNED.value, UploadStatus.HELD.value]))
+                sa.or_(table.c.status == UploadStatus.PLANNED.value,
+                       table.c.status == UploadStatus.HELD.value))
                 .values(status=UploadStatus.HELD.value, hold_until=sa.bindparam(
                     "b_until", type_=UtcDateTime), reason=sa.bindparam("b_reason"),
                     updated_at=self._clock()), params)

@@ -1,0 +1,184 @@
+"""What `convsync push` does for one client: plan, write the ledger, send, read back.
+
+Exactly once: every upload has its ledger row (with the platform's dedupe key) before it is
+sent. Rows are claimed (planned -> sending) in one transaction before a request goes out,
+marked sent with the request's id once the platform took it, and released (planned again, or
+failed with the platform's reason) when it did not. A run killed between claim and record
+leaves rows "sending": the next run sends them again under the same keys (the platform
+deduplicates them) and counts them as resends. The whole push holds the client's lock, so two
+overlapping runs never send the same rows.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from convsync import planning
+from convsync.locks import client_lock
+from convsync.model import Platform, Upload, UploadStatus
+from convsync.settings import ClientConfig, Secrets
+from convsync.sinks import SinkError
+from convsync.sinks.google_ads import MAX_DESTINATIONS, MAX_EVENTS, DataManagerSink, connect
+from convsync.store import Store
+
+log = logging.getLogger(__name__)
+
+STATUS_BACKOFF = (dt.timedelta(minutes=30), dt.timedelta(hours=2), dt.timedelta(hours=8),
+                  dt.timedelta(days=1))
+"""When to look again at a request still processing: after each of these, then daily."""
+STATUS_KEPT = dt.timedelta(days=50)
+"""Google keeps a request's status about this long."""
+
+
+@dataclass
+class PushResult:
+    """What one push did for one destination."""
+
+    destination: Platform
+    dry_run: bool
+    plan: planning.Plan
+    planned_new: int = 0
+    restated: int = 0
+    sent: int = 0
+    resent: int = 0
+    held: int = 0
+    failed: Counter[str] = field(default_factory=Counter)
+    requests: Counter[str] = field(default_factory=Counter)
+    statuses: list[dict[str, Any]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def rejected(self) -> dict[str, int]:
+        refused = Counter[str]()
+        for action in self.plan.actions.values():
+            refused.update(action.refused)
+        return dict((refused + self.failed).most_common())
+
+    def summary(self) -> dict[str, Any]:
+        return {"destination": self.destination.value, "dry_run": self.dry_run,
+                "planned_new": self.planned_new, "restated": self.restated, "sent": self.sent,
+                "resent": self.resent, "held": self.held, "rejected": self.rejected,
+                "requests": dict(self.requests), "statuses": self.statuses,
+                "errors": self.errors, **self.plan.summary()}
+
+
+def push_google_ads(config: ClientConfig, secrets: Secrets, store: Store, *,
+                    dry_run: bool = False, now: dt.datetime | None = None,
+                    sink: DataManagerSink | None = None,
+                    sleep: Callable[[float], None] | None = None) -> PushResult:
+    """Plan, ledger, send and read back the Google Ads uploads of one client."""
+    now = now or dt.datetime.now(dt.UTC)
+    section = config.google_ads
+    result = PushResult(Platform.GOOGLE_ADS, dry_run, planning.Plan())
+    if section is None or not section.enabled:
+        result.errors.append("Google Ads is not configured or not enabled for this client")
+        return result
+    if sink is None:
+        sink = DataManagerSink(connect(section, secrets), section,
+                               on_request=lambda method: result.requests.update([method]),
+                               sleep=sleep or time.sleep)
+    with client_lock(store, config.client.name, "push"):
+        result.plan = planning.plan_google_ads(config, store, now, problems=sink.problems)
+        if dry_run:
+            _validate_only(sink, result)
+            return result
+        result.planned_new = store.plan_uploads(result.plan.uploads, client=config.client.name)
+        result.restated = store.restate_uploads(Platform.GOOGLE_ADS, result.plan.values,
+                                                threshold=section.restate_threshold)
+        store.hold_uploads(Platform.GOOGLE_ADS, result.plan.holds)
+        _send(store, sink, config.client.name, now, result)
+        _read_back(store, sink, config.client.name, now, result)
+    result.held = sum(1 for _ in result.plan.holds)
+    return result
+
+
+def _validate_only(sink: DataManagerSink, result: PushResult) -> None:
+    """Ask Google to validate the plan's requests; nothing is kept, the ledger untouched."""
+    for batch in planning.batches(result.plan.uploads, MAX_EVENTS, MAX_DESTINATIONS):
+        try:
+            sink.send(batch, validate_only=True)
+        except SinkError as error:
+            result.errors.append(_said(error))
+            return
+
+
+def _send(store: Store, sink: DataManagerSink, client: str, now: dt.datetime,
+          result: PushResult) -> None:
+    while claimed := store.claim_uploads(client, Platform.GOOGLE_ADS, limit=MAX_EVENTS, now=now):
+        uploads = [upload for upload, _ in claimed]
+        resent = {upload.dedupe_key for upload, again in claimed if again}
+        for batch in planning.batches(uploads, MAX_EVENTS, MAX_DESTINATIONS):
+            if not _send_batch(store, sink, client, now, batch, resent, result):
+                return
+
+
+def _send_batch(store: Store, sink: DataManagerSink, client: str, now: dt.datetime,
+                batch: list[Upload], resent: set[str], result: PushResult) -> bool:
+    """Send one request; False when the run must stop sending (the rest stays for later)."""
+    keys = [u.dedupe_key for u in batch]
+    try:
+        request_id = sink.send(batch)
+    except SinkError as error:
+        result.errors.append(_said(error))
+        if error.maybe_sent:
+            return False  # left "sending": the next run resends them under the same keys
+        if error.retryable:
+            store.release_uploads(Platform.GOOGLE_ADS, keys, UploadStatus.PLANNED, error.reason)
+            return False
+        store.release_uploads(Platform.GOOGLE_ADS, keys, UploadStatus.FAILED,
+                              error.reason or str(error))
+        result.failed[error.reason or "rejected"] += len(keys)
+        return True
+    store.record_sent(client, Platform.GOOGLE_ADS, keys, resent & set(keys), request_id, now)
+    result.sent += len(keys)
+    result.resent += len(resent & set(keys))
+    return True
+
+
+def _read_back(store: Store, sink: DataManagerSink, client: str, now: dt.datetime,
+               result: PushResult) -> None:
+    """Ask Google what it did with the requests whose outcome is still unknown."""
+    for request_id in store.requests_to_check(client, Platform.GOOGLE_ADS, now):
+        try:
+            status = sink.status(request_id)
+        except SinkError as error:
+            result.errors.append(_said(error))
+            return
+        detail = {"destinations": [
+            {"account_id": d.account_id, "conversion_action": d.conversion_action,
+             "status": d.status, "record_count": d.record_count, "errors": d.errors}
+            for d in status.destinations]}
+        outcomes = {d.conversion_action: _outcome(d.status, d.errors)
+                    for d in status.destinations
+                    if d.status in ("success", "failed", "partial_success")}
+        final = status.state in ("done", "too_old", "not_found")
+        store.record_request_status(request_id, status.state if final else "processing",
+                                    detail, now, None if final else _next_check(now),
+                                    outcomes)
+        result.statuses.append({"request_id": request_id, "state": status.state, **detail})
+
+
+def _outcome(status: str, errors: dict[str, int]) -> tuple[UploadStatus, str]:
+    """What a destination's final status says of the uploads it carried. Google never says
+    which events of a partly failed request failed: they stay "sent", with the counts."""
+    reasons = ", ".join(f"{name} {count:,}" for name, count in errors.items())
+    if status == "success":
+        return UploadStatus.ACCEPTED, ""
+    if status == "partial_success":
+        return UploadStatus.SENT, (f"request partly failed: {reasons} (Google does not say "
+                                   "which events)")
+    return UploadStatus.REJECTED, reasons or "failed"
+
+
+def _next_check(now: dt.datetime) -> dt.datetime:
+    return now + STATUS_BACKOFF[0]
+
+
+def _said(error: SinkError) -> str:
+    return f"{error}" + (f" (fix: {error.fix})" if error.fix else "")
