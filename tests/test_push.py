@@ -3,6 +3,14 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +28,7 @@ from convsync.store import Store, uploads
 TODAY = dt.date(2026, 10, 31)
 NOW = dt.datetime(2026, 11, 1, 4, tzinfo=dt.UTC)
 LADDER = ("product_view", "add_to_cart", "begin_checkout")
+CONVSYNC = Path(sys.executable).with_name("convsync")
 
 
 @pytest.fixture(scope="module")
@@ -145,3 +154,88 @@ def test_a_push_sends_each_eligible_event_once_and_a_rerun_sends_nothing(
         pending = store.requests_to_check(valued.client.name, Platform.GOOGLE_ADS,
                                           later + dt.timedelta(days=1))
     assert len(pending) == second.requests["IngestEvents"]  # only the rerun's own request
+
+
+def _copy_client(config: ClientConfig, folder: Path) -> Path:
+    """The client's config and store copied into ``folder``: a push there starts from the
+    values and journeys of the fixture, with an empty ledger."""
+    assert config.path is not None
+    folder.mkdir(parents=True, exist_ok=True)
+    source = Path(config.store_url().removeprefix("sqlite:///"))
+    shutil.copy(source, folder / "client.db")
+    text = config.path.read_text()
+    text = re.sub(r'store_url = ".*"', 'store_url = "sqlite:///client.db"', text)
+    for name in ("client.secrets.env",):
+        shutil.copy(config.path.with_name(name), folder / name)
+    path = folder / "client.toml"
+    path.write_text(text.replace(config.path.stem + ".secrets.env", "client.secrets.env"))
+    return path
+
+
+def _counts_by_key(running: server.RunningSandbox) -> dict[str, tuple[int, int]]:
+    assert running.datamanager is not None
+    return {key: (c.events, c.conversions)
+            for (_, key), c in running.datamanager.transactions().items()}
+
+
+def test_a_push_killed_anywhere_and_rerun_counts_each_event_once(
+        valued: ClientConfig, running: server.RunningSandbox, tmp_path: Path) -> None:
+    """SIGKILL at 20 random moments of a push, each time run again: in the end the sandbox
+    has every eligible event once at its ledger value, nothing lost, and the resends are
+    counted (a resend the sandbox saw twice is never a second conversion)."""
+    assert running.datamanager is not None
+    running.datamanager.reset()
+    running.datamanager.configure(processing_delay_minutes=0)
+    path = _copy_client(valued, tmp_path / "killed")
+    command = [str(CONVSYNC), "push", "--config", str(path), "--json"]
+    started = time.monotonic()
+    clean = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                           cwd=tmp_path)  # a whole push into another copy: how long one takes
+    took = time.monotonic() - started
+    assert clean.returncode in (0, 3), clean.stderr[-2000:]
+    plan = json.loads(clean.stdout)
+    expected = plan["sent"]
+    running.datamanager.reset()
+    running.datamanager.configure(processing_delay_minutes=0)
+    path = _copy_client(valued, tmp_path / "again")
+    rng = random.Random(11)
+    for _ in range(20):
+        process = subprocess.Popen([*command[:3], str(path)], stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL, cwd=tmp_path)
+        time.sleep(rng.uniform(0.0, took))
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    final = subprocess.run([*command[:3], str(path), "--json"], capture_output=True,
+                           text=True, timeout=300, cwd=tmp_path)
+    assert final.returncode in (0, 3), final.stderr[-2000:]
+    with Store.open(load_config(path).store_url()) as store:
+        sent = _ledger_sent(store)
+        with store.engine.connect() as conn:
+            resends = conn.execute(sa.select(sa.func.sum(uploads.c.resends))).scalar() or 0
+            left = conn.execute(sa.select(sa.func.count()).where(
+                uploads.c.status.in_(["planned", "sending"]))).scalar()
+    counted = _counts_by_key(running)
+    assert left == 0 and len(sent) == expected > 1000  # nothing lost, nothing left behind
+    assert set(counted) == set(sent)
+    assert all(conversions <= 1 for _, conversions in counted.values())
+    duplicates = sum(events - 1 for events, _ in counted.values())
+    assert duplicates <= resends  # every second copy the sandbox saw was counted a resend
+
+
+def test_two_overlapping_pushes_of_one_client_send_nothing_twice(
+        valued: ClientConfig, running: server.RunningSandbox, tmp_path: Path) -> None:
+    assert running.datamanager is not None
+    running.datamanager.reset()
+    path = _copy_client(valued, tmp_path / "overlap")
+    command = [str(CONVSYNC), "push", "--config", str(path), "--json"]
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, cwd=tmp_path)
+    time.sleep(1.0)  # the first holds the client's lock by now
+    second = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            cwd=tmp_path)
+    out, _ = first.communicate(timeout=300)
+    assert "another push of client 'Sandbox Outdoor' is running" in second.stderr
+    assert second.returncode == 0 and second.stdout == ""
+    sent = json.loads(out)["sent"]
+    counted = _counts_by_key(running)
+    assert len(counted) == sent > 1000 and {e for e, _ in counted.values()} == {1}

@@ -457,13 +457,18 @@ def push_command(
     which resends only what may not have arrived, under the same ids. Then asks Google what
     it did with earlier requests. Exit code 3 when some events were rejected."""
     from convsync import push
+    from convsync.locks import Busy
     from convsync.store import Store
 
     if destination != "google_ads":
         raise typer.BadParameter("only google_ads is pushed so far", param_hint="--destination")
     client, secrets = _load(config)
     with Store.open(client.store_url()) as store:
-        result = push.push_google_ads(client, secrets, store, dry_run=dry_run)
+        try:
+            result = push.push_google_ads(client, secrets, store, dry_run=dry_run)
+        except Busy as busy:
+            console.print(f"skipped: {busy}", highlight=False)
+            raise typer.Exit(Exit.OK) from None
     summary = {"client": client.client.name, **result.summary()}
 
     def human() -> None:

@@ -36,7 +36,7 @@ def client_lock(store: Store, client: str, job: str = "run", *,
     """Hold the lock of (``client``, ``job``) for the block. ``wait``: seconds to wait for
     it (None: as long as it takes; 0: not at all); raises ``Busy`` when it is not had."""
     if store.dialect == "postgresql":
-        with _advisory(store, _key(client, job), wait):
+        with _advisory(store, _key(client, job), wait, f"{job} of client {client!r}"):
             yield
         return
     path = _lock_path(store, client, job)
@@ -44,7 +44,8 @@ def client_lock(store: Store, client: str, job: str = "run", *,
     try:
         lock.acquire()
     except filelock.Timeout:
-        raise Busy(f"another {job} of client {client!r} is running (lock {path})") from None
+        raise Busy(f"another {job} of client {client!r} is running (lock file {path})"
+                   ) from None
     try:
         yield
     finally:
@@ -60,7 +61,7 @@ def _lock_path(store: Store, client: str, job: str) -> Path:
 
 
 @contextmanager
-def _advisory(store: Store, key: int, wait: float | None) -> Iterator[None]:
+def _advisory(store: Store, key: int, wait: float | None, what: str) -> Iterator[None]:
     with store.engine.connect() as conn:
         if wait is None:
             conn.execute(sa.select(sa.func.pg_advisory_lock(key)))
@@ -68,8 +69,7 @@ def _advisory(store: Store, key: int, wait: float | None) -> Iterator[None]:
             deadline = time.monotonic() + wait
             while not conn.execute(sa.select(sa.func.pg_try_advisory_lock(key))).scalar():
                 if time.monotonic() >= deadline:
-                    raise Busy("another run of this client is running (PostgreSQL advisory "
-                               f"lock {key})")
+                    raise Busy(f"another {what} is running (PostgreSQL advisory lock {key})")
                 time.sleep(0.2)
         conn.commit()
         try:
