@@ -111,10 +111,11 @@ def _ledger_sent(store: Store) -> dict[str, float]:
 
 
 def test_a_push_sends_each_eligible_event_once_and_a_rerun_sends_nothing(
-        valued: ClientConfig, running: server.RunningSandbox) -> None:
+        valued: ClientConfig, running: server.RunningSandbox, tmp_path: Path) -> None:
     assert running.datamanager is not None
     running.datamanager.reset()
     running.datamanager.configure(processing_delay_minutes=0)
+    valued = load_config(_copy_client(valued, tmp_path / "once"))
     secrets = load_secrets(valued)
     with Store.open(valued.store_url()) as store:
         plan = planning.plan_google_ads(valued, store, NOW)
