@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -240,3 +241,41 @@ def test_two_overlapping_pushes_of_one_client_send_nothing_twice(
     sent = json.loads(out)["sent"]
     counted = _counts_by_key(running)
     assert len(counted) == sent > 1000 and {e for e, _ in counted.values()} == {1}
+
+
+def _inject(running: server.RunningSandbox, kind: str, count: int = 1) -> None:
+    request = urllib.request.Request(
+        running.endpoints["control"] + "/faults", method="POST",
+        data=json.dumps({"platform": "datamanager", "kind": kind, "count": count}).encode(),
+        headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10):
+        pass
+
+
+def test_a_push_under_faults_still_counts_each_event_once_and_a_pull_sees_them(
+        valued: ClientConfig, running: server.RunningSandbox, tmp_path: Path) -> None:
+    """Outages and quota answers on one request in ten or so: retried, each event lands once;
+    then a pull of Google Ads finds the uploads in the upload action's stats."""
+    assert running.datamanager is not None
+    running.datamanager.reset()
+    running.datamanager.configure(processing_delay_minutes=0)
+    config = load_config(_copy_client(valued, tmp_path / "faults"))
+    for kind in ("server_error", "rate_limit"):
+        _inject(running, kind)
+    slept: list[float] = []
+    with Store.open(config.store_url()) as store:
+        result = push.push_google_ads(config, load_secrets(config), store, now=NOW,
+                                      sleep=slept.append)
+        sent = _ledger_sent(store)
+        pipeline.pull(config, load_secrets(config), store, platforms=[Platform.GOOGLE_ADS],
+                      since=TODAY - dt.timedelta(days=119), until=TODAY, today=TODAY,
+                      restart=True)  # the whole world: some clicks came before the journeys
+        stats = [s for s in store.stats(platform=Platform.GOOGLE_ADS)
+                 if s.platform_conversion == "convsync micro value (upload)"]
+    assert result.errors == [] and len(slept) == 2  # both faults retried
+    assert result.requests["IngestEvents"] == -(-result.sent // 2000) + 2
+    counted = _counts_by_key(running)
+    assert set(counted) == set(sent) and {e for e, _ in counted.values()} == {1}
+    accepted = sum(c for _, c in counted.values())
+    assert accepted > 0 and sum(s.count for s in stats if s.basis.value == "click_date") == (
+        pytest.approx(accepted))
