@@ -153,3 +153,23 @@ def test_sandbox_ca_replaces_a_system_roots_path(monkeypatch: pytest.MonkeyPatch
     other.write_text("x")
     with pytest.raises(ConfigError, match="already trusts"):
         settings.trust_ca_file(other)
+
+
+def test_upload_actions_name_conversions_and_action_ids(tmp_path: Path) -> None:
+    found = errors(variant(tmp_path, '# upload_actions = { add_to_cart = "7001", ',
+                           'upload_actions = { add_to_kart = "7001", '))
+    assert list(found) == ["google_ads.upload_actions"]
+    assert "'add_to_kart' is no conversion of this config" in found["google_ads.upload_actions"]
+    found = errors(variant(tmp_path, '# upload_actions = { add_to_cart = "7001", ',
+                           'upload_actions = { add_to_cart = "Add to cart", '))
+    assert "must be a conversion action id" in found["google_ads.upload_actions"]
+
+
+def test_a_conversion_defined_twice_names_its_key(tmp_path: Path) -> None:
+    path = tmp_path / "client.toml"
+    text = EXAMPLE.read_text()
+    first = text.index("[[conversions]]")
+    block = text[first:text.index("[[conversions]]", first + 1)]
+    path.write_text(text + "\n" + block)
+    found = errors(path)
+    assert list(found) == ["conversions"] and "is defined twice" in found["conversions"]

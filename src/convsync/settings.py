@@ -252,8 +252,18 @@ class ClientConfig(_Section):
         seen: set[str] = set()
         for entry in self.conversions:
             if entry.name in seen:
-                raise ValueError(f"conversion {entry.name!r} is defined twice")
+                raise ValueError(f"conversions: conversion {entry.name!r} is defined twice")
             seen.add(entry.name)
+        return self
+
+    @model_validator(mode="after")
+    def _known_upload_conversions(self) -> ClientConfig:
+        names = {entry.name for entry in self.conversions}
+        unknown = sorted(set(self.google_ads.upload_actions) - names) if self.google_ads else []
+        if unknown:
+            raise ValueError(f"google_ads.upload_actions: {', '.join(map(repr, unknown))} is "
+                             "no conversion of this config: use a conversions entry's name "
+                             f"({', '.join(sorted(names)) or 'none defined'})")
         return self
 
     def enabled_platforms(self) -> list[Platform]:
@@ -429,6 +439,9 @@ def _parse(path: Path) -> tuple[ClientConfig | None, list[Problem]]:
     return config, []
 
 
+_NAMED_KEY = re.compile(r"([a-z_]+(?:\.[a-z_]+)*): (.+)", re.DOTALL)
+
+
 def _problem(err: Any, raw: dict[str, Any]) -> Problem:
     loc = [str(part) for part in err["loc"]]
     key = ".".join(loc).replace(".[", "[")
@@ -438,6 +451,8 @@ def _problem(err: Any, raw: dict[str, Any]) -> Problem:
     if err["type"] == "missing":
         return Problem(key, "required key is missing: add it")
     message = str(err["msg"]).removeprefix("Value error, ")
+    if not key and (named := _NAMED_KEY.match(message)):  # a check across keys names its key
+        key, message = named.group(1), named.group(2)
     value = err.get("input")
     if not isinstance(value, dict | list) and value is not None and repr(value) not in message:
         message += f" (got {value!r})"
