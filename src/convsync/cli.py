@@ -11,6 +11,7 @@ import logging
 import signal
 import sys
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from enum import IntEnum
@@ -497,15 +498,27 @@ def push_command(
 
 
 @app.command("uploads")
-def uploads_command(config: ConfigOption, as_json: JsonFlag = False) -> None:
-    """The upload ledger: per conversion action and day, how many uploads are planned,
-    held, sent, accepted or rejected (with the reason), their value and resends; and each
-    request with what Google said it did."""
-    from convsync.model import Platform
+def uploads_command(
+    config: ConfigOption,
+    by_day: Annotated[bool, typer.Option(
+        "--by-day", help="One row per action, day of the event and status.")] = False,
+    refresh: Annotated[bool, typer.Option(
+        "--refresh", help="First ask Google now what it did with the requests still "
+                          "processing (push asks from 30 minutes after each send).")] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """The upload ledger: per conversion action, how many uploads are planned, held, sent,
+    accepted or rejected (with the reason), their value and resends; then what Google said
+    of the requests, its processing errors by reason and what to fix for each."""
+    from convsync import push
+    from convsync.sinks.google_ads import PROCESSING_FIXES
     from convsync.store import Store
 
-    client, _ = _load(config)
+    client, secrets = _load(config)
     with Store.open(client.store_url()) as store:
+        if refresh:
+            for error in push.refresh_google_ads(client, secrets, store).errors:
+                console.print(f"[yellow]problem[/yellow] {error}", highlight=False)
         rows = store.ledger(client.client.name, Platform.GOOGLE_ADS)
         requests = store.upload_request_rows(client.client.name, Platform.GOOGLE_ADS)
     summary = {"client": client.client.name, "google_ads": rows, "requests": requests}
@@ -515,18 +528,41 @@ def uploads_command(config: ConfigOption, as_json: JsonFlag = False) -> None:
             out.print("the ledger is empty: run `convsync push` first")
             return
         table = Table(title=f"Uploads to Google Ads, {client.client.name}", box=box.SIMPLE_HEAD)
-        for column in ("action", "day", "status", "uploads", "value", "resent", "reason"):
-            table.add_column(column)
-        for r in rows:
-            table.add_row(f"{r['conversion_action']} {r['conversion']}", r["day"], r["status"],
-                          f"{r['uploads']:,}", f"{r['value']:,.2f}", f"{r['resends']:,}",
-                          r["reason"] or "")
+        columns = ("action", *(("day",) if by_day else ()), "status", "uploads", "value",
+                   "resent", "reason")
+        for column in columns:
+            table.add_column(column, justify="right" if column in ("uploads", "value",
+                                                                   "resent") else "left")
+        for key, (count, value, resends) in _ledger_cells(rows, by_day).items():
+            action, day, status, reason = key
+            table.add_row(action, *((day,) if by_day else ()), status, f"{count:,}",
+                          f"{value:,.2f}", f"{resends:,}", reason)
         out.print(table)
+        states = Counter(r["status"] for r in requests)
+        errors: Counter[str] = Counter()
         for r in requests:
-            out.print(f"request {r['request_id']}: {r['status']}, {r['events']} events, "
-                      f"sent {r['sent_at']:%Y-%m-%d %H:%M} UTC", highlight=False)
+            for destination in r["detail"].get("destinations", []):
+                errors.update(destination.get("errors", {}))
+        out.print(f"Requests: {len(requests):,} ("
+                  + ", ".join(f"{n:,} {state}" for state, n in states.most_common()) + ")",
+                  highlight=False)
+        for reason, count in errors.most_common():
+            fix = PROCESSING_FIXES.get(reason, "see Google's Data Manager error reasons")
+            out.print(f"  {reason}: {count:,} events. {fix}", highlight=False)
 
     _emit(summary, as_json, human)
+
+
+def _ledger_cells(rows: list[dict[str, Any]], by_day: bool
+                  ) -> dict[tuple[str, str, str, str], tuple[int, float, int]]:
+    """The ledger's rows summed per action, status and reason (and day)."""
+    cells: dict[tuple[str, str, str, str], tuple[int, float, int]] = {}
+    for r in rows:
+        key = (f"{r['conversion_action']} {r['conversion']}", r["day"] if by_day else "",
+               r["status"], r["reason"] or "")
+        count, value, resends = cells.get(key, (0, 0.0, 0))
+        cells[key] = (count + r["uploads"], value + r["value"], resends + (r["resends"] or 0))
+    return cells
 
 
 SinceOption = Annotated[str | None, typer.Option(

@@ -98,6 +98,23 @@ def push_google_ads(config: ClientConfig, secrets: Secrets, store: Store, *,
     return result
 
 
+def refresh_google_ads(config: ClientConfig, secrets: Secrets, store: Store, *,
+                       now: dt.datetime | None = None) -> PushResult:
+    """Ask Google now what it did with every request still processing (a push asks only
+    from 30 minutes after each send, as Google advises)."""
+    now = now or dt.datetime.now(dt.UTC)
+    result = PushResult(Platform.GOOGLE_ADS, False, planning.Plan())
+    section = config.google_ads
+    if section is None or not section.enabled:
+        result.errors.append("Google Ads is not configured or not enabled for this client")
+        return result
+    sink = DataManagerSink(connect(section, secrets), section,
+                           on_request=lambda method: result.requests.update([method]))
+    with client_lock(store, config.client.name, "push"):
+        _read_back(store, sink, config.client.name, now, result, every=True)
+    return result
+
+
 def _validate_only(sink: DataManagerSink, result: PushResult) -> None:
     """Ask Google to validate the plan's requests; nothing is kept, the ledger untouched."""
     for batch in planning.batches(result.plan.uploads, MAX_EVENTS, MAX_DESTINATIONS):
@@ -142,9 +159,11 @@ def _send_batch(store: Store, sink: DataManagerSink, client: str, now: dt.dateti
 
 
 def _read_back(store: Store, sink: DataManagerSink, client: str, now: dt.datetime,
-               result: PushResult) -> None:
-    """Ask Google what it did with the requests whose outcome is still unknown."""
-    for request_id in store.requests_to_check(client, Platform.GOOGLE_ADS, now):
+               result: PushResult, *, every: bool = False) -> None:
+    """Ask Google what it did with the requests whose outcome is still unknown and that are
+    due a look (``every``: all of them)."""
+    due = now + STATUS_KEPT if every else now
+    for request_id in store.requests_to_check(client, Platform.GOOGLE_ADS, due):
         try:
             status = sink.status(request_id)
         except SinkError as error:
@@ -171,8 +190,8 @@ def _outcome(status: str, errors: dict[str, int]) -> tuple[UploadStatus, str]:
     if status == "success":
         return UploadStatus.ACCEPTED, ""
     if status == "partial_success":
-        return UploadStatus.SENT, (f"request partly failed: {reasons} (Google does not say "
-                                   "which events)")
+        return UploadStatus.SENT, ("in a request that partly failed (Google does not say which "
+                                   "events: the reasons are under the requests)")
     return UploadStatus.REJECTED, reasons or "failed"
 
 

@@ -593,8 +593,8 @@ class DataManager:
         if click is None:
             return R.PROCESSING_ERROR_REASON_CLICK_NOT_FOUND
         now = self.world.as_of_ts
-        if event.ts < click.ts:
-            return R.PROCESSING_ERROR_REASON_CONVERSION_PRECEDES_CLICK
+        if int(event.ts) < int(click.ts):  # Google keeps click times to the second, as
+            return R.PROCESSING_ERROR_REASON_CONVERSION_PRECEDES_CLICK  # platforms send them
         if (event.ts - click.ts > action.click_through_days * DAY
                 or now - event.ts > MAX_EVENT_AGE_DAYS * DAY):
             return R.PROCESSING_ERROR_REASON_EVENT_TOO_OLD

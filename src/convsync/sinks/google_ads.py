@@ -604,3 +604,27 @@ def _google_request_id(error: api.GoogleAPICallError) -> str:
         if name == "RequestInfo":
             return str(_get(detail, "requestId", "request_id") or "")
     return ""
+
+
+PROCESSING_FIXES: dict[str, str] = {
+    "CLICK_NOT_FOUND": "Google matched no click: an event known by its hashed email only is a "
+                       "person who never clicked this account's ads (or clicked with another "
+                       "email); a gclid from another account's ads never matches. Prefer events "
+                       "with a gclid, and check auto-tagging is on",
+    "EVENT_TOO_OLD": "the conversion came later after its click than the action's "
+                     "click-through window (at most 90 days): push more often, or widen the "
+                     "window in the action's settings",
+    "TOO_RECENT_CLICK": "the click was under 6 hours old: convsync holds such events; if they "
+                        "still fail, the event times are likely in the wrong time zone",
+    "CONVERSION_PRECEDES_CLICK": "the conversion's time is before its click: usually a time "
+                                 "zone error in the source's timestamps",
+    "INVALID_GCLID": "not a Google click id: check how the landing page captures gclid",
+    "DUPLICATE_TRANSACTION_ID": "one transaction id twice in a request: report it (convsync "
+                                "sends each once)",
+    "DUPLICATE_GCLID": "the same click and time twice without a transaction id",
+    "DENIED_CONSENT": "ad_user_data consent denied for the event: nothing to fix if that is "
+                      "the user's choice",
+    "NO_CONSENT": "the advertiser's consent is missing: set [google_ads] consent",
+}
+"""What to do about each processing error reason Google reports for a request, in Google Ads
+terms (`convsync uploads` prints them)."""
