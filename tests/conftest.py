@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import tempfile
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import ThreadingHTTPServer
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import sqlalchemy as sa
 
 from convsync.sandbox.control import Sandbox
 from convsync.sandbox.ga4 import Ga4Property, build_ga4_grpc_server, serve_ga4_rest
@@ -28,6 +30,35 @@ CERT, KEY = ensure_certificate(_CERT_DIR)
 os.environ["GRPC_DEFAULT_SSL_ROOTS_FILE_PATH"] = str(CERT)
 
 SPEC = WorldSpec(seed=11, start=dt.date(2026, 9, 1), days=45, campaigns=8)
+POSTGRES_URL = os.environ.get("CONVSYNC_TEST_POSTGRES_URL")
+
+
+@pytest.fixture(params=[
+    "sqlite",
+    pytest.param("postgresql", marks=[
+        pytest.mark.postgres,
+        pytest.mark.skipif(POSTGRES_URL is None, reason=(
+            "CONVSYNC_TEST_POSTGRES_URL is not set; start a server with "
+            "scripts/start_test_postgres and export the URL it prints")),
+    ]),
+])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A URL to an empty database: a new SQLite file, or a new PostgreSQL schema."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'nested' / 'dir' / 'convsync.db'}"
+        return
+    assert POSTGRES_URL is not None
+    schema = f"test_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(POSTGRES_URL)
+    with admin.begin() as conn:
+        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    scoped = sa.make_url(POSTGRES_URL).update_query_dict({"options": f"-csearch_path={schema}"})
+    try:
+        yield scoped.render_as_string(hide_password=False)
+    finally:
+        with admin.begin() as conn:
+            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
 
 
 @pytest.fixture(scope="session")

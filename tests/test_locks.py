@@ -3,43 +3,16 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
 import textwrap
 import time
-import uuid
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
 
 from convsync.locks import Busy, client_lock
 from convsync.store import Store
-
-POSTGRES_URL = os.environ.get("CONVSYNC_TEST_POSTGRES_URL")
-
-
-@pytest.fixture(params=[
-    "sqlite",
-    pytest.param("postgresql", marks=pytest.mark.skipif(
-        POSTGRES_URL is None, reason="CONVSYNC_TEST_POSTGRES_URL is not set")),
-])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'convsync.db'}"
-        return
-    assert POSTGRES_URL is not None
-    schema = f"test_{uuid.uuid4().hex[:12]}"
-    engine = sa.create_engine(POSTGRES_URL)
-    with engine.begin() as conn:
-        conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
-    yield f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
-    with engine.begin() as conn:
-        conn.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
-    engine.dispose()
 
 
 def test_a_second_run_of_a_client_is_refused_and_another_client_is_not(url: str) -> None:

@@ -9,14 +9,14 @@ import datetime as dt
 import json
 import os
 import sqlite3
-import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 from pydantic import ValidationError
+from sqlalchemy.engine import Connection
 
 from convsync import store as store_module
 from convsync.model import (
@@ -55,34 +55,6 @@ class Clock:
     def tick(self, **delta: float) -> dt.datetime:
         self.now += dt.timedelta(**delta)
         return self.now
-
-
-@pytest.fixture(params=[
-    "sqlite",
-    pytest.param("postgresql", marks=[
-        pytest.mark.postgres,
-        pytest.mark.skipif(POSTGRES_URL is None, reason=(
-            "CONVSYNC_TEST_POSTGRES_URL is not set; start a server with "
-            "scripts/start_test_postgres and export the URL it prints")),
-    ]),
-])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A URL to an empty database: a new SQLite file, or a new PostgreSQL schema."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'nested' / 'dir' / 'convsync.db'}"
-        return
-    assert POSTGRES_URL is not None
-    schema = f"test_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(POSTGRES_URL)
-    with admin.begin() as conn:
-        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-    scoped = sa.make_url(POSTGRES_URL).update_query_dict({"options": f"-csearch_path={schema}"})
-    try:
-        yield scoped.render_as_string(hide_password=False)
-    finally:
-        with admin.begin() as conn:
-            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
 
 
 @pytest.fixture
@@ -418,22 +390,27 @@ def test_version_1_journey_events_move_to_the_time_ordered_key(url: str, clock: 
         assert store.count_rows("journey_events") == 3
 
 
-def version_2_store(url: str, stats: list[ConversionStat]) -> None:
-    """A database as schema version 2 left it, holding ``stats`` (no source, medium or key
-    events then)."""
+def store_at_version(url: str, version: int, fill: Callable[[Connection], None]) -> None:
+    """A database as schema ``version`` left it, filled by ``fill``."""
     if path := sqlite_path(url):
         path.parent.mkdir(parents=True)
     engine = sa.create_engine(url)
     with engine.begin() as conn:
         store_module.schema_version.create(conn)
-        for version, migrate in enumerate(store_module.MIGRATIONS[:2], start=1):
+        for number, migrate in enumerate(store_module.MIGRATIONS[:version], start=1):
             migrate(conn)
-            conn.execute(store_module.schema_version.insert().values(version=version,
+            conn.execute(store_module.schema_version.insert().values(version=number,
                                                                      applied_at=T0))
-        conn.execute(store_module._daily_stats_v1().insert(), [
-            {**s.model_dump(exclude={"window", "source", "medium", "key_events"}),
-             "attribution_window": s.window, "updated_at": T0} for s in stats])
+        fill(conn)
     engine.dispose()
+
+
+def version_2_store(url: str, stats: list[ConversionStat]) -> None:
+    """A database as schema version 2 left it, holding ``stats`` (no source, medium or key
+    events then)."""
+    store_at_version(url, 2, lambda conn: conn.execute(store_module._daily_stats_v1().insert(), [
+        {**s.model_dump(exclude={"window", "source", "medium", "key_events"}),
+         "attribution_window": s.window, "updated_at": T0} for s in stats]))
 
 
 def test_version_3_uploads_move_to_the_ledger_of_the_push_side(url: str,
@@ -441,20 +418,10 @@ def test_version_3_uploads_move_to_the_ledger_of_the_push_side(url: str,
     """A store at schema version 3 keeps its upload rows through migration 4 (client '',
     nothing sent yet), and gains the request and send tables, in the shapes the code
     defines."""
-    if path := sqlite_path(url):
-        path.parent.mkdir(parents=True)
-    engine = sa.create_engine(url)
-    with engine.begin() as conn:
-        store_module.schema_version.create(conn)
-        for version, migrate in enumerate(store_module.MIGRATIONS[:3], start=1):
-            migrate(conn)
-            conn.execute(store_module.schema_version.insert().values(version=version,
-                                                                     applied_at=T0))
-        conn.execute(store_module._uploads_v1().insert(), [{
-            "destination": "meta", "conversion_action": "purchase", "dedupe_key": "k1",
-            "value": 12.5, "currency": "USD", "time": T0, "status": "planned",
-            "response": "", "attempts": 0, "created_at": T0, "updated_at": T0}])
-    engine.dispose()
+    store_at_version(url, 3, lambda conn: conn.execute(store_module._uploads_v1().insert(), [{
+        "destination": "meta", "conversion_action": "purchase", "dedupe_key": "k1",
+        "value": 12.5, "currency": "USD", "time": T0, "status": "planned", "response": "",
+        "attempts": 0, "created_at": T0, "updated_at": T0}]))
     with Store.open(url, clock=clock) as store:
         assert store.applied_migrations == (4,)
         kept = store.get_upload(Platform.META, "k1")
