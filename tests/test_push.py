@@ -241,7 +241,11 @@ def test_two_overlapping_pushes_of_one_client_send_nothing_twice(
     out, _ = first.communicate(timeout=300)
     assert "another push of client 'Sandbox Outdoor' is running" in second.stderr
     assert second.returncode == 0 and second.stdout == ""
-    sent = json.loads(out)["sent"]
+    summary = json.loads(out)
+    sent = summary["sent"]
+    per_action = {a["conversion"]: a for a in summary["actions"]}
+    assert sum(a["sent"] for a in per_action.values()) == sent
+    assert all({"sent", "held", "rejected", "resent"} <= set(a) for a in per_action.values())
     counted = _counts_by_key(running)
     assert len(counted) == sent > 1000 and {e for e, _ in counted.values()} == {1}
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,6 +52,9 @@ class PushResult:
     requests: Counter[str] = field(default_factory=Counter)
     statuses: list[dict[str, Any]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    by_action: defaultdict[str, Counter[str]] = field(
+        default_factory=lambda: defaultdict(Counter))
+    """Per conversion: sent, resent and rejected (by Google, whole requests) this run."""
 
     @property
     def rejected(self) -> dict[str, int]:
@@ -61,11 +64,16 @@ class PushResult:
         return dict((refused + self.failed).most_common())
 
     def summary(self) -> dict[str, Any]:
+        actions = []
+        for action in self.plan.actions.values():
+            done = self.by_action[action.conversion]
+            actions.append({**action.summary(), "sent": done["sent"], "resent": done["resent"],
+                            "rejected": sum(action.refused.values()) + done["rejected"]})
         return {"destination": self.destination.value, "dry_run": self.dry_run,
                 "planned_new": self.planned_new, "restated": self.restated, "sent": self.sent,
                 "resent": self.resent, "held": self.held, "rejected": self.rejected,
                 "requests": dict(self.requests), "statuses": self.statuses,
-                "errors": self.errors, **self.plan.summary()}
+                "errors": self.errors, "actions": actions, "problems": self.plan.problems}
 
 
 def push_google_ads(config: ClientConfig, secrets: Secrets, store: Store, *,
@@ -151,10 +159,15 @@ def _send_batch(store: Store, sink: DataManagerSink, client: str, now: dt.dateti
         store.release_uploads(Platform.GOOGLE_ADS, keys, UploadStatus.FAILED,
                               error.reason or str(error))
         result.failed[error.reason or "rejected"] += len(keys)
+        for upload in batch:
+            result.by_action[upload.conversion]["rejected"] += 1
         return True
     store.record_sent(client, Platform.GOOGLE_ADS, keys, resent & set(keys), request_id, now)
     result.sent += len(keys)
     result.resent += len(resent & set(keys))
+    for upload in batch:
+        result.by_action[upload.conversion]["sent"] += 1
+        result.by_action[upload.conversion]["resent"] += upload.dedupe_key in resent
     return True
 
 
