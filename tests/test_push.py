@@ -289,3 +289,24 @@ def test_a_push_under_faults_still_counts_each_event_once_and_a_pull_sees_them(
     matched = sum(1 for c in running.datamanager.transactions().values() if not c.errors)
     assert matched > 1000 and sum(s.count for s in stats if s.basis.value == "click_date") == (
         pytest.approx(matched))
+
+
+def test_a_dry_run_asks_google_to_validate_and_leaves_the_ledger_alone(
+        valued: ClientConfig, running: server.RunningSandbox, tmp_path: Path) -> None:
+    assert running.datamanager is not None
+    running.datamanager.reset()
+    config = load_config(_copy_client(valued, tmp_path / "dry"))
+    secrets = load_secrets(config)
+    with Store.open(config.store_url()) as store:
+        dry = push.push_google_ads(config, secrets, store, dry_run=True, now=NOW)
+        assert store.count_rows("uploads") == 0
+        assert running.datamanager.transactions() == {}  # validated, nothing kept
+        validated = dry.requests["IngestEvents"]
+        push.push_google_ads(config, secrets, store, now=NOW, sleep=lambda s: None)
+        again = push.push_google_ads(config, secrets, store, dry_run=True, now=NOW)
+    assert validated == -(-len(dry.plan.uploads) // 2000) and dry.errors == []
+    first = {a["conversion"]: a for a in dry.summary()["actions"]}
+    later = {a["conversion"]: a for a in again.summary()["actions"]}
+    for step in LADDER:
+        assert first[step]["in_ledger"] == 0 and first[step]["sent"] == 0
+        assert later[step]["in_ledger"] == later[step]["events"] > 0

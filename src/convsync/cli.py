@@ -474,16 +474,23 @@ def push_command(
 
     def human() -> None:
         title = "Push plan (dry run: nothing sent)" if dry_run else "Push"
-        table = Table(title=f"{title}, {client.client.name}, Google Ads", box=box.SIMPLE_HEAD)
-        for column in ("conversion", "action", "events", "value", "held", "refused"):
-            table.add_column(column, justify="left" if column in ("conversion", "action",
-                                                                   "refused") else "right")
+        table = Table(title=f"{title}, {client.client.name}, Google Ads ({client.client.currency})",
+                      box=box.SIMPLE_HEAD)
+        columns = ("conversion", "action", "events", *(("new",) if dry_run else ()), "value",
+                   "held", "refused")
+        for column in columns:
+            table.add_column(column, justify="left" if column in ("conversion", "action")
+                             else "right")
         for action in result.plan.actions.values():
-            refused = "; ".join(f"{why}: {n:,}" for why, n in action.refused.most_common())
+            new = action.events - result.by_action[action.conversion]["in_ledger"]
             table.add_row(action.conversion, f"{action.action_id} {action.action_name}",
-                          f"{action.events:,}", f"{action.value:,.2f}", f"{action.held:,}",
-                          refused or "-")
+                          f"{action.events:,}", *((f"{new:,}",) if dry_run else ()),
+                          f"{action.value:,.2f}", f"{action.held:,}",
+                          f"{sum(action.refused.values()):,}")
         out.print(table)
+        for action in result.plan.actions.values():
+            for why, count in action.refused.most_common():
+                out.print(f"  {action.conversion}: {count:,} refused, {why}", highlight=False)
         if not dry_run:
             out.print(f"sent {result.sent:,} ({result.resent:,} resent), new in the ledger "
                       f"{result.planned_new:,}, restated {result.restated:,}, held "

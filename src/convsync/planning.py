@@ -192,7 +192,7 @@ def _refusal(config: ClientConfig, action: PlatformConversion, event: JourneyEve
         return "conversion before its click"
     if event.time - click_time > dt.timedelta(days=window) or (
             now - event.time > dt.timedelta(days=MAX_WINDOW_DAYS)):
-        return f"outside the action's {window}-day click-through window (Google: EVENT_TOO_OLD)"
+        return f"past the action's {window}-day click-through window (EVENT_TOO_OLD)"
     return ""
 
 

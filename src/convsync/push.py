@@ -67,8 +67,12 @@ class PushResult:
         actions = []
         for action in self.plan.actions.values():
             done = self.by_action[action.conversion]
-            actions.append({**action.summary(), "sent": done["sent"], "resent": done["resent"],
-                            "rejected": sum(action.refused.values()) + done["rejected"]})
+            row: dict[str, object] = {
+                **action.summary(), "sent": done["sent"], "resent": done["resent"],
+                "rejected": sum(action.refused.values()) + done["rejected"]}
+            if self.dry_run:
+                row["in_ledger"] = done["in_ledger"]
+            actions.append(row)
         return {"destination": self.destination.value, "dry_run": self.dry_run,
                 "planned_new": self.planned_new, "restated": self.restated, "sent": self.sent,
                 "resent": self.resent, "held": self.held, "rejected": self.rejected,
@@ -94,6 +98,10 @@ def push_google_ads(config: ClientConfig, secrets: Secrets, store: Store, *,
     with client_lock(store, config.client.name, "push"):
         result.plan = planning.plan_google_ads(config, store, now, problems=sink.problems)
         if dry_run:
+            known = store.known_upload_keys(config.client.name, Platform.GOOGLE_ADS,
+                                            (u.dedupe_key for u in result.plan.uploads))
+            for upload in result.plan.uploads:
+                result.by_action[upload.conversion]["in_ledger"] += upload.dedupe_key in known
             _validate_only(sink, result)
             return result
         result.planned_new = store.plan_uploads(result.plan.uploads, client=config.client.name)

@@ -1329,6 +1329,17 @@ class Store:
                 events=len(rows), status="processing", detail={}, checks=0,
                 next_check_at=now + dt.timedelta(minutes=30)))
 
+    def known_upload_keys(self, client: str, destination: Platform | str,
+                          keys: Iterable[str]) -> set[str]:
+        """Which of ``keys`` the ledger already holds."""
+        table, known = uploads, set[str]()
+        with self._engine.connect() as conn:
+            for chunk in _chunks(keys, DEFAULT_BATCH_SIZE):
+                known.update(conn.execute(sa.select(table.c.dedupe_key).where(
+                    table.c.client == client, table.c.destination == Platform(destination).value,
+                    table.c.dedupe_key.in_(chunk))).scalars())
+        return known
+
     def release_uploads(self, destination: Platform | str, keys: Sequence[str],
                         status: UploadStatus, reason: str) -> None:
         """Uploads claimed but not sent: back to planned (a later run sends them) or failed
