@@ -22,7 +22,7 @@ from typing import Any
 from convsync import planning
 from convsync.locks import client_lock
 from convsync.model import Platform, Upload, UploadStatus
-from convsync.settings import ClientConfig, Secrets
+from convsync.settings import ClientConfig, GoogleAdsSection, Secrets
 from convsync.sinks import SinkError
 from convsync.sinks.google_ads import MAX_DESTINATIONS, MAX_EVENTS, DataManagerSink, connect
 from convsync.store import Store
@@ -91,10 +91,7 @@ def push_google_ads(config: ClientConfig, secrets: Secrets, store: Store, *,
     if section is None or not section.enabled:
         result.errors.append("Google Ads is not configured or not enabled for this client")
         return result
-    if sink is None:
-        sink = DataManagerSink(connect(section, secrets), section,
-                               on_request=lambda method: result.requests.update([method]),
-                               sleep=sleep or time.sleep)
+    sink = sink or _sink(section, secrets, result, sleep)
     with client_lock(store, config.client.name, "push"):
         result.plan = planning.plan_google_ads(config, store, now, problems=sink.problems)
         if dry_run:
@@ -124,11 +121,18 @@ def refresh_google_ads(config: ClientConfig, secrets: Secrets, store: Store, *,
     if section is None or not section.enabled:
         result.errors.append("Google Ads is not configured or not enabled for this client")
         return result
-    sink = DataManagerSink(connect(section, secrets), section,
-                           on_request=lambda method: result.requests.update([method]))
+    sink = _sink(section, secrets, result, None)
     with client_lock(store, config.client.name, "push"):
         _read_back(store, sink, config.client.name, now, result, every=True)
     return result
+
+
+def _sink(section: GoogleAdsSection, secrets: Secrets, result: PushResult,
+          sleep: Callable[[float], None] | None) -> DataManagerSink:
+    """The Data Manager sink, its API calls counted in ``result``."""
+    return DataManagerSink(connect(section, secrets), section,
+                           on_request=lambda method: result.requests.update([method]),
+                           sleep=sleep or time.sleep)
 
 
 def _validate_only(sink: DataManagerSink, result: PushResult) -> None:
