@@ -21,6 +21,7 @@ import sqlalchemy as sa
 
 from convsync import pipeline, planning, push
 from convsync.model import Platform
+from convsync.reconcile import load_audit
 from convsync.sandbox import server
 from convsync.sandbox.world import MICRO_UPLOAD_ACTION_ID, World, WorldSpec
 from convsync.settings import ClientConfig, load_config, load_secrets
@@ -279,6 +280,7 @@ def test_a_push_under_faults_still_counts_each_event_once_and_a_pull_sees_them(
                       restart=True)  # the whole world: some clicks came before the journeys
         stats = [s for s in store.stats(platform=Platform.GOOGLE_ADS)
                  if s.platform_conversion == "convsync micro value (upload)"]
+        audited = load_audit(config, store)
     assert result.errors == [] and len(slept) == 2  # both faults retried
     assert result.requests["IngestEvents"] == -(-result.sent // 2000) + 2
     counted = _counts_by_key(running)
@@ -289,6 +291,11 @@ def test_a_push_under_faults_still_counts_each_event_once_and_a_pull_sees_them(
     matched = sum(1 for c in running.datamanager.transactions().values() if not c.errors)
     assert matched > 1000 and sum(s.count for s in stats if s.basis.value == "click_date") == (
         pytest.approx(matched))
+    # the audit sees the ledger's uploads and the conversions they made: nothing missing
+    micro = next(r for r in audited.actions if r.name == "convsync micro value (upload)")
+    assert micro.uploads >= len(sent) and micro.conversions > 0  # (held ones too)
+    assert not [f for f in audited.findings if f.subject == micro.name
+                and f.code in ("uploads_not_arriving", "uploads_stopped")]
 
 
 def test_a_dry_run_asks_google_to_validate_and_leaves_the_ledger_alone(

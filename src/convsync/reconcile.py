@@ -149,15 +149,17 @@ def audit(actions: Iterable[PlatformConversion], stats: Iterable[ConversionStat]
 
     ``stats``: the Google Ads daily stats (click-date rows are used). ``as_of``: the last day
     of the window of ``settings.inactive_days`` days (None: no stats, activity not judged).
-    ``uploads``: convsync's upload ledger rows per action name. ``outcomes``: offline outcomes
+    ``uploads``: convsync's upload ledger rows per action id (Google: the push side keys its
+    ledger so) or name. ``outcomes``: offline outcomes
     (CRM) per canonical conversion in the window, to tell an idle offline action from one
     whose uploads do not arrive."""
     window = (None if as_of is None else
               (as_of - dt.timedelta(days=settings.inactive_days - 1), as_of))
     activity, first_day = _activity(stats, window)
     mapping = ConversionMap(list(definitions))
+    ledger = uploads or {}
     rows = [_action_row(a, mapping, activity.get((a.account_id, a.name), _Activity()),
-                        (uploads or {}).get(a.name, 0))
+                        ledger.get(a.platform_id) or ledger.get(a.name, 0))
             for a in actions if str(a.settings.get("status", "")) not in SKIPPED_STATUSES]
     notes: list[str] = []
     findings: list[Finding] = []
