@@ -696,12 +696,12 @@ def test_a_claim_takes_each_row_once_and_a_killed_runs_rows_come_back_as_resends
     first = store.claim_uploads("acme", Platform.GOOGLE_ADS, limit=3, now=T0)
     assert [(u.dedupe_key, again) for u, again in first] == [
         ("k0", False), ("k1", False), ("k2", False)]
-    store.record_sent("acme", Platform.GOOGLE_ADS, ["k0", "k1"], set(), "req-1", T0)
+    store.record_sent("acme", Platform.GOOGLE_ADS, ["k0", "k1"], "req-1", T0)
     # k2 stays "sending", as a run killed before it heard back leaves it
     second = store.claim_uploads("acme", Platform.GOOGLE_ADS, limit=10, now=T0)
     assert [(u.dedupe_key, again) for u, again in second] == [
         ("k2", True), ("k3", False), ("k4", False)]
-    store.record_sent("acme", Platform.GOOGLE_ADS, ["k2", "k3", "k4"], {"k2"}, "req-2", T0)
+    store.record_sent("acme", Platform.GOOGLE_ADS, ["k2", "k3", "k4"], "req-2", T0)
     assert store.claim_uploads("acme", Platform.GOOGLE_ADS, limit=10, now=T0) == []
     ledger = {(r["status"], r["uploads"], r["resends"])
               for r in store.ledger("acme", Platform.GOOGLE_ADS)}
@@ -714,13 +714,13 @@ def test_a_moved_value_is_restated_under_the_same_key_and_each_value_sent_is_kep
         store: Store, url: str) -> None:
     store.plan_uploads([google_upload("k", 10.0), google_upload("j", 20.0)], client="acme")
     claimed = store.claim_uploads("acme", Platform.GOOGLE_ADS, limit=10, now=T0)
-    store.record_sent("acme", Platform.GOOGLE_ADS, [u.dedupe_key for u, _ in claimed], set(),
-                      "req-1", T0)
+    store.record_sent("acme", Platform.GOOGLE_ADS, [u.dedupe_key for u, _ in claimed], "req-1",
+                      T0)
     assert store.restate_uploads(Platform.GOOGLE_ADS, [("k", 10.3), ("j", 30.0)],
                                  threshold=0.05) == 1  # 3% is no move; 50% is
     again = store.claim_uploads("acme", Platform.GOOGLE_ADS, limit=10, now=T0)
     assert [(u.dedupe_key, u.value) for u, _ in again] == [("j", 30.0)]
-    store.record_sent("acme", Platform.GOOGLE_ADS, ["j"], set(), "req-2", T0)
+    store.record_sent("acme", Platform.GOOGLE_ADS, ["j"], "req-2", T0)
     with store.engine.connect() as conn:
         sends = conn.execute(sa.select(store_module.upload_sends.c.request_id,
                                        store_module.upload_sends.c.value)
@@ -750,7 +750,7 @@ def test_a_request_status_settles_its_uploads_by_action(store: Store) -> None:
     store.plan_uploads([google_upload("a", action="6111"), google_upload("b", action="6108")],
                        client="acme")
     store.claim_uploads("acme", Platform.GOOGLE_ADS, limit=10, now=T0)
-    store.record_sent("acme", Platform.GOOGLE_ADS, ["a", "b"], set(), "req", T0)
+    store.record_sent("acme", Platform.GOOGLE_ADS, ["a", "b"], "req", T0)
     assert store.requests_to_check("acme", Platform.GOOGLE_ADS, T0) == []  # 30 minutes first
     later = T0 + dt.timedelta(minutes=31)
     assert store.requests_to_check("acme", Platform.GOOGLE_ADS, later) == ["req"]

@@ -174,7 +174,7 @@ def _send_batch(store: Store, sink: DataManagerSink, client: str, now: dt.dateti
         for upload in batch:
             result.by_action[upload.conversion]["rejected"] += 1
         return True
-    store.record_sent(client, Platform.GOOGLE_ADS, keys, resent & set(keys), request_id, now)
+    store.record_sent(client, Platform.GOOGLE_ADS, keys, request_id, now)
     result.sent += len(keys)
     result.resent += len(resent & set(keys))
     for upload in batch:

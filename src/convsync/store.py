@@ -1287,8 +1287,9 @@ class Store:
                       now: dt.datetime) -> list[tuple[Upload, bool]]:
         """Take up to ``limit`` uploads to send and mark them sending, in one transaction:
         planned ones, held ones whose time has come, and ones a killed run left sending
-        (those may have arrived: the flag says so, and they go out again under the same
-        key). Call under the client's lock (``convsync.locks``)."""
+        (those may have arrived: the flag says so, they go out again under the same key, and
+        their ``resends`` count it now, before the send, so a run killed again still counted
+        it). Call under the client's lock (``convsync.locks``)."""
         table, where = uploads, Platform(destination).value
         ready = sa.or_(table.c.status.in_([UploadStatus.PLANNED.value,
                                            UploadStatus.SENDING.value]),
@@ -1301,26 +1302,26 @@ class Store:
             query = query.with_for_update(skip_locked=True)
         with self._writing() as conn:
             rows = conn.execute(query).all()
-            if rows:
+            if rows:  # a row still "sending" goes out again: a resend, counted before it
+                again = sa.case((table.c.status == UploadStatus.SENDING.value, 1), else_=0)
                 conn.execute(table.update().where(table.c.id.in_([r.id for r in rows]))
-                             .values(status=UploadStatus.SENDING.value, updated_at=now))
+                             .values(status=UploadStatus.SENDING.value, updated_at=now,
+                                     resends=table.c.resends + again))
         return [(_read_upload(row[2:]), row.status == UploadStatus.SENDING.value)
                 for row in rows]
 
     def record_sent(self, client: str, destination: Platform | str, keys: Sequence[str],
-                    resent: Collection[str], request_id: str, now: dt.datetime) -> None:
+                    request_id: str, now: dt.datetime) -> None:
         """The uploads ``keys`` went out in request ``request_id``: sent, with the value sent
-        kept (and each value ever sent in upload_sends); ``resent`` ones count a resend."""
+        kept (and each value ever sent in upload_sends)."""
         table, where = uploads, Platform(destination).value
         with self._writing() as conn:
             rows = conn.execute(sa.select(table.c.id, table.c.dedupe_key, table.c.value).where(
                 table.c.destination == where, table.c.dedupe_key.in_(list(keys)))).all()
-            conn.execute(table.update().where(table.c.id == sa.bindparam("b_id")).values(
+            conn.execute(table.update().where(table.c.id.in_([r.id for r in rows])).values(
                 status=UploadStatus.SENT.value, request_id=request_id,
                 sent_value=table.c.value, sent_at=now, reason="", updated_at=now,
-                attempts=table.c.attempts + 1,
-                resends=table.c.resends + sa.bindparam("b_resend")),
-                [{"b_id": r.id, "b_resend": int(r.dedupe_key in resent)} for r in rows])
+                attempts=table.c.attempts + 1))
             conn.execute(upload_sends.insert(), [
                 {"upload_id": r.id, "request_id": request_id, "value": r.value, "sent_at": now}
                 for r in rows])
