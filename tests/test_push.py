@@ -317,3 +317,40 @@ def test_a_dry_run_asks_google_to_validate_and_leaves_the_ledger_alone(
     for step in LADDER:
         assert first[step]["in_ledger"] == 0 and first[step]["sent"] == 0
         assert later[step]["in_ledger"] == later[step]["events"] > 0
+
+
+def _redate_action(running: server.RunningSandbox, hours_ago: float) -> None:
+    request = urllib.request.Request(
+        running.endpoints["control"] + "/datamanager/actions", method="POST",
+        data=json.dumps({"id": MICRO_UPLOAD_ACTION_ID, "created_hours_ago": hours_ago}).encode(),
+        headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10):
+        pass
+
+
+def test_a_request_google_refuses_whole_loses_nothing_and_a_later_run_sends_it(
+        valued: ClientConfig, running: server.RunningSandbox, tmp_path: Path) -> None:
+    """The upload action was created an hour ago (Google refuses it for about 6 hours): the
+    push stops at the first request, its rows and the rest stay planned; once the action is
+    old enough, the next push sends every one of them once."""
+    assert running.datamanager is not None
+    running.datamanager.reset()
+    config = load_config(_copy_client(valued, tmp_path / "refused"))
+    secrets = load_secrets(config)
+    _redate_action(running, 1)
+    try:
+        with Store.open(config.store_url()) as store:
+            refused = push.push_google_ads(config, secrets, store, now=NOW,
+                                           sleep=lambda s: None)
+            statuses = {r["status"] for r in store.ledger(config.client.name,
+                                                          Platform.GOOGLE_ADS)}
+            assert refused.sent == 0 and statuses <= {"planned", "held"}
+            assert any("CONVERSION_ACTION_TOO_RECENTLY_CREATED" in e for e in refused.errors)
+            _redate_action(running, 7)
+            later = push.push_google_ads(config, secrets, store, now=NOW, sleep=lambda s: None)
+            sent = _ledger_sent(store)
+    finally:
+        _redate_action(running, 24 * 30)
+    assert later.errors == [] and later.sent == len(sent) == len(refused.plan.uploads) - len(
+        refused.plan.holds)
+    assert set(_counts_by_key(running)) == set(sent)

@@ -753,7 +753,7 @@ def test_a_request_status_settles_its_uploads_by_action(store: Store) -> None:
     store.record_sent("acme", Platform.GOOGLE_ADS, ["a", "b"], "req", T0)
     assert store.requests_to_check("acme", Platform.GOOGLE_ADS, T0) == []  # 30 minutes first
     later = T0 + dt.timedelta(minutes=31)
-    assert store.requests_to_check("acme", Platform.GOOGLE_ADS, later) == ["req"]
+    assert store.requests_to_check("acme", Platform.GOOGLE_ADS, later) == [("req", T0)]
     store.record_request_status("req", "done", {"destinations": []}, later, None, {
         "6111": (UploadStatus.ACCEPTED, ""),
         "6108": (UploadStatus.REJECTED, "CLICK_NOT_FOUND 1")})

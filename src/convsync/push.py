@@ -150,30 +150,42 @@ def _send(store: Store, sink: DataManagerSink, client: str, now: dt.datetime,
     while claimed := store.claim_uploads(client, Platform.GOOGLE_ADS, limit=MAX_EVENTS, now=now):
         uploads = [upload for upload, _ in claimed]
         resent = {upload.dedupe_key for upload, again in claimed if again}
-        for batch in planning.batches(uploads, MAX_EVENTS, MAX_DESTINATIONS):
-            if not _send_batch(store, sink, client, now, batch, resent, result):
-                return
+        untried = list(planning.batches(uploads, MAX_EVENTS, MAX_DESTINATIONS))
+        try:
+            while untried and _send_batch(store, sink, client, now, untried[0], resent, result):
+                untried.pop(0)
+        finally:  # what this run never tried to send goes back: not a resend for the next one
+            later = [u.dedupe_key for batch in untried[1:] for u in batch]
+            if later:
+                store.release_uploads(Platform.GOOGLE_ADS, later, UploadStatus.PLANNED, "")
+        if untried:
+            return
 
 
 def _send_batch(store: Store, sink: DataManagerSink, client: str, now: dt.datetime,
                 batch: list[Upload], resent: set[str], result: PushResult) -> bool:
-    """Send one request; False when the run must stop sending (the rest stays for later)."""
+    """Send one request; False when the run must stop sending (the rest stays for later).
+
+    Whatever Google answered, nothing is failed for good here: local validation (the sink's
+    ``problems``) sets bad events aside before they are planned, so a request Google refuses
+    whole is refused for something about the request (credentials, the action, consent): its
+    rows go back to planned, and the next run, once that is fixed, sends them."""
     keys = [u.dedupe_key for u in batch]
     try:
         request_id = sink.send(batch)
     except SinkError as error:
         result.errors.append(_said(error))
-        if error.maybe_sent:
-            return False  # left "sending": the next run resends them under the same keys
-        if error.retryable:
+        if not error.maybe_sent:  # else left "sending": the next run resends them, same keys
             store.release_uploads(Platform.GOOGLE_ADS, keys, UploadStatus.PLANNED, error.reason)
-            return False
-        store.release_uploads(Platform.GOOGLE_ADS, keys, UploadStatus.FAILED,
-                              error.reason or str(error))
-        result.failed[error.reason or "rejected"] += len(keys)
-        for upload in batch:
-            result.by_action[upload.conversion]["rejected"] += 1
-        return True
+        if not error.retryable and not error.maybe_sent:
+            result.failed[error.reason or "rejected"] += len(keys)
+            for upload in batch:
+                result.by_action[upload.conversion]["rejected"] += 1
+        return False
+    except ValueError as error:  # the request could not even be built (consent denied, ...)
+        result.errors.append(str(error))
+        store.release_uploads(Platform.GOOGLE_ADS, keys, UploadStatus.PLANNED, str(error))
+        return False
     store.record_sent(client, Platform.GOOGLE_ADS, keys, request_id, now)
     result.sent += len(keys)
     result.resent += len(resent & set(keys))
@@ -188,7 +200,7 @@ def _read_back(store: Store, sink: DataManagerSink, client: str, now: dt.datetim
     """Ask Google what it did with the requests whose outcome is still unknown and that are
     due a look (``every``: all of them)."""
     due = now + STATUS_KEPT if every else now
-    for request_id in store.requests_to_check(client, Platform.GOOGLE_ADS, due):
+    for request_id, sent_at in store.requests_to_check(client, Platform.GOOGLE_ADS, due):
         try:
             status = sink.status(request_id)
         except SinkError as error:
@@ -201,7 +213,8 @@ def _read_back(store: Store, sink: DataManagerSink, client: str, now: dt.datetim
         outcomes = {d.conversion_action: _outcome(d.status, d.errors)
                     for d in status.destinations
                     if d.status in ("success", "failed", "partial_success")}
-        final = status.state in ("done", "too_old", "not_found")
+        final = status.state in ("done", "too_old") or (
+            status.state == "not_found" and now - sent_at > STATUS_KEPT)
         store.record_request_status(request_id, status.state if final else "processing",
                                     detail, now, None if final else _next_check(now),
                                     outcomes)

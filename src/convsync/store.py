@@ -1255,6 +1255,8 @@ class Store:
                 rows = conn.execute(sa.select(table.c.id, table.c.dedupe_key, table.c.sent_value)
                                     .where(table.c.destination == where,
                                            table.c.dedupe_key.in_(list(wanted)),
+                                           table.c.status.in_([UploadStatus.SENT.value,
+                                                               UploadStatus.ACCEPTED.value]),
                                            table.c.sent_value.is_not(None))).all()
                 changed = [{"b_id": r.id, "b_value": wanted[r.dedupe_key]} for r in rows
                            if abs(wanted[r.dedupe_key] - float(r.sent_value))
@@ -1353,14 +1355,16 @@ class Store:
                 status=status.value, reason=reason, updated_at=self._clock()))
 
     def requests_to_check(self, client: str, destination: Platform | str,
-                          now: dt.datetime) -> list[str]:
-        """Requests whose outcome the platform has not told yet and that are due a look."""
+                          now: dt.datetime) -> list[tuple[str, dt.datetime]]:
+        """(request id, sent at) of the requests whose outcome the platform has not told yet
+        and that are due a look."""
         table = upload_requests
         with self._engine.connect() as conn:
-            return list(conn.execute(sa.select(table.c.request_id).where(
-                table.c.client == client, table.c.destination == Platform(destination).value,
-                table.c.status == "processing", table.c.next_check_at <= now)
-                .order_by(table.c.sent_at)).scalars())
+            return [(r.request_id, r.sent_at) for r in conn.execute(
+                sa.select(table.c.request_id, table.c.sent_at).where(
+                    table.c.client == client, table.c.destination == Platform(destination).value,
+                    table.c.status == "processing", table.c.next_check_at <= now)
+                .order_by(table.c.sent_at))]
 
     def record_request_status(self, request_id: str, status: str, detail: Mapping[str, Any],
                               now: dt.datetime, next_check: dt.datetime | None,
@@ -1383,7 +1387,9 @@ class Store:
         """The ledger by conversion action, day of the event (UTC), status and reason: how
         many uploads, their value, and how many were resent."""
         table = uploads
-        day = sa.func.substr(sa.cast(table.c.time, sa.String), 1, 10)
+        day = (sa.func.to_char(sa.func.timezone("UTC", table.c.time), "YYYY-MM-DD")
+               if self.dialect == "postgresql"
+               else sa.func.substr(sa.cast(table.c.time, sa.String), 1, 10))
         query = (sa.select(table.c.conversion, table.c.conversion_action, day.label("day"),
                            table.c.status, table.c.reason, sa.func.count().label("uploads"),
                            sa.func.sum(table.c.value).label("value"),
