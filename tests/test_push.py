@@ -354,3 +354,12 @@ def test_a_request_google_refuses_whole_loses_nothing_and_a_later_run_sends_it(
     assert later.errors == [] and later.sent == len(sent) == len(refused.plan.uploads) - len(
         refused.plan.holds)
     assert set(_counts_by_key(running)) == set(sent)
+
+
+def test_a_request_still_processing_is_looked_at_less_and_less_often() -> None:
+    sent = NOW
+    looks = [push._next_check(sent + age, sent) - (sent + age) for age in (
+        dt.timedelta(minutes=31), dt.timedelta(hours=3), dt.timedelta(days=5))]
+    assert looks == [dt.timedelta(minutes=31), dt.timedelta(hours=3), dt.timedelta(days=1)]
+    assert push._next_check(sent + dt.timedelta(minutes=5), sent) == sent + dt.timedelta(
+        minutes=35)  # never sooner than half an hour

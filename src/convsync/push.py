@@ -29,9 +29,11 @@ from convsync.store import Store
 
 log = logging.getLogger(__name__)
 
-STATUS_BACKOFF = (dt.timedelta(minutes=30), dt.timedelta(hours=2), dt.timedelta(hours=8),
-                  dt.timedelta(days=1))
-"""When to look again at a request still processing: after each of these, then daily."""
+STATUS_FIRST = dt.timedelta(minutes=30)
+"""Google's results come about 30 minutes after a request: the first look is then."""
+STATUS_LONGEST = dt.timedelta(days=1)
+"""A request still processing is looked at again after as long as it has been processing
+(30 minutes, an hour, two, ...), at most this long apart."""
 STATUS_KEPT = dt.timedelta(days=50)
 """Google keeps a request's status about this long."""
 
@@ -216,7 +218,7 @@ def _read_back(store: Store, sink: DataManagerSink, client: str, now: dt.datetim
         final = status.state in ("done", "too_old") or (
             status.state == "not_found" and now - sent_at > STATUS_KEPT)
         store.record_request_status(request_id, status.state if final else "processing",
-                                    detail, now, None if final else _next_check(now),
+                                    detail, now, None if final else _next_check(now, sent_at),
                                     outcomes)
         result.statuses.append({"request_id": request_id, "state": status.state, **detail})
 
@@ -233,8 +235,8 @@ def _outcome(status: str, errors: dict[str, int]) -> tuple[UploadStatus, str]:
     return UploadStatus.REJECTED, reasons or "failed"
 
 
-def _next_check(now: dt.datetime) -> dt.datetime:
-    return now + STATUS_BACKOFF[0]
+def _next_check(now: dt.datetime, sent_at: dt.datetime) -> dt.datetime:
+    return now + min(max(now - sent_at, STATUS_FIRST), STATUS_LONGEST)
 
 
 def _said(error: SinkError) -> str:
