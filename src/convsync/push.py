@@ -88,10 +88,9 @@ def push_google_ads(config: ClientConfig, secrets: Secrets, store: Store, *,
                     sleep: Callable[[float], None] | None = None) -> PushResult:
     """Plan, ledger, send and read back the Google Ads uploads of one client."""
     now = now or dt.datetime.now(dt.UTC)
-    section = config.google_ads
     result = PushResult(Platform.GOOGLE_ADS, dry_run, planning.Plan())
-    if section is None or not section.enabled:
-        result.errors.append("Google Ads is not configured or not enabled for this client")
+    section = _enabled_section(config, result)
+    if section is None:
         return result
     sink = sink or _sink(section, secrets, result, sleep)
     with client_lock(store, config.client.name, "push"):
@@ -109,7 +108,7 @@ def push_google_ads(config: ClientConfig, secrets: Secrets, store: Store, *,
         store.hold_uploads(Platform.GOOGLE_ADS, result.plan.holds)
         _send(store, sink, config.client.name, now, result)
         _read_back(store, sink, config.client.name, now, result)
-    result.held = sum(1 for _ in result.plan.holds)
+    result.held = len(result.plan.holds)
     return result
 
 
@@ -119,14 +118,22 @@ def refresh_google_ads(config: ClientConfig, secrets: Secrets, store: Store, *,
     from 30 minutes after each send, as Google advises)."""
     now = now or dt.datetime.now(dt.UTC)
     result = PushResult(Platform.GOOGLE_ADS, False, planning.Plan())
-    section = config.google_ads
-    if section is None or not section.enabled:
-        result.errors.append("Google Ads is not configured or not enabled for this client")
+    section = _enabled_section(config, result)
+    if section is None:
         return result
     sink = _sink(section, secrets, result, None)
     with client_lock(store, config.client.name, "push"):
         _read_back(store, sink, config.client.name, now, result, every=True)
     return result
+
+
+def _enabled_section(config: ClientConfig, result: PushResult) -> GoogleAdsSection | None:
+    """The client's Google Ads section, or None (said in ``result``) when there is none."""
+    section = config.google_ads
+    if section is None or not section.enabled:
+        result.errors.append("Google Ads is not configured or not enabled for this client")
+        return None
+    return section
 
 
 def _sink(section: GoogleAdsSection, secrets: Secrets, result: PushResult,
