@@ -20,7 +20,7 @@ import pytest
 import sqlalchemy as sa
 
 from convsync import pipeline, planning, push
-from convsync.model import Platform
+from convsync.model import Platform, Upload
 from convsync.reconcile import load_audit
 from convsync.sandbox import server
 from convsync.sandbox.world import MICRO_UPLOAD_ACTION_ID, World, WorldSpec
@@ -68,15 +68,15 @@ def test_the_sandbox_config_names_the_upload_actions(valued: ClientConfig) -> No
 def test_the_plan_uploads_each_persons_first_step_at_its_upload_value(
         valued: ClientConfig) -> None:
     with Store.open(valued.store_url()) as store:
-        plan = planning.plan_google_ads(valued, store, NOW)
-        again = planning.plan_google_ads(valued, store, NOW)
+        plan, planned = _plan(valued, store)
+        _, again = _plan(valued, store)
         rows = {(r["conversion"], r["segment"]): r["upload_value"]
                 for r in store.micro_values(valued.client.name)}
         people = {step: len({e.person_key for e in store.journey_events(until=NOW)
                              if e.conversion == step}) for step in LADDER}
-    assert [u.dedupe_key for u in plan.uploads] == [u.dedupe_key for u in again.uploads]
-    assert len({u.dedupe_key for u in plan.uploads}) == len(plan.uploads)
-    by_step = {step: [u for u in plan.uploads if u.conversion == step] for step in LADDER}
+    assert [u.dedupe_key for u in planned] == [u.dedupe_key for u in again]
+    assert len({u.dedupe_key for u in planned}) == len(planned)
+    by_step = {step: [u for u in planned if u.conversion == step] for step in LADDER}
     for step in LADDER:
         action = plan.actions[step]
         refused = sum(action.refused.values())
@@ -88,7 +88,7 @@ def test_the_plan_uploads_each_persons_first_step_at_its_upload_value(
                    for u in by_step[step])
     # a conversion over 90 days old is past any click-through window
     old = NOW - dt.timedelta(days=90)
-    assert all(u.time >= old for u in plan.uploads)
+    assert all(u.time >= old for u in planned)
     assert any("click-through window" in why for a in plan.actions.values()
                for why in a.refused)
     assert plan.problems == []
@@ -96,6 +96,11 @@ def test_the_plan_uploads_each_persons_first_step_at_its_upload_value(
     sample = plan.actions["add_to_cart"].sample[0]
     assert set(sample["identifiers"]) <= {"gclid", "email_sha256_google"}  # type: ignore[arg-type]
     assert not any(isinstance(v, str) and len(v) == 64 for v in sample.values())
+
+
+def _plan(config: ClientConfig, store: Store) -> tuple[planning.Plan, list[Upload]]:
+    plan, planned = planning.plan_google_ads(config, store, NOW)
+    return plan, list(planned)
 
 
 def _transactions(running: server.RunningSandbox) -> dict[str, tuple[int, int, float]]:
@@ -120,7 +125,7 @@ def test_a_push_sends_each_eligible_event_once_and_a_rerun_sends_nothing(
     valued = load_config(_copy_client(valued, tmp_path / "once"))
     secrets = load_secrets(valued)
     with Store.open(valued.store_url()) as store:
-        plan = planning.plan_google_ads(valued, store, NOW)
+        plan, planned = _plan(valued, store)
         first = push.push_google_ads(valued, secrets, store, now=NOW, sleep=lambda s: None)
         sent = _ledger_sent(store)
         counted = _transactions(running)
@@ -130,10 +135,10 @@ def test_a_push_sends_each_eligible_event_once_and_a_rerun_sends_nothing(
     assert first.errors == [] and first.failed == Counter()
     held = {key for key, _, _ in plan.holds}
     assert len(held) > 0  # the world's last clicks are under 6 hours old
-    assert first.sent == len(plan.uploads) - len(held) > 1000
+    assert first.sent == len(planned) - len(held) > 1000
     assert first.requests["IngestEvents"] == -(-first.sent // 2000)  # the fewest requests
-    assert set(counted) == set(sent) == {u.dedupe_key for u in plan.uploads} - held
-    values = {u.dedupe_key: u.value for u in plan.uploads}
+    assert set(counted) == set(sent) == {u.dedupe_key for u in planned} - held
+    values = {u.dedupe_key: u.value for u in planned}
     for key, (events, conversions, value) in counted.items():
         assert events == 1 and conversions <= 1 and sent[key] == pytest.approx(values[key])
         if conversions:  # Google's count, at the value the ledger says was sent
@@ -311,7 +316,7 @@ def test_a_dry_run_asks_google_to_validate_and_leaves_the_ledger_alone(
         validated = dry.requests["IngestEvents"]
         push.push_google_ads(config, secrets, store, now=NOW, sleep=lambda s: None)
         again = push.push_google_ads(config, secrets, store, dry_run=True, now=NOW)
-    assert validated == -(-len(dry.plan.uploads) // 2000) and dry.errors == []
+    assert validated == -(-dry.plan.events // 2000) and dry.errors == []
     first = {a["conversion"]: a for a in dry.summary()["actions"]}
     later = {a["conversion"]: a for a in again.summary()["actions"]}
     for step in LADDER:
@@ -351,7 +356,7 @@ def test_a_request_google_refuses_whole_loses_nothing_and_a_later_run_sends_it(
             sent = _ledger_sent(store)
     finally:
         _redate_action(running, 24 * 30)
-    assert later.errors == [] and later.sent == len(sent) == len(refused.plan.uploads) - len(
+    assert later.errors == [] and later.sent == len(sent) == refused.plan.events - len(
         refused.plan.holds)
     assert set(_counts_by_key(running)) == set(sent)
 

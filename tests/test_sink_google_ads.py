@@ -26,7 +26,7 @@ from google.auth import exceptions as auth_exceptions
 from google.auth.exceptions import DefaultCredentialsError, RefreshError
 
 from convsync.hashing import hash_email
-from convsync.model import Identifiers, Platform, Upload, copy_with
+from convsync.model import Identifiers, Platform, Upload
 from convsync.sandbox import server
 from convsync.sandbox.server import RunningSandbox
 from convsync.sandbox.world import MICRO_UPLOAD_ACTION_ID, Click, World, WorldSpec
@@ -239,7 +239,7 @@ def test_a_restatement_under_the_same_transaction_id_counts_once(sandbox: Runnin
     made = make(sandbox, transport)
     (first,) = leads(sandbox.world, 1, "order")
     made.sink.send([first])
-    made.sink.send([first.model_copy(update={"value": 250.0})])
+    made.sink.send([first._replace(value=250.0)])
     counts = summary(sandbox)["transactions"][LEADS]["order-0"]
     assert (counts["events"], counts["conversions"], counts["adjustments"]) == (2, 1, 1)
     assert counts["value"] == 250.0
@@ -258,7 +258,7 @@ def _base() -> Upload:
 
 
 def _with(**changes: Any) -> Upload:
-    return copy_with(_base(), changes)
+    return _base()._replace(**changes)
 
 
 def _ids(**changes: Any) -> Upload:
@@ -375,7 +375,7 @@ def test_a_request_the_api_refuses_raises_its_reason_and_a_fix(
             "Created an hour ago", created=world.as_of - dt.timedelta(hours=1)).id)
     changes = {k: v for k, v in setup.items() if k == "login_customer_id"}
     made = make(sandbox, transport, **changes)
-    batch = [u.model_copy(update={"conversion_action": action}) for u in leads(world, 2)]
+    batch = [u._replace(conversion_action=action) for u in leads(world, 2)]
     with pytest.raises(SinkError) as caught:
         made.sink.send(batch)
     error = caught.value
@@ -545,12 +545,12 @@ def test_status_of_old_and_unknown_requests(sandbox: RunningSandbox, transport: 
 def test_more_than_a_request_holds_is_refused_before_any_call(sandbox: RunningSandbox) -> None:
     made = make(sandbox, "rest")
     pool = leads(sandbox.world, 100)
-    too_many = [pool[i % 100].model_copy(update={"dedupe_key": f"t{i}"})
+    too_many = [pool[i % 100]._replace(dedupe_key=f"t{i}")
                 for i in range(MAX_EVENTS + 1)]
     with pytest.raises(ValueError, match="2,000"):
         made.sink.send(too_many)
     assert made.sink.send(too_many[:MAX_EVENTS])
-    actions = [u.model_copy(update={"conversion_action": str(7000 + i)})
+    actions = [u._replace(conversion_action=str(7000 + i))
                for i, u in enumerate(pool[:11])]
     with pytest.raises(ValueError, match="at most 10"):
         made.sink.send(actions)
@@ -571,7 +571,7 @@ def test_the_request_as_built() -> None:
                                                   consent="granted"))
     by_click = _with(identifiers=Identifiers(gclid=GCLID, gbraid="GBRAIDxxxxxxxxxx",
                                              email_sha256_google=SHA))
-    by_email = copy_with(_base(), {"dedupe_key": "lead-2", "conversion_action": MICRO,
+    by_email = _base()._replace(**{"dedupe_key": "lead-2", "conversion_action": MICRO,
                                    "identifiers": Identifiers(phone_sha256_google=SHA),
                                    "time": dt.datetime(2026, 10, 5, 11, 30, 0, 250_000,
                                                        tzinfo=dt.timezone(-dt.timedelta(hours=4)))})

@@ -421,21 +421,57 @@ def test_version_3_uploads_move_to_the_ledger_of_the_push_side(url: str,
     store_at_version(url, 3, lambda conn: conn.execute(store_module._uploads_v1().insert(), [{
         "destination": "meta", "conversion_action": "purchase", "dedupe_key": "k1",
         "value": 12.5, "currency": "USD", "time": T0, "status": "planned", "response": "",
-        "attempts": 0, "created_at": T0, "updated_at": T0}]))
+        "attempts": 0, "created_at": T0, "updated_at": T0, "fbc": "fb.1.1.abc"}]))
     with Store.open(url, clock=clock) as store:
-        assert store.applied_migrations == (4,)
+        assert store.applied_migrations == (4, 5)
         kept = store.get_upload(Platform.META, "k1")
         assert kept is not None and (kept.value, kept.account_id, kept.conversion) == (
             12.5, "", "")
+        assert kept.identifiers == Identifiers(fbc="fb.1.1.abc")
         inspector = sa.inspect(store.engine)
-        assert "uploads_v3" not in inspector.get_table_names()
+        assert not {"uploads_v3", "uploads_v4"} & set(inspector.get_table_names())
         for table in (store_module.uploads, store_module.upload_requests,
                       store_module.upload_sends):
             assert [c["name"] for c in inspector.get_columns(table.name)] == [
                 c.name for c in table.c]
         new = Upload(destination=Platform.META, conversion_action="purchase", dedupe_key="k2",
                      value=1.0, currency="USD", time=T0)
-        assert store.plan_uploads([new], client="acme") == 1  # the ids go on after the old
+        assert len(store.plan_uploads([new], client="acme")) == 1  # the ids go on after the old
+
+
+def test_version_4_uploads_keep_their_identifiers_and_sends_through_migration_5(
+        url: str, clock: Clock) -> None:
+    """Migration 5 folds an upload's identifier columns into one JSON column; its id, its
+    state and every value it was sent with stay, and new ids go on after the old."""
+    def fill(conn: Connection) -> None:
+        conn.execute(store_module._uploads_v4().insert(), [{
+            "id": 7, "client": "acme", "destination": "google_ads", "account_id": "1234567890",
+            "conversion_action": "6111", "conversion": "add_to_cart", "dedupe_key": "k1",
+            "value": 3.5, "currency": "USD", "time": T0, "gclid": "Cj0KCQabc1234",
+            "email_sha256_google": "a" * 64, "status": "sent", "reason": "",
+            "request_id": "r1", "sent_value": 3.0, "sent_at": T0, "response": "",
+            "attempts": 1, "resends": 1, "created_at": T0, "updated_at": T0}])
+        conn.execute(store_module.upload_sends.insert(), [
+            {"upload_id": 7, "request_id": "r0", "value": 2.0, "sent_at": T0},
+            {"upload_id": 7, "request_id": "r1", "value": 3.0, "sent_at": T0}])
+
+    store_at_version(url, 4, fill)
+    with Store.open(url, clock=clock) as store:
+        assert store.applied_migrations == (5,)
+        kept = store.get_upload(Platform.GOOGLE_ADS, "k1")
+        assert kept is not None and kept.identifiers == Identifiers(
+            gclid="Cj0KCQabc1234", email_sha256_google="a" * 64)
+        with store.engine.connect() as conn:
+            row = conn.execute(sa.select(store_module.uploads).where(
+                store_module.uploads.c.dedupe_key == "k1")).one()
+            sends = conn.execute(sa.select(store_module.upload_sends.c.upload_id,
+                                           store_module.upload_sends.c.value)).all()
+        assert (row.id, row.status, row.request_id, row.sent_value, row.resends) == (
+            7, "sent", "r1", 3.0, 1)
+        assert sorted(sends) == [(7, 2.0), (7, 3.0)]
+        assert len(store.plan_uploads([upload("k2")], client="acme")) == 1
+        with store.engine.connect() as conn:
+            assert conn.execute(sa.select(sa.func.max(store_module.uploads.c.id))).scalar() > 7
 
 
 def test_version_2_stats_move_to_the_key_with_source_and_medium(url: str,
@@ -452,7 +488,7 @@ def test_version_2_stats_move_to_the_key_with_source_and_medium(url: str,
     assert not {"source", "medium", "key_events"} & set(before)
 
     with Store.open(url, clock=clock) as store:
-        assert store.applied_migrations == (3, 4)
+        assert store.applied_migrations == (3, 4, 5)
         kept = list(store.stats())
         assert sorted(kept, key=repr) == sorted(old, key=repr)
         assert {(s.source, s.medium, s.key_events) for s in kept} == {("", "", None)}
@@ -500,8 +536,7 @@ def test_no_raw_pii_column_exists(store: Store) -> None:
                for c in inspector.get_columns(table)}
     personal = {(t, c) for t, c in columns
                 if any(word in c for word in ("email", "phone", "mail", "tel"))}
-    assert personal == {("uploads", c) for c in ("email_sha256_google", "email_sha256_meta",
-                                                  "phone_sha256_google", "phone_sha256_meta")}
+    assert personal == set()  # identifiers are one JSON column of hashes (checked below)
 
 
 def test_journey_identifiers_are_kept_as_json_of_hashes(store: Store) -> None:
@@ -526,10 +561,11 @@ def test_a_raw_email_is_refused_in_a_hash_column(store: Store) -> None:
         with pytest.raises(sa.exc.IntegrityError, match="identifiers"):
             store.upsert_journey_events([event(0, T0), raw])
     assert store.count_rows("journey_events") == 0
-    with pytest.raises(sa.exc.IntegrityError, match="phone_sha256_google"):
-        store.plan_uploads([upload("k").model_copy(update={
-            "identifiers": Identifiers.model_construct(
-                phone_sha256_google="+33612345678" + "0" * 52)})])
+    for raw_ids in (Identifiers.model_construct(phone_sha256_google="+33612345678" + "0" * 52),
+                    Identifiers.model_construct(email_sha256_meta="Jane.Doe@gmail.com")):
+        with pytest.raises(sa.exc.IntegrityError, match="identifiers"):
+            store.plan_uploads([upload("k")._replace(identifiers=raw_ids)])
+    assert store.count_rows("uploads") == 0
 
 
 def test_naive_timestamps_are_refused(store: Store) -> None:
@@ -545,12 +581,12 @@ def test_naive_timestamps_are_refused(store: Store) -> None:
 
 
 def test_plan_uploads_is_exactly_once(store: Store, clock: Clock) -> None:
-    assert store.plan_uploads([upload("a"), upload("b"), upload("c")]) == 3
+    assert len(store.plan_uploads([upload("a"), upload("b"), upload("c")])) == 3
     store.mark_upload(Platform.META, "b", UploadStatus.SENT, '{"events_received": 1}')
     clock.tick(hours=1)
 
     replanned = [upload("a", value=999.0), upload("b", value=999.0), upload("c"), upload("d")]
-    assert store.plan_uploads(replanned, batch_size=2) == 1
+    assert len(store.plan_uploads(replanned, batch_size=2)) == 1
     assert store.count_rows("uploads") == 4
     sent = store.get_upload(Platform.META, "b")
     assert sent is not None
@@ -722,11 +758,14 @@ def test_a_moved_value_is_restated_under_the_same_key_and_each_value_sent_is_kep
     assert [(u.dedupe_key, u.value) for u, _ in again] == [("j", 30.0)]
     store.record_sent("acme", Platform.GOOGLE_ADS, ["j"], "req-2", T0)
     with store.engine.connect() as conn:
-        sends = conn.execute(sa.select(store_module.upload_sends.c.request_id,
-                                       store_module.upload_sends.c.value)
-                             .order_by(store_module.upload_sends.c.id)).all()
-    assert sorted((r, float(v)) for r, v in sends) == [("req-1", 10.0), ("req-1", 20.0),
-                                                       ("req-2", 30.0)]
+        earlier = conn.execute(sa.select(store_module.upload_sends.c.request_id,
+                                         store_module.upload_sends.c.value)).all()
+        ledger = store_module.uploads
+        latest = conn.execute(sa.select(ledger.c.dedupe_key, ledger.c.request_id,
+                                        ledger.c.sent_value)).all()
+    # every value sent: the earlier sends kept aside, the latest on the row
+    assert [(r, float(v)) for r, v in earlier] == [("req-1", 20.0)]
+    assert sorted(latest) == [("j", "req-2", 30.0), ("k", "req-1", 10.0)]
 
 
 def test_held_rows_wait_for_their_time_and_released_ones_say_why(store: Store) -> None:

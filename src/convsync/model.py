@@ -250,20 +250,24 @@ class JourneyBatch:
                 campaign_id=campaign)
 
 
-class Upload(_Frozen):
+class Upload(NamedTuple):
     """One planned or sent offline conversion. ``dedupe_key`` makes the upload exactly-once
     (Google's transaction id, Meta's event id, Klaviyo's unique id). ``account_id`` is the
     destination account that owns ``conversion_action`` (Google Ads: the operating customer,
-    10 digits); ``conversion`` the canonical conversion it uploads."""
+    10 digits); ``conversion`` the canonical conversion it uploads.
+
+    A NamedTuple, as ``JourneyEvent`` is: a push plans, writes, claims and sends millions of
+    these, and its parts come validated (the identifiers an ``Identifiers``, the time aware,
+    which the store's ``UtcDateTime`` checks again); a sink checks each field it sends."""
 
     destination: Platform
     conversion_action: str
     dedupe_key: str
-    account_id: str = ""
-    conversion: str = ""
     value: float
     currency: str
-    time: AwareDatetime
+    time: dt.datetime
+    account_id: str = ""
+    conversion: str = ""
     identifiers: Identifiers = Identifiers()
     status: UploadStatus = UploadStatus.PLANNED
     response: str = ""

@@ -17,12 +17,21 @@ an approximation where clicks are not pulled.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from convsync.hashing import sha256_hex
-from convsync.model import Identifiers, JourneyEvent, Kind, Platform, PlatformConversion, Upload
+from convsync.model import (
+    Identifiers,
+    JourneyEvent,
+    Kind,
+    Platform,
+    PlatformConversion,
+    Upload,
+    UploadStatus,
+)
 from convsync.settings import ClientConfig
 from convsync.store import Store
 from convsync.valuation import ALL_SEGMENTS, segment_of
@@ -57,63 +66,75 @@ class ActionPlan:
 
 @dataclass
 class Plan:
-    """The uploads to write to the ledger, the ones to hold back, and per action what was
-    planned and refused."""
+    """Per action what was planned and refused, the uploads to hold back, and the problems
+    that stop an action. Complete once the plan's uploads have all been read."""
 
-    uploads: list[Upload] = field(default_factory=list)
     holds: list[tuple[str, dt.datetime, str]] = field(default_factory=list)
-    values: list[tuple[str, float]] = field(default_factory=list)
     actions: dict[str, ActionPlan] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+
+    @property
+    def events(self) -> int:
+        return sum(action.events for action in self.actions.values())
 
     def summary(self) -> dict[str, object]:
         return {"actions": [a.summary() for a in self.actions.values()],
                 "problems": self.problems}
 
 
-def transaction_id(client: str, action_id: str, event: JourneyEvent) -> str:
+def transaction_id(client: str, action_id: str, event: JourneyEvent, *,
+                   per_person: bool = False) -> str:
     """The event's deterministic Google transaction id: the same event is the same id in
-    every run (Google deduplicates it; a new value under it is a restatement)."""
-    text = "\x1f".join((client, "google_ads", action_id, str(event.source_platform),
-                        event.source_event_id))
+    every run (Google deduplicates it; a new value under it is a restatement).
+
+    ``per_person``: the id of the person's step rather than of the event (a micro conversion's
+    credit is per person who reached the step), so an earlier event of it that arrives late
+    is the same upload, never a second one."""
+    what = ((event.person_key, event.conversion or "") if per_person
+            else (str(event.source_platform), event.source_event_id))
+    text = "\x1f".join((client, "google_ads", action_id, *(("person",) if per_person else ()),
+                        *what))
     return sha256_hex(text)[:32]
 
 
 def plan_google_ads(config: ClientConfig, store: Store, now: dt.datetime, *,
-                    problems: Callable[[Upload, dt.datetime], str] | None = None) -> Plan:
-    """The Google Ads uploads of the stored journeys as of ``now``. ``problems`` is the sink's
+                    problems: Callable[[Upload, dt.datetime], str] | None = None
+                    ) -> tuple[Plan, Iterator[Upload]]:
+    """The Google Ads uploads of the stored journeys as of ``now``, streamed (read them once;
+    the plan's figures are complete when they have all been read). ``problems`` is the sink's
     local validation (the reason an event would make Google reject a whole request)."""
     section = config.google_ads
     plan = Plan()
     if section is None or not section.upload_actions:
         plan.problems.append("no [google_ads] upload_actions in the config: name the UPLOAD_CLICKS "
                              "conversion action each conversion uploads to")
-        return plan
+        return plan, iter(())
+    return plan, _uploads(plan, config, store, now, problems)
+
+
+def _uploads(plan: Plan, config: ClientConfig, store: Store, now: dt.datetime,
+             problems: Callable[[Upload, dt.datetime], str] | None) -> Iterator[Upload]:
+    section = config.google_ads
+    assert section is not None
     actions = _actions(store, section.upload_actions, plan)
     values = _upload_values(store, config.client.name)
-    kinds = {d.name: d.kind for d in config.definitions()}
-    first_seen: dict[str, dt.datetime] = {}
-    done: set[tuple[str, str]] = set()
-    for event in store.journey_events(until=now):
-        first_seen.setdefault(event.person_key, event.time)
-        action = actions.get(event.conversion or "")
-        if action is None:
-            continue
-        ledger = plan.actions[event.conversion or ""]
-        if kinds.get(event.conversion or "") is Kind.MICRO:
-            if (event.person_key, ledger.conversion) in done:
-                continue  # a ladder credit is per person who reached the step: their first
-            done.add((event.person_key, ledger.conversion))
-            value = values.get((ledger.conversion, segment_of(event, config.valuation.segment_by)),
-                               values.get((ledger.conversion, ALL_SEGMENTS)))
+    micro = {d.name for d in config.definitions() if d.kind is Kind.MICRO}
+    segment_by = config.valuation.segment_by
+    for event, click_time in store.planning_events(now, actions, micro & set(actions)):
+        conversion = event.conversion or ""
+        ledger, action = plan.actions[conversion], actions[conversion]
+        if conversion in micro:
+            value = values.get((conversion, segment_of(event, segment_by)),
+                               values.get((conversion, ALL_SEGMENTS)))
             if value is None:
                 ledger.refused[NO_VALUE] += 1
                 continue
         else:
             value = event.value
-        _consider(plan, ledger, action, config, event, value, first_seen[event.person_key],
-                  now, problems)
-    return plan
+        upload = _consider(plan, ledger, action, config, event, value, click_time, now,
+                           problems, per_person=conversion in micro)
+        if upload is not None:
+            yield upload
 
 
 def _actions(store: Store, wanted: dict[str, str], plan: Plan) -> dict[str, PlatformConversion]:
@@ -150,30 +171,36 @@ def _upload_values(store: Store, client: str) -> dict[tuple[str, str], float]:
 
 def _consider(plan: Plan, ledger: ActionPlan, action: PlatformConversion, config: ClientConfig,
               event: JourneyEvent, value: float, click_time: dt.datetime, now: dt.datetime,
-              problems: Callable[[Upload, dt.datetime], str] | None) -> None:
+              problems: Callable[[Upload, dt.datetime], str] | None, *,
+              per_person: bool) -> Upload | None:
+    """The event's upload, counted in ``ledger``; None when it is refused (counted by
+    reason)."""
     refusal = _refusal(config, action, event, click_time, now)
     if refusal:
         ledger.refused[refusal] += 1
-        return
-    upload = Upload(destination=Platform.GOOGLE_ADS, conversion_action=action.platform_id,
-                    account_id=action.account_id, conversion=ledger.conversion,
-                    dedupe_key=transaction_id(config.client.name, action.platform_id, event),
-                    value=round(value, 2), currency=config.client.currency, time=event.time,
-                    identifiers=_google_identifiers(event.identifiers))
+        return None
+    held = now - click_time < TOO_RECENT
+    upload = Upload(
+        destination=Platform.GOOGLE_ADS, conversion_action=action.platform_id,
+        account_id=action.account_id, conversion=ledger.conversion,
+        dedupe_key=transaction_id(config.client.name, action.platform_id, event,
+                                  per_person=per_person),
+        value=round(value, 2), currency=config.client.currency, time=event.time,
+        identifiers=_google_identifiers(event.identifiers),
+        status=UploadStatus.HELD if held else UploadStatus.PLANNED)
     why = problems(upload, now) if problems else ""
     if why:
         ledger.refused[why] += 1
-        return
-    plan.uploads.append(upload)
-    plan.values.append((upload.dedupe_key, upload.value))
+        return None
     ledger.events += 1
     ledger.value += upload.value
-    if now - click_time < TOO_RECENT:
+    if held:
         plan.holds.append((upload.dedupe_key, click_time + TOO_RECENT,
                            "click under 6 hours old (Google: TOO_RECENT_CLICK)"))
         ledger.held += 1
     if len(ledger.sample) < SAMPLE:
         ledger.sample.append(_sample(upload))
+    return upload
 
 
 def _refusal(config: ClientConfig, action: PlatformConversion, event: JourneyEvent,
@@ -196,8 +223,10 @@ def _refusal(config: ClientConfig, action: PlatformConversion, event: JourneyEve
     return ""
 
 
+@functools.lru_cache(maxsize=64)
 def _google_identifiers(ids: Identifiers) -> Identifiers:
-    """Only what Google takes: click ids and Google-rule hashes."""
+    """Only what Google takes: click ids and Google-rule hashes. (Cached: a person's events
+    come one after another and share one ``Identifiers``.)"""
     return Identifiers(gclid=ids.gclid, gbraid=ids.gbraid, wbraid=ids.wbraid,
                        email_sha256_google=ids.email_sha256_google,
                        phone_sha256_google=ids.phone_sha256_google)
@@ -210,7 +239,7 @@ def _sample(upload: Upload) -> dict[str, object]:
             "value": upload.value, "currency": upload.currency, "identifiers": kinds}
 
 
-def batches(uploads: list[Upload], size: int, destinations: int) -> Iterator[list[Upload]]:
+def batches(uploads: Iterable[Upload], size: int, destinations: int) -> Iterator[list[Upload]]:
     """Requests of at most ``size`` events and ``destinations`` (account, action) pairs."""
     batch: list[Upload] = []
     seen: set[tuple[str, str]] = set()

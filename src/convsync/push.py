@@ -12,10 +12,11 @@ overlapping runs never send the same rows.
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import logging
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,22 +95,62 @@ def push_google_ads(config: ClientConfig, secrets: Secrets, store: Store, *,
         return result
     sink = sink or _sink(section, secrets, result, sleep)
     with client_lock(store, config.client.name, "push"):
-        result.plan = planning.plan_google_ads(config, store, now, problems=sink.problems)
+        result.plan, planned = planning.plan_google_ads(config, store, now,
+                                                        problems=sink.problems)
         if dry_run:
-            known = store.known_upload_keys(config.client.name, Platform.GOOGLE_ADS,
-                                            (u.dedupe_key for u in result.plan.uploads))
-            for upload in result.plan.uploads:
-                result.by_action[upload.conversion]["in_ledger"] += upload.dedupe_key in known
-            _validate_only(sink, result)
+            _dry_run(store, sink, config.client.name, planned, result)
             return result
-        result.planned_new = store.plan_uploads(result.plan.uploads, client=config.client.name)
-        result.restated = store.restate_uploads(Platform.GOOGLE_ADS, result.plan.values,
-                                                threshold=section.restate_threshold)
-        store.hold_uploads(Platform.GOOGLE_ADS, result.plan.holds)
-        _send(store, sink, config.client.name, now, result)
+        if _write_and_send(store, sink, config.client.name, now, planned,
+                           section.restate_threshold, result):
+            _send_waiting(store, sink, config.client.name, now, result)
         _read_back(store, sink, config.client.name, now, result)
     result.held = len(result.plan.holds)
     return result
+
+
+def _write_and_send(store: Store, sink: DataManagerSink, client: str, now: dt.datetime,
+                    planned: Iterable[Upload], threshold: float, result: PushResult) -> bool:
+    """The plan a request's worth at a time: its rows into the ledger (new ones planned,
+    ones sent before restated where their value moved, recent ones held), then those of
+    them that are planned claimed and sent from memory (no reading back). After a request
+    that fails, the rest of the plan still goes into the ledger, and nothing more is sent.
+    False when sending stopped."""
+    planned, holds, sending = iter(planned), 0, True
+    while chunk := list(itertools.islice(planned, MAX_EVENTS)):
+        fresh = store.plan_uploads(chunk, client=client, claim=sending)
+        result.planned_new += len(fresh)
+        ready = set(fresh)
+        if len(fresh) < len(chunk):  # some were in the ledger already: their values may move
+            result.restated += store.restate_uploads(
+                Platform.GOOGLE_ADS, ((u.dedupe_key, u.value) for u in chunk),
+                threshold=threshold)
+            if sending:
+                ready |= store.claim_planned(client, Platform.GOOGLE_ADS,
+                                             [u.dedupe_key for u in chunk
+                                              if u.dedupe_key not in ready], now)
+        store.hold_uploads(Platform.GOOGLE_ADS, result.plan.holds[holds:])
+        holds = len(result.plan.holds)
+        if sending:
+            uploads = list({u.dedupe_key: u for u in chunk if u.dedupe_key in ready
+                            and u.status != UploadStatus.HELD}.values())
+            sending = _send_claimed(store, sink, client, now, uploads, set(), result)
+    return sending
+
+
+def _dry_run(store: Store, sink: DataManagerSink, client: str, planned: Iterable[Upload],
+             result: PushResult) -> None:
+    """Count what the ledger already holds and ask Google to validate each request; nothing
+    is kept, the ledger untouched."""
+    for batch in planning.batches(planned, MAX_EVENTS, MAX_DESTINATIONS):
+        known = store.known_upload_keys(client, Platform.GOOGLE_ADS,
+                                        (u.dedupe_key for u in batch))
+        for upload in batch:
+            result.by_action[upload.conversion]["in_ledger"] += upload.dedupe_key in known
+        if not result.errors:
+            try:
+                sink.send(batch, validate_only=True)
+            except SinkError as error:
+                result.errors.append(_said(error))
 
 
 def refresh_google_ads(config: ClientConfig, secrets: Secrets, store: Store, *,
@@ -144,31 +185,31 @@ def _sink(section: GoogleAdsSection, secrets: Secrets, result: PushResult,
                            sleep=sleep or time.sleep)
 
 
-def _validate_only(sink: DataManagerSink, result: PushResult) -> None:
-    """Ask Google to validate the plan's requests; nothing is kept, the ledger untouched."""
-    for batch in planning.batches(result.plan.uploads, MAX_EVENTS, MAX_DESTINATIONS):
-        try:
-            sink.send(batch, validate_only=True)
-        except SinkError as error:
-            result.errors.append(_said(error))
-            return
-
-
-def _send(store: Store, sink: DataManagerSink, client: str, now: dt.datetime,
-          result: PushResult) -> None:
+def _send_waiting(store: Store, sink: DataManagerSink, client: str, now: dt.datetime,
+                  result: PushResult) -> None:
+    """Send what the ledger still has waiting: rows planned by an earlier run, held ones
+    whose time has come, and ones a killed run left sending (resent, same keys)."""
     while claimed := store.claim_uploads(client, Platform.GOOGLE_ADS, limit=MAX_EVENTS, now=now):
         uploads = [upload for upload, _ in claimed]
         resent = {upload.dedupe_key for upload, again in claimed if again}
-        untried = list(planning.batches(uploads, MAX_EVENTS, MAX_DESTINATIONS))
-        try:
-            while untried and _send_batch(store, sink, client, now, untried[0], resent, result):
-                untried.pop(0)
-        finally:  # what this run never tried to send goes back: not a resend for the next one
-            later = [u.dedupe_key for batch in untried[1:] for u in batch]
-            if later:
-                store.release_uploads(Platform.GOOGLE_ADS, later, UploadStatus.PLANNED, "")
-        if untried:
+        if not _send_claimed(store, sink, client, now, uploads, resent, result):
             return
+
+
+def _send_claimed(store: Store, sink: DataManagerSink, client: str, now: dt.datetime,
+                  uploads: list[Upload], resent: set[str], result: PushResult) -> bool:
+    """Send claimed rows in as few requests as the limits allow; False when the run must
+    stop sending. What it never tried to send goes back to planned: not a resend for the
+    next run."""
+    untried = list(planning.batches(uploads, MAX_EVENTS, MAX_DESTINATIONS))
+    try:
+        while untried and _send_batch(store, sink, client, now, untried[0], resent, result):
+            untried.pop(0)
+    finally:
+        later = [u.dedupe_key for batch in untried[1:] for u in batch]
+        if later:
+            store.release_uploads(Platform.GOOGLE_ADS, later, UploadStatus.PLANNED, "")
+    return not untried
 
 
 def _send_batch(store: Store, sink: DataManagerSink, client: str, now: dt.datetime,

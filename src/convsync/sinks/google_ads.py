@@ -39,7 +39,6 @@ for any id convsync makes (the planner's are 32 hex digits)."""
 
 from __future__ import annotations
 
-import calendar
 import datetime as dt
 import logging
 import math
@@ -252,9 +251,8 @@ class DataManagerSink:
             event.destination_references.append(
                 references[(upload.account_id, upload.conversion_action)])
             event.transaction_id = upload.dedupe_key
-            moment = upload.time.astimezone(dt.UTC)
-            event.event_timestamp.seconds = calendar.timegm(moment.timetuple())
-            event.event_timestamp.nanos = moment.microsecond * 1000
+            event.event_timestamp.seconds = math.floor(upload.time.timestamp())
+            event.event_timestamp.nanos = upload.time.microsecond * 1000
             event.conversion_value = upload.value
             if upload.currency:
                 event.currency = upload.currency
@@ -496,13 +494,13 @@ class _Scrubber:
     hash or an email: an error message never carries personal data."""
 
     def __init__(self, uploads: Iterable[Upload]) -> None:
-        values = {v for u in uploads for v in (
-            u.identifiers.gclid, u.identifiers.gbraid, u.identifiers.wbraid,
-            u.identifiers.email_sha256_google, u.identifiers.phone_sha256_google) if v}
-        self.values = sorted((v for v in values if len(v) >= 4), key=len, reverse=True)
+        self.uploads = uploads  # looked through only when there is an error to scrub
 
     def __call__(self, text: str) -> str:
-        for value in self.values:
+        values = {v for u in self.uploads for v in (
+            u.identifiers.gclid, u.identifiers.gbraid, u.identifiers.wbraid,
+            u.identifiers.email_sha256_google, u.identifiers.phone_sha256_google) if v}
+        for value in sorted((v for v in values if len(v) >= 4), key=len, reverse=True):
             text = text.replace(value, "***")
         text = _SHA256_HEX.sub("***", text)
         return _EMAIL_LIKE.sub("***", text)

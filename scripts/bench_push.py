@@ -1,0 +1,138 @@
+#!/usr/bin/env python3
+"""Benchmark: push a million valued events to the sandbox's Data Manager and print what it
+cost the client.
+
+Starts `convsync sandbox serve` in its own process, fills a fresh SQLite store with valued
+micro conversions (people who climbed the sandbox's ladder: product_view, add_to_cart,
+begin_checkout, each event with a gclid, over the 80 days before now, and the upload values
+`convsync values` would have stored), then runs `convsync push --json` in a child process
+and reports that process's figures: events sent, requests made against the minimum
+(ceil(events / 2,000): Google's batch limit), events per second, CPU per event and peak RSS
+(the child's, so neither the sandbox nor the store's filling counts).
+
+    .venv/bin/python scripts/bench_push.py                  # 1,000,000 events
+    .venv/bin/python scripts/bench_push.py --events 100000 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+CONVSYNC = str(Path(sys.executable).with_name("convsync"))
+LADDER = ("product_view", "add_to_cart", "begin_checkout")
+UPLOAD_VALUES = {"product_view": 0.85, "add_to_cart": 6.4, "begin_checkout": 21.75}
+BATCH = 2_000
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--events", type=int, default=1_000_000)
+    parser.add_argument("--json", action="store_true", help="end with one JSON line")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="convsync-bench-push-") as tmp:
+        sandbox, config = _start_sandbox(Path(tmp))
+        try:
+            now = dt.datetime.now(dt.UTC)
+            _fill_store(config, args.events, now)
+            figures = _push(config, args.events)
+        finally:
+            sandbox.terminate()
+            sandbox.wait(timeout=30)
+    _print(figures, args.json)
+    return 0 if figures["sent"] == args.events else 1
+
+
+def _start_sandbox(tmp: Path) -> tuple[subprocess.Popen[str], Path]:
+    config = tmp / "bench.toml"
+    process = subprocess.Popen(
+        [CONVSYNC, "sandbox", "serve", "--json", "--config-out", str(config),
+         "--state-dir", str(ROOT / "var" / "sandbox"), "--days", "30", "--campaigns", "4"],
+        stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    json.loads(process.stdout.readline())  # ready once it printed its endpoints
+    return process, config
+
+
+def _fill_store(config_path: Path, events: int, now: dt.datetime) -> None:
+    """The store a client has after pulling the upload action and computing values, with
+    ``events`` valued micro events (three per person)."""
+    from convsync.model import Identifiers, JourneyEvent, Platform, PlatformConversion
+    from convsync.settings import load_config
+    from convsync.store import Store
+    from convsync.valuation import ALL_SEGMENTS
+
+    config = load_config(config_path)
+    section = config.google_ads
+    assert section is not None
+
+    def journey() -> Iterator[JourneyEvent]:
+        start = now - dt.timedelta(days=80)
+        span = dt.timedelta(days=79).total_seconds()
+        for n in range(events):
+            person, step = divmod(n, len(LADDER))
+            when = start + dt.timedelta(seconds=span * person * len(LADDER) / events + step * 60)
+            yield JourneyEvent(
+                person_key=f"gclid:Cj0KCQbench{person:010d}", conversion=LADDER[step],
+                platform_conversion=LADDER[step], time=when, source_platform=Platform.GA4,
+                source_event_id=f"bench-{n}", identifiers=Identifiers(
+                    gclid=f"Cj0KCQbench{person:010d}"), campaign_id=f"{person % 40}")
+
+    with Store.open(config.store_url()) as store:
+        store.save_platform_conversions([PlatformConversion(
+            platform=Platform.GOOGLE_ADS, account_id=section.customer_ids[0], platform_id=action,
+            name=f"upload {action}",
+            settings={"type": "UPLOAD_CLICKS", "click_through_lookback_window_days": 90})
+            for action in set(section.upload_actions.values())])
+        store.upsert_journey_events(journey())
+        store.save_micro_values(config.client.name, now, [
+            {"conversion": step, "segment": ALL_SEGMENTS, "upload_value": value,
+             "recommendation": "track_and_upload"} for step, value in UPLOAD_VALUES.items()])
+
+
+def _push(config: Path, events: int) -> dict[str, Any]:
+    wall0 = time.perf_counter()
+    out = subprocess.run([CONVSYNC, "push", "--config", str(config), "--json"],
+                         capture_output=True, text=True, env=os.environ | {"COLUMNS": "80"})
+    wall = time.perf_counter() - wall0
+    if out.returncode not in (0, 3):
+        sys.exit(f"push failed ({out.returncode}):\n{out.stderr[-3000:]}")
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    summary = json.loads(out.stdout)
+    if os.environ.get("BENCH_DEBUG"):
+        print(json.dumps(summary, indent=1)[:3000], out.stderr[-2000:])
+    google = summary  # one destination so far: its figures are the summary's
+    cpu = usage.ru_utime + usage.ru_stime
+    return {"events": events, "sent": google["sent"],
+            "requests": google["requests"].get("IngestEvents", 0),
+            "min_requests": math.ceil(events / BATCH), "seconds": round(wall, 1),
+            "events_per_s": round(events / wall), "cpu_s": round(cpu, 1),
+            "cpu_us_per_event": round(cpu * 1e6 / events, 2),
+            "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
+
+
+def _print(figures: dict[str, Any], as_json: bool) -> None:
+    print(f"push of {figures['events']:,} valued events to the sandbox's Data Manager")
+    print(f"sent {figures['sent']:,} in {figures['requests']:,} requests "
+          f"(minimum {figures['min_requests']:,}), {figures['seconds']} s, "
+          f"{figures['events_per_s']:,} events/s")
+    print(f"convsync's CPU {figures['cpu_s']} s = {figures['cpu_us_per_event']} us per event, "
+          f"peak RSS {figures['peak_rss_mb']} MB")
+    if as_json:
+        print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
