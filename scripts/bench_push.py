@@ -21,6 +21,7 @@ import datetime as dt
 import json
 import math
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -40,10 +41,13 @@ BATCH = 2_000
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=1_000_000)
+    parser.add_argument("--store-url", default="",
+                        help="the store (default: a fresh SQLite file); a PostgreSQL URL must "
+                             "name an empty database")
     parser.add_argument("--json", action="store_true", help="end with one JSON line")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="convsync-bench-push-") as tmp:
-        sandbox, config = _start_sandbox(Path(tmp))
+        sandbox, config = _start_sandbox(Path(tmp), args.store_url)
         try:
             now = dt.datetime.now(dt.UTC)
             _fill_store(config, args.events, now)
@@ -55,7 +59,7 @@ def main() -> int:
     return 0 if figures["sent"] == args.events else 1
 
 
-def _start_sandbox(tmp: Path) -> tuple[subprocess.Popen[str], Path]:
+def _start_sandbox(tmp: Path, store_url: str) -> tuple[subprocess.Popen[str], Path]:
     config = tmp / "bench.toml"
     process = subprocess.Popen(
         [CONVSYNC, "sandbox", "serve", "--json", "--config-out", str(config),
@@ -63,6 +67,10 @@ def _start_sandbox(tmp: Path) -> tuple[subprocess.Popen[str], Path]:
         stdout=subprocess.PIPE, text=True)
     assert process.stdout is not None
     json.loads(process.stdout.readline())  # ready once it printed its endpoints
+    if store_url:
+        text = config.read_text()
+        config.write_text(re.sub(r'(?m)^store_url = .*$', f"store_url = {json.dumps(store_url)}",
+                                 text))
     return process, config
 
 

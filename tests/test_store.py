@@ -773,7 +773,7 @@ def test_held_rows_wait_for_their_time_and_released_ones_say_why(store: Store) -
                        client="acme")
     store.hold_uploads(Platform.GOOGLE_ADS, [("late", T0 + dt.timedelta(hours=6), "too recent")])
     claimed = store.claim_uploads("acme", Platform.GOOGLE_ADS, limit=10, now=T0)
-    assert [u.dedupe_key for u, _ in claimed] == ["early", "bad"]
+    assert [u.dedupe_key for u, _ in claimed] == ["bad", "early"]  # in key order, as written
     store.release_uploads(Platform.GOOGLE_ADS, ["bad"], UploadStatus.FAILED,
                           "INVALID_CONVERSION_ACTION_TYPE")
     store.release_uploads(Platform.GOOGLE_ADS, ["early"], UploadStatus.PLANNED, "")

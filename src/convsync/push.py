@@ -30,6 +30,9 @@ from convsync.store import Store
 
 log = logging.getLogger(__name__)
 
+LEDGER_CHUNK = 20_000
+"""Planned uploads written to the ledger a transaction at a time (the ledger's key index
+takes them in key order: a bigger chunk rewrites fewer of its pages per row)."""
 STATUS_FIRST = dt.timedelta(minutes=30)
 """Google's results come about 30 minutes after a request: the first look is then."""
 STATUS_LONGEST = dt.timedelta(days=1)
@@ -110,31 +113,34 @@ def push_google_ads(config: ClientConfig, secrets: Secrets, store: Store, *,
 
 def _write_and_send(store: Store, sink: DataManagerSink, client: str, now: dt.datetime,
                     planned: Iterable[Upload], threshold: float, result: PushResult) -> bool:
-    """The plan a request's worth at a time: its rows into the ledger (new ones planned,
-    ones sent before restated where their value moved, recent ones held), then those of
-    them that are planned claimed and sent from memory (no reading back). After a request
-    that fails, the rest of the plan still goes into the ledger, and nothing more is sent.
-    False when sending stopped."""
+    """The plan ``LEDGER_CHUNK`` uploads at a time: their rows into the ledger (new ones
+    planned, ones sent before restated where their value moved, recent ones held), then a
+    request at a time those of them that are planned claimed and sent from memory (no
+    reading back). After a request that fails, the rest of the plan still goes into the
+    ledger, and nothing more is sent. False when sending stopped."""
     planned, holds, sending = iter(planned), 0, True
-    while chunk := list(itertools.islice(planned, MAX_EVENTS)):
-        fresh = store.plan_uploads(chunk, client=client, claim=sending)
+    while chunk := sorted(itertools.islice(planned, LEDGER_CHUNK), key=_by_key):
+        # in key order, the ledger writes and each request's rows are neighbours
+        fresh = set(store.plan_uploads(chunk, LEDGER_CHUNK, client=client))
         result.planned_new += len(fresh)
-        ready = set(fresh)
         if len(fresh) < len(chunk):  # some were in the ledger already: their values may move
             result.restated += store.restate_uploads(
                 Platform.GOOGLE_ADS, ((u.dedupe_key, u.value) for u in chunk),
                 threshold=threshold)
-            if sending:
-                ready |= store.claim_planned(client, Platform.GOOGLE_ADS,
-                                             [u.dedupe_key for u in chunk
-                                              if u.dedupe_key not in ready], now)
         store.hold_uploads(Platform.GOOGLE_ADS, result.plan.holds[holds:])
         holds = len(result.plan.holds)
-        if sending:
-            uploads = list({u.dedupe_key: u for u in chunk if u.dedupe_key in ready
-                            and u.status != UploadStatus.HELD}.values())
-            sending = _send_claimed(store, sink, client, now, uploads, set(), result)
+        waiting = iter([u for u in chunk if u.status != UploadStatus.HELD])
+        while sending and (part := list(itertools.islice(waiting, MAX_EVENTS))):
+            ready = store.claim_planned(client, Platform.GOOGLE_ADS,
+                                        [u.dedupe_key for u in part], now)
+            uploads = list({u.dedupe_key: u for u in part if u.dedupe_key in ready}.values())
+            sending = _send_claimed(store, sink, client, now, uploads, set(), result,
+                                    fresh=fresh)
     return sending
+
+
+def _by_key(upload: Upload) -> str:
+    return upload.dedupe_key
 
 
 def _dry_run(store: Store, sink: DataManagerSink, client: str, planned: Iterable[Upload],
@@ -197,13 +203,15 @@ def _send_waiting(store: Store, sink: DataManagerSink, client: str, now: dt.date
 
 
 def _send_claimed(store: Store, sink: DataManagerSink, client: str, now: dt.datetime,
-                  uploads: list[Upload], resent: set[str], result: PushResult) -> bool:
-    """Send claimed rows in as few requests as the limits allow; False when the run must
-    stop sending. What it never tried to send goes back to planned: not a resend for the
-    next run."""
+                  uploads: list[Upload], resent: set[str], result: PushResult, *,
+                  fresh: set[str] | None = None) -> bool:
+    """Send claimed rows in as few requests as the limits allow (``fresh``: the keys this
+    run wrote, never sent); False when the run must stop sending. What it never tried to
+    send goes back to planned: not a resend for the next run."""
     untried = list(planning.batches(uploads, MAX_EVENTS, MAX_DESTINATIONS))
     try:
-        while untried and _send_batch(store, sink, client, now, untried[0], resent, result):
+        while untried and _send_batch(store, sink, client, now, untried[0], resent, result,
+                                      fresh or set()):
             untried.pop(0)
     finally:
         later = [u.dedupe_key for batch in untried[1:] for u in batch]
@@ -213,7 +221,8 @@ def _send_claimed(store: Store, sink: DataManagerSink, client: str, now: dt.date
 
 
 def _send_batch(store: Store, sink: DataManagerSink, client: str, now: dt.datetime,
-                batch: list[Upload], resent: set[str], result: PushResult) -> bool:
+                batch: list[Upload], resent: set[str], result: PushResult,
+                fresh: set[str]) -> bool:
     """Send one request; False when the run must stop sending (the rest stays for later).
 
     Whatever Google answered, nothing is failed for good here: local validation (the sink's
@@ -236,7 +245,8 @@ def _send_batch(store: Store, sink: DataManagerSink, client: str, now: dt.dateti
         result.errors.append(str(error))
         store.release_uploads(Platform.GOOGLE_ADS, keys, UploadStatus.PLANNED, str(error))
         return False
-    store.record_sent(client, Platform.GOOGLE_ADS, keys, request_id, now)
+    store.record_sent(client, Platform.GOOGLE_ADS, keys, request_id, now,
+                      first=fresh.issuperset(keys))
     result.sent += len(keys)
     result.resent += len(resent & set(keys))
     for upload in batch:

@@ -713,12 +713,13 @@ class _BulkUpsert:
     def processor(self, column: str) -> Processor:
         return self._processors.get(column, _unchanged)
 
-    def execute(self, conn: Connection, rows: list[Values]) -> None:
+    def execute(self, conn: Connection, rows: list[Values]) -> int:
+        """Run the statement for ``rows``; the rows it wrote, as the driver counts them."""
         if self._names is None:
-            conn.exec_driver_sql(self.sql, rows)
-        else:
-            names = self._names
-            conn.exec_driver_sql(self.sql, [dict(zip(names, row, strict=True)) for row in rows])
+            return conn.exec_driver_sql(self.sql, rows).rowcount
+        names = self._names
+        return conn.exec_driver_sql(
+            self.sql, [dict(zip(names, row, strict=True)) for row in rows]).rowcount
 
 
 def _upsert_insert(dialect: Dialect, table: sa.Table, key: Sequence[str]) -> Insert:
@@ -896,23 +897,32 @@ _read_upload = _UploadReader()
 
 
 class _PlanningReader:
-    """Rows of ``Store.planning_events`` into (event, the person's first event time), the
-    event built by position (its columns are selected in ``JourneyEvent``'s order). Rows
-    come by person, and a person's events mostly share their identifiers: the last ones read
-    are used again."""
+    """Rows of ``Store.planning_events`` as the driver gives them into events, built by
+    position (the columns are selected in ``JourneyEvent``'s order). SQLite gives times as
+    the naive UTC text ``UtcDateTime`` stores. Rows come by person, and a person's events
+    mostly share their identifiers: the last ones read are used again."""
 
     columns = tuple(journey_events.c[name] for name in JourneyEvent._fields)
 
-    def __init__(self) -> None:
+    def __init__(self, dialect: str) -> None:
         self._last: tuple[str, Identifiers] = ("", Identifiers())
+        self.time = _sqlite_time if dialect == "sqlite" else _utc
 
-    def __call__(self, row: Sequence[Any]) -> tuple[JourneyEvent, dt.datetime]:
+    def __call__(self, row: Sequence[Any]) -> JourneyEvent:
         (person, conversion, name, time, source, event_id, value, currency, text,
-         campaign, first_seen) = row
+         campaign) = row
         if text != self._last[0]:
             self._last = (text, Identifiers.model_validate_json(text))
-        return JourneyEvent(person, conversion, name, time, source, event_id, value, currency,
-                            self._last[1], campaign), first_seen
+        return JourneyEvent(person, conversion, name, self.time(time), source, event_id,
+                            value, currency, self._last[1], campaign)
+
+
+def _sqlite_time(text: str) -> dt.datetime:
+    return dt.datetime.fromisoformat(text).replace(tzinfo=dt.UTC)
+
+
+def _utc(moment: dt.datetime) -> dt.datetime:
+    return moment.astimezone(dt.UTC)
 
 
 
@@ -923,17 +933,14 @@ _UPLOAD_COLUMNS = ("client", "destination", "account_id", "conversion_action", "
 """The columns a new ledger row is written with (the rest take their defaults)."""
 
 
-def _upload_row_builder(insert: _BulkUpsert) -> Callable[[Upload, str, Any, bool], Values]:
-    """Upload -> a new ledger row in ``_UPLOAD_COLUMNS`` order (``claim``: sending, unless
-    held); ``now`` comes converted."""
+def _upload_row_builder(insert: _BulkUpsert) -> Callable[[Upload, str, Any], Values]:
+    """Upload -> a new ledger row in ``_UPLOAD_COLUMNS`` order; ``now`` comes converted."""
     time, value = insert.processor("time"), insert.processor("value")
-    sending, held = UploadStatus.SENDING.value, UploadStatus.HELD.value
 
-    def row(u: Upload, client: str, now: Any, claim: bool) -> Values:
-        status = sending if claim and u.status != held else u.status
+    def row(u: Upload, client: str, now: Any) -> Values:
         return (client, u.destination, u.account_id, u.conversion_action, u.conversion,
                 u.dedupe_key, value(u.value), u.currency, time(u.time),
-                _identifiers_json(u.identifiers), status, now, now)
+                _identifiers_json(u.identifiers), u.status, now, now)
 
     return row
 
@@ -949,6 +956,10 @@ def _among(column: sa.ColumnElement[Any], values: Sequence[Any],
     listed = sa.func.json_each(sa.bindparam(None, _JSON_ENCODE(list(values)).decode(),
                                             type_=sa.Text)).table_valued("value")
     return column.in_(sa.select(listed.c.value))
+
+
+def _by_key(upload: Upload) -> str:
+    return upload.dedupe_key
 
 
 def _chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
@@ -1278,61 +1289,67 @@ class Store:
                         ) -> Iterator[tuple[JourneyEvent, dt.datetime]]:
         """The events of ``conversions`` before ``until``, each with the time of its person's
         first event of all (the landing that carried the click), by person; of a
-        ``first_only`` conversion only each person's first event. The database sorts and
-        groups, so a plan over millions of people holds none of them in memory."""
+        ``first_only`` conversion only each person's first event. The database sorts by
+        person and time, so a plan over millions of people holds one person at a time."""
         table = journey_events
-        first_seen = sa.func.min(table.c.time).over(partition_by=table.c.person_key)
-        nth = sa.func.row_number().over(
-            partition_by=(table.c.person_key, table.c.conversion),
-            order_by=[table.c[n] for n in ("time", "source_platform", "source_event_id")])
-        inner = (sa.select(*_PlanningReader.columns, first_seen.label("first_seen"),
-                           nth.label("nth"))
-                 .where(table.c.time < until).subquery())
-        query = (sa.select(*(inner.c[c.name] for c in _PlanningReader.columns),
-                           inner.c.first_seen)
-                 .where(inner.c.conversion.in_(list(conversions)),
-                        sa.or_(inner.c.nth == 1, inner.c.conversion.not_in(list(first_only))))
-                 .order_by(inner.c.person_key, inner.c.time, inner.c.source_platform,
-                           inner.c.source_event_id))
-        return map(_PlanningReader(), self._stream(query))
+        query = (sa.select(*_PlanningReader.columns).where(table.c.time < sa.bindparam("until"))
+                 .order_by(table.c.person_key, table.c.time, table.c.source_platform,
+                           table.c.source_event_id))
+        bind = UtcDateTime().bind_processor(self._engine.dialect) or _unchanged
+        read = _PlanningReader(self.dialect)
+        wanted, once = frozenset(conversions), frozenset(first_only)
+        person, first_seen, seen = None, dt.datetime.min, set[str]()
+        for row in self._stream_raw(query, {"until": bind(until)}):
+            if row[0] != person:
+                person, first_seen, seen = row[0], read.time(row[3]), set()
+            conversion = row[1]
+            if conversion not in wanted:
+                continue
+            if conversion in once:
+                if conversion in seen:
+                    continue
+                seen.add(conversion)
+            yield read(row), first_seen
 
     # -- the upload ledger ---------------------------------------------------------------------
 
     def plan_uploads(self, planned: Iterable[Upload], batch_size: int = DEFAULT_BATCH_SIZE,
-                     *, client: str = "", claim: bool = False) -> list[str]:
-        """Add uploads whose (destination, dedupe_key) is new; returns the keys added.
+                     *, client: str = "") -> list[str]:
+        """Add uploads whose (destination, dedupe_key) is new (with their own status,
+        planned or held); returns the keys added.
 
-        An existing key is left exactly as it is (status, value, attempts): exactly-once.
-        ``claim``: the new rows are written already claimed for sending (status sending, as
-        ``claim_uploads`` leaves them), but for held ones; call under the client's lock."""
+        An existing key is left exactly as it is (status, value, attempts): exactly-once."""
         added: list[str] = []
         for chunk in _chunks(planned, batch_size):
-            now = self._upload_insert.processor("created_at")(self._clock())
+            now = self._clock()
+            stamp = self._upload_insert.processor("created_at")(now)
+            unique: dict[tuple[str, str], Upload] = {}
+            for u in sorted(chunk, key=_by_key):  # in key order: fewer index pages rewritten
+                unique.setdefault((u.destination, u.dedupe_key), u)
             with self._writing() as conn:
-                known = self._known_keys(conn, chunk)
-                fresh: dict[tuple[str, str], Upload] = {}
-                for u in chunk:
-                    if (u.destination, u.dedupe_key) not in known:
-                        fresh.setdefault((u.destination, u.dedupe_key), u)
-                if fresh:
-                    self._upload_insert.execute(
-                        conn, [self._upload_row(u, client, now, claim) for u in fresh.values()])
-            added += (key for _, key in fresh)
+                written = self._upload_insert.execute(
+                    conn, [self._upload_row(u, client, stamp) for u in unique.values()])
+                if written == len(unique):  # all new: the usual case, known without a query
+                    added += (key for _, key in unique)
+                else:
+                    added += self._written_at(conn, client, list(unique), now)
         return added
 
-    @staticmethod
-    def _known_keys(conn: Connection, chunk: Sequence[Upload]) -> set[tuple[str, str]]:
-        """The (destination, dedupe_key) pairs of ``chunk`` already in the ledger."""
-        table, known = uploads, set[tuple[str, str]]()
+    def _written_at(self, conn: Connection, client: str, keys: Sequence[tuple[str, str]],
+                    now: dt.datetime) -> list[str]:
+        """Those of the (destination, dedupe_key) ``keys`` whose row was created at ``now``
+        (by the statement that just ran)."""
+        table, found = uploads, set[tuple[str, str]]()
         by_destination: dict[str, list[str]] = {}
-        for u in chunk:
-            by_destination.setdefault(Platform(u.destination).value, []).append(u.dedupe_key)
-        for destination, keys in by_destination.items():
-            known.update((destination, key) for key in conn.execute(
+        for destination, key in keys:
+            by_destination.setdefault(Platform(destination).value, []).append(key)
+        for destination, chunk in by_destination.items():
+            found.update((destination, key) for key in conn.execute(
                 sa.select(table.c.dedupe_key).where(
-                    table.c.destination == destination,
-                    _among(table.c.dedupe_key, keys, conn.dialect.name))).scalars())
-        return known
+                    table.c.client == client, table.c.destination == destination,
+                    table.c.created_at == now,
+                    _among(table.c.dedupe_key, chunk, self.dialect))).scalars())
+        return [key for destination, key in keys if (Platform(destination).value, key) in found]
 
     def mark_upload(self, destination: Platform | str, dedupe_key: str, status: UploadStatus,
                     response: str = "", *, attempt: bool = True) -> None:
@@ -1508,18 +1525,20 @@ class Store:
                 .returning(table.c.dedupe_key)).scalars())
 
     def record_sent(self, client: str, destination: Platform | str, keys: Sequence[str],
-                    request_id: str, now: dt.datetime) -> None:
+                    request_id: str, now: dt.datetime, *, first: bool = False) -> None:
         """The uploads ``keys`` went out in request ``request_id``: sent, with the value sent
         kept. A row sent before (a restatement, a resend) first moves its earlier send to
-        upload_sends, so every value ever sent is kept."""
+        upload_sends, so every value ever sent is kept; ``first`` says none was (rows this
+        run wrote), which spares looking."""
         table, where = uploads, Platform(destination).value
         these = sa.and_(table.c.destination == where,
                         _among(table.c.dedupe_key, keys, self.dialect))
         with self._writing() as conn:
-            conn.execute(upload_sends.insert().from_select(
-                ["upload_id", "request_id", "value", "sent_at"],
-                sa.select(table.c.id, table.c.request_id, table.c.sent_value, table.c.sent_at)
-                .where(these, table.c.request_id.is_not(None))))
+            if not first:
+                conn.execute(upload_sends.insert().from_select(
+                    ["upload_id", "request_id", "value", "sent_at"],
+                    sa.select(table.c.id, table.c.request_id, table.c.sent_value,
+                              table.c.sent_at).where(these, table.c.request_id.is_not(None))))
             sent = conn.execute(table.update().where(these).values(
                 status=UploadStatus.SENT.value, request_id=request_id,
                 sent_value=table.c.value, sent_at=now, reason="", updated_at=now,
@@ -1717,6 +1736,27 @@ class Store:
                 upsert.execute(conn, rows)
             stored += len(rows)
         return stored
+
+    def _stream_raw(self, query: sa.Select[Any], values: Mapping[str, Any]
+                    ) -> Iterator[Sequence[Any]]:
+        """Rows of ``query`` as the driver gives them, fetched in chunks through the driver's
+        own cursor (server-side on PostgreSQL): no type converts a value (``values``, the
+        named parameters, come converted too), which saves more than the query costs where
+        a plan reads millions of rows."""
+        compiled = query.compile(dialect=self._engine.dialect)
+        params = compiled.construct_params(dict(values))
+        bound: Any = (tuple(params[name] for name in compiled.positiontup or ())
+                      if compiled.positional else params)
+        with self._engine.connect() as conn:
+            driver: Any = conn.connection.dbapi_connection
+            cursor = (driver.cursor(name="convsync_stream") if self.dialect == "postgresql"
+                      else driver.cursor())
+            try:
+                cursor.execute(str(compiled), bound)
+                while rows := cursor.fetchmany(_STREAM_CHUNK):
+                    yield from rows
+            finally:
+                cursor.close()
 
     def _stream(self, query: sa.Select[Any]) -> Iterator[sa.Row[Any]]:
         """Rows of ``query`` fetched in chunks (server-side cursor on PostgreSQL)."""

@@ -40,6 +40,7 @@ for any id convsync makes (the planner's are 32 hex digits)."""
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 import math
 import re
@@ -174,38 +175,31 @@ class DataManagerSink:
         the first problem, naming the field and what is wrong, never its value."""
         if now.tzinfo is None or now.utcoffset() is None:
             raise ValueError("now must be timezone-aware")
-        if upload.destination != Platform.GOOGLE_ADS:
-            return "destination: not a Google Ads upload"
-        if not _ACCOUNT.fullmatch(upload.account_id or ""):
-            return "account_id: a Google Ads account id is 10 digits, without dashes"
-        if not (upload.conversion_action or "").isdigit():
-            return ("conversion_action: a Google Ads conversion action is named by its id "
-                    "(digits), not its name")
+        why = _destination_problem(upload.destination, upload.account_id,
+                                   upload.conversion_action, upload.currency)
+        if why:
+            return why
         if not upload.dedupe_key:
             return "dedupe_key: empty (it is Google's transaction_id, which deduplicates)"
         if len(upload.dedupe_key) > MAX_TRANSACTION_ID:
             return f"dedupe_key: longer than {MAX_TRANSACTION_ID} characters"
         ids = upload.identifiers
-        for name in ("gclid", "gbraid", "wbraid"):
-            value = getattr(ids, name)
+        clicks = (ids.gclid, ids.gbraid, ids.wbraid)
+        for name, value in zip(_CLICK_FIELDS, clicks, strict=True):
             if value is not None and not _CLICK_ID.fullmatch(value):
                 return (f"{name}: not a Google click id (URL-safe base64: at least 10 "
                         "letters, digits, '-' or '_')")
-        for name in ("email_sha256_google", "phone_sha256_google"):
-            value = getattr(ids, name)
+        hashes = (ids.email_sha256_google, ids.phone_sha256_google)
+        for name, value in zip(_HASH_FIELDS, hashes, strict=True):
             if value is not None and not _SHA256_HEX.fullmatch(value):
                 return f"{name}: not a SHA-256 digest in hex (64 hex digits)"
-        if _click_id(ids) is None and not _user_identifiers(ids):
+        if not any(clicks) and not any(hashes):
             return ("identifiers: no click id (gclid / gbraid / wbraid) and no email or phone "
                     "hashed under Google's rule")
-        if len(_user_identifiers(ids)) > MAX_USER_IDENTIFIERS:
-            return f"identifiers: more than {MAX_USER_IDENTIFIERS} user identifiers"
         if not isinstance(upload.value, int | float) or not math.isfinite(upload.value):
             return "value: not a finite number"
         if upload.value < 0:
             return "value: negative"
-        if not _CURRENCY.fullmatch(upload.currency or ""):
-            return "currency: not an ISO 4217 code of three capitals, such as USD"
         moment = upload.time
         if moment.tzinfo is None or moment.utcoffset() is None:
             return "time: not timezone-aware"
@@ -327,6 +321,26 @@ class DataManagerSink:
         log.warning("google_ads (Data Manager) %s: %s (%s)", method, failure.reason,
                     "may have arrived" if failure.maybe_sent else "not taken")
         raise failure
+
+
+_CLICK_FIELDS = ("gclid", "gbraid", "wbraid")
+_HASH_FIELDS = ("email_sha256_google", "phone_sha256_google")
+
+
+@functools.lru_cache(maxsize=256)
+def _destination_problem(destination: str, account_id: str, action: str, currency: str) -> str:
+    """What is wrong with where an upload goes ('' when nothing): the same for every upload
+    of an action, so kept."""
+    if destination != Platform.GOOGLE_ADS:
+        return "destination: not a Google Ads upload"
+    if not _ACCOUNT.fullmatch(account_id or ""):
+        return "account_id: a Google Ads account id is 10 digits, without dashes"
+    if not (action or "").isdigit():
+        return ("conversion_action: a Google Ads conversion action is named by its id "
+                "(digits), not its name")
+    if not _CURRENCY.fullmatch(currency or ""):
+        return "currency: not an ISO 4217 code of three capitals, such as USD"
+    return ""
 
 
 def _click_id(ids: Identifiers) -> tuple[str, str] | None:
