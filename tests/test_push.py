@@ -19,13 +19,13 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from convsync import pipeline, planning, push
+from convsync import pipeline, planning, push, quotas
 from convsync.model import Platform, Upload
 from convsync.reconcile import load_audit
 from convsync.sandbox import server
 from convsync.sandbox.world import MICRO_UPLOAD_ACTION_ID, World, WorldSpec
 from convsync.settings import ClientConfig, load_config, load_secrets
-from convsync.store import Store, uploads
+from convsync.store import Store, quota_calls, uploads
 
 TODAY = dt.date(2026, 10, 31)
 NOW = dt.datetime(2026, 11, 1, 4, tzinfo=dt.UTC)
@@ -359,6 +359,40 @@ def test_a_request_google_refuses_whole_loses_nothing_and_a_later_run_sends_it(
     assert later.errors == [] and later.sent == len(sent) == refused.plan.events - len(
         refused.plan.holds)
     assert set(_counts_by_key(running)) == set(sent)
+
+
+def test_a_cloud_projects_spent_day_stops_the_push_and_loses_nothing(
+        valued: ClientConfig, running: server.RunningSandbox, tmp_path: Path) -> None:
+    """Other clients of the Cloud project used its 100,000 writes today: the push writes its
+    ledger, sends nothing, says why; the next quota day sends every row once."""
+    assert running.datamanager is not None
+    running.datamanager.reset()
+    config = load_config(_copy_client(valued, tmp_path / "quota"))
+    secrets = load_secrets(config)
+    assert config.google_ads is not None
+    project = quotas.cloud_project(config.google_ads, secrets)
+    with Store.open(config.store_url()) as store:
+        with store.engine.begin() as conn:
+            conn.execute(quota_calls.insert().values(
+                project=project, api="datamanager.write", calls=100_000,
+                second=quotas.quota_day_start(dt.datetime.now(dt.UTC))))
+        spent = push.push_google_ads(config, secrets, store, now=NOW, sleep=lambda s: None)
+        statuses = {r["status"] for r in store.ledger(config.client.name, Platform.GOOGLE_ADS)}
+        assert (spent.sent, dict(spent.requests)) == (0, {})
+        assert not any("QUOTA" in why for why in spent.rejected)  # deferred, not rejected
+        assert statuses <= {"planned", "held"} and spent.planned_new == spent.plan.events
+        assert any(project in e and "quota for the day is spent" in e for e in spent.errors)
+        assert running.datamanager.transactions() == {}
+        with store.engine.begin() as conn:  # a new quota day
+            conn.execute(quota_calls.delete())
+        later = push.push_google_ads(config, secrets, store, now=NOW, sleep=lambda s: None)
+    assert later.errors == [] and later.sent == spent.plan.events - len(spent.plan.holds)
+    assert set(_counts_by_key(running)) == set(_ledger_sent_keys(config))
+
+
+def _ledger_sent_keys(config: ClientConfig) -> set[str]:
+    with Store.open(config.store_url()) as store:
+        return set(_ledger_sent(store))
 
 
 def test_a_request_still_processing_is_looked_at_less_and_less_often() -> None:

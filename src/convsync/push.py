@@ -20,16 +20,24 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from convsync import planning
+from convsync import planning, quotas
 from convsync.locks import client_lock
 from convsync.model import Platform, Upload, UploadStatus
 from convsync.settings import ClientConfig, GoogleAdsSection, Secrets
 from convsync.sinks import SinkError
-from convsync.sinks.google_ads import MAX_DESTINATIONS, MAX_EVENTS, DataManagerSink, connect
+from convsync.sinks.google_ads import (
+    INGEST,
+    MAX_DESTINATIONS,
+    MAX_EVENTS,
+    RETRIEVE,
+    DataManagerSink,
+    connect,
+)
 from convsync.store import Store
 
 log = logging.getLogger(__name__)
 
+QUOTA_API = {INGEST: "datamanager.write", RETRIEVE: "datamanager.read"}
 LEDGER_CHUNK = 20_000
 """Planned uploads written to the ledger a transaction at a time (the ledger's key index
 takes them in key order: a bigger chunk rewrites fewer of its pages per row)."""
@@ -96,7 +104,7 @@ def push_google_ads(config: ClientConfig, secrets: Secrets, store: Store, *,
     section = _enabled_section(config, result)
     if section is None:
         return result
-    sink = sink or _sink(section, secrets, result, sleep)
+    sink = sink or _sink(section, secrets, store, result, sleep)
     with client_lock(store, config.client.name, "push"):
         result.plan, planned = planning.plan_google_ads(config, store, now,
                                                         problems=sink.problems)
@@ -168,7 +176,7 @@ def refresh_google_ads(config: ClientConfig, secrets: Secrets, store: Store, *,
     section = _enabled_section(config, result)
     if section is None:
         return result
-    sink = _sink(section, secrets, result, None)
+    sink = _sink(section, secrets, store, result, None)
     with client_lock(store, config.client.name, "push"):
         _read_back(store, sink, config.client.name, now, result, every=True)
     return result
@@ -183,11 +191,18 @@ def _enabled_section(config: ClientConfig, result: PushResult) -> GoogleAdsSecti
     return section
 
 
-def _sink(section: GoogleAdsSection, secrets: Secrets, result: PushResult,
+def _sink(section: GoogleAdsSection, secrets: Secrets, store: Store, result: PushResult,
           sleep: Callable[[float], None] | None) -> DataManagerSink:
-    """The Data Manager sink, its API calls counted in ``result``."""
-    return DataManagerSink(connect(section, secrets), section,
-                           on_request=lambda method: result.requests.update([method]),
+    """The Data Manager sink, its API calls paced under the Cloud project's quotas (counted
+    in the store, for every client of the project) and counted in ``result``."""
+    quota = quotas.ProjectQuota(store, quotas.cloud_project(section, secrets),
+                                quotas.DATAMANAGER_LIMITS, sleep=sleep or time.sleep)
+
+    def on_request(method: str) -> None:
+        quota.take(QUOTA_API[method])
+        result.requests.update([method])
+
+    return DataManagerSink(connect(section, secrets), section, on_request=on_request,
                            sleep=sleep or time.sleep)
 
 

@@ -99,6 +99,9 @@ class GoogleAdsSection(_PlatformSection):
     datamanager_transport: Literal["grpc", "rest"] = "grpc"
     consent: Literal["granted", "denied", "unspecified"] = "unspecified"
     """Push: the ad_user_data consent sent with every event ("denied": nothing is sent)."""
+    cloud_project: str | None = None
+    """Push: the Cloud project whose Data Manager quotas the calls count against (default:
+    the one the OAuth client id or service account names; see ``convsync.quotas``)."""
     restate_threshold: float = Field(default=0.05, ge=0)
     """Push: an upload already sent is sent again with its new value (same transaction id:
     Google restates it) when the value moved by more than this share."""

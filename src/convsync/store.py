@@ -471,6 +471,18 @@ upload_sends = sa.Table(
 """Every earlier send of each upload (its latest is on its row): a restatement is the same
 dedupe key again, with another value."""
 
+quota_calls = sa.Table(
+    "quota_calls",
+    metadata,
+    sa.Column("project", sa.String, primary_key=True),
+    sa.Column("api", sa.String(48), primary_key=True),
+    sa.Column("second", UtcDateTime, primary_key=True),
+    sa.Column("calls", sa.Integer, nullable=False),
+)
+"""API calls made per second against a quota that belongs to a Cloud project (the Data
+Manager's 300 requests a minute and 100,000 a day, for writes and again for reads), counted
+across every client and run that uses the project."""
+
 watermarks = sa.Table(
     "watermarks",
     metadata,
@@ -515,6 +527,7 @@ uploads, NULL: nothing); ``detail`` holds every figure of the row."""
 DATA_TABLES = (
     conversion_definitions, conversion_platform_names, platform_conversions, daily_stats,
     journey_events, uploads, watermarks, runs, micro_values, upload_requests, upload_sends,
+    quota_calls,
 )
 
 
@@ -524,7 +537,7 @@ def _migrate_to_v1(conn: Connection) -> None:
     This builds the *current* definitions above, except for the tables a later migration
     changed, which are frozen in their version 1 shape, so that v1 + v2 + ... always equals
     the code."""
-    later = (journey_events, daily_stats, uploads, upload_requests, upload_sends)
+    later = (journey_events, daily_stats, uploads, upload_requests, upload_sends, quota_calls)
     metadata.create_all(conn, tables=[t for t in DATA_TABLES if t not in later])
     _journey_events_v1().create(conn)
     _daily_stats_v1().create(conn)
@@ -611,7 +624,8 @@ def _migrate_to_v4(conn: Connection) -> None:
 def _migrate_to_v5(conn: Connection) -> None:
     """Keep each upload's identifiers as one JSON column (as journey_events does) and let
     the status index end with the row id; index only the rows sent in a request. The
-    uploads and the values they were sent with move to the new tables, their ids kept."""
+    uploads and the values they were sent with move to the new tables, their ids kept.
+    Count the calls made against a Cloud project's quotas (``quota_calls``)."""
     pg = conn.dialect.name == "postgresql"
     conn.execute(sa.text("DROP INDEX ix_uploads_request_id"))
     _set_aside(conn, "uploads", "v4", index="ix_uploads_client_destination_status")
@@ -640,6 +654,7 @@ def _migrate_to_v5(conn: Connection) -> None:
                                  f"(SELECT COALESCE(MAX(id), 0) + 1 FROM {table}), false)"))
     conn.execute(sa.text("DROP TABLE upload_sends_v4"))
     conn.execute(sa.text("DROP TABLE uploads_v4"))
+    quota_calls.create(conn)
 
 
 Migration = Callable[[Connection], None]
@@ -1626,6 +1641,54 @@ class Store:
             return [dict(r._mapping) for r in conn.execute(sa.select(table).where(
                 table.c.client == client, table.c.destination == Platform(destination).value)
                 .order_by(table.c.sent_at))]
+
+    # -- quotas --------------------------------------------------------------------------------
+
+    def take_call(self, project: str, api: str, now: dt.datetime, per_minute: int,
+                  per_day: int, day_start: dt.datetime) -> float | None:
+        """Count one call of ``api`` for ``project`` at ``now`` if the 60 seconds before
+        hold fewer than ``per_minute`` and the day since ``day_start`` fewer than
+        ``per_day``: 0.0 when counted, the seconds until the minute has room when it has
+        none, None when the day's calls are spent. One transaction (on PostgreSQL under a
+        lock per project and api), so runs on other machines never both take the last
+        call."""
+        table = quota_calls
+        second = now.replace(microsecond=0)
+        ours = sa.and_(table.c.project == project, table.c.api == api)
+        with self._writing() as conn:
+            if self.dialect == "postgresql":
+                conn.execute(sa.select(sa.func.pg_advisory_xact_lock(
+                    sa.func.hashtextextended(f"convsync quota {project} {api}", 0))))
+            used_today = conn.execute(sa.select(sa.func.coalesce(sa.func.sum(table.c.calls), 0))
+                                      .where(ours, table.c.second >= day_start)).scalar_one()
+            if used_today >= per_day:
+                return None
+            recent = conn.execute(sa.select(table.c.second, table.c.calls).where(
+                ours, table.c.second > second - dt.timedelta(seconds=60))
+                .order_by(table.c.second)).all()
+            used, wait = sum(r.calls for r in recent), 0.0
+            for moment, calls in recent:  # the wait until enough of them leave the minute
+                if used < per_minute:
+                    break
+                used -= calls
+                wait = (moment + dt.timedelta(seconds=60) - now).total_seconds()
+            if wait > 0:
+                return wait
+            insert = (sqlite.insert if self.dialect == "sqlite" else postgresql.insert)(table)
+            conn.execute(insert.values(project=project, api=api, second=second, calls=1)
+                         .on_conflict_do_update(index_elements=["project", "api", "second"],
+                                                set_={"calls": table.c.calls + 1}))
+            conn.execute(table.delete().where(  # what no quota looks at any more
+                table.c.second < day_start - dt.timedelta(days=1)))
+            return 0.0
+
+    def calls_since(self, project: str, api: str, since: dt.datetime) -> int:
+        """Calls of ``api`` counted for ``project`` from ``since``."""
+        table = quota_calls
+        with self._engine.connect() as conn:
+            return int(conn.execute(sa.select(sa.func.coalesce(sa.func.sum(table.c.calls), 0))
+                                    .where(table.c.project == project, table.c.api == api,
+                                           table.c.second >= since)).scalar_one())
 
     # -- watermarks ----------------------------------------------------------------------------
 

@@ -266,7 +266,8 @@ def write_client_config(path: Path, running: RunningSandbox, store_url: str = ""
         ga4_endpoint=ep["ga4"], ad_account=accounts.meta_ad_account_id,
         pixel_id=accounts.meta_pixel_id, meta_endpoint=ep["meta"],
         klaviyo_endpoint=ep["klaviyo"], conversions=conversions_toml(world),
-        dm_endpoint=ep["datamanager"], upload_actions=upload_actions_toml(world))
+        dm_endpoint=ep["datamanager"], upload_actions=upload_actions_toml(world),
+        cloud_project=datamanager.PROJECT_NUMBER)
     path.write_text(text)
     return secrets
 
@@ -330,6 +331,9 @@ conversion_date_basis = true
 datamanager_endpoint = "{dm_endpoint}"
 upload_actions = {upload_actions}
 consent = "granted"
+# the Cloud project whose Data Manager quotas pushes count against (with your own
+# credentials it comes from the OAuth client id; name it when several share it)
+cloud_project = "{cloud_project}"
 
 [ga4]
 property_id = "{property_id}"

@@ -313,6 +313,9 @@ class DataManagerSink:
 
         try:
             return retrying(self.policy, self.sleep)(attempt)
+        except SinkError as error:  # ``on_request`` refused the call (a quota): not made
+            error.maybe_sent = maybe_sent
+            raise
         except (api.GoogleAPICallError, auth_errors.GoogleAuthError,
                 requests.RequestException) as error:
             if keep(error):
