@@ -20,11 +20,12 @@ import pytest
 import sqlalchemy as sa
 
 from convsync import pipeline, planning, push, quotas
-from convsync.model import Platform, Upload
+from convsync.model import ConversionMap, Platform, Upload
 from convsync.reconcile import load_audit
 from convsync.sandbox import server
 from convsync.sandbox.world import MICRO_UPLOAD_ACTION_ID, World, WorldSpec
 from convsync.settings import ClientConfig, load_config, load_secrets
+from convsync.sources import crm as crm_source
 from convsync.store import Store, quota_calls, uploads
 
 TODAY = dt.date(2026, 10, 31)
@@ -388,6 +389,73 @@ def test_a_cloud_projects_spent_day_stops_the_push_and_loses_nothing(
         later = push.push_google_ads(config, secrets, store, now=NOW, sleep=lambda s: None)
     assert later.errors == [] and later.sent == spent.plan.events - len(spent.plan.holds)
     assert set(_counts_by_key(running)) == set(_ledger_sent_keys(config))
+
+
+def test_a_lead_the_crm_disqualifies_is_restated_to_its_voided_value_never_retracted(
+        valued: ClientConfig, running: server.RunningSandbox, tmp_path: Path) -> None:
+    """A qualified lead sent to Google, then disqualified in the CRM: the next push sends its
+    transaction id again at the configured voided value (Google restates, the conversion
+    still counts once) and says the Data Manager API cannot retract it; a lead disqualified
+    before any push is never sent."""
+    assert running.datamanager is not None
+    running.datamanager.reset()
+    path = _copy_client(valued, tmp_path / "void")
+    path.write_text(path.read_text().replace(
+        'name = "qualified_lead"\n', 'name = "qualified_lead"\nvoided_by = "lead_disqualified"\n'
+        'voided_value = 1.5\n'))
+    running.datamanager.configure(processing_delay_minutes=0)
+    config = load_config(path)
+    secrets = load_secrets(config)
+    crm = tmp_path / "void" / "crm.csv"
+    mapping = ConversionMap(config.definitions())
+    with Store.open(config.store_url()) as store:
+        (one, at_one), (two, at_two) = _recent_clicks(store, 2)  # people who clicked an ad
+        crm.write_text("event,time,value,currency,gclid\n"
+                       f"lead_qualified,{at_one.isoformat()},120,USD,{one}\n"
+                       f"lead_qualified,{at_two.isoformat()},80,USD,{two}\n"
+                       f"lead_disqualified,{at_two.isoformat()},0,USD,{two}\n")
+        crm_source.import_file(store, crm, mapping)
+        first = push.push_google_ads(config, secrets, store, now=NOW, sleep=lambda s: None)
+        leads = {key: value for key, value in _ledger_sent(store).items()
+                 if key in _keys_of(store, "6108")}
+        later = NOW + dt.timedelta(hours=1)
+        lost = (NOW + dt.timedelta(minutes=30)).isoformat()
+        crm.write_text(crm.read_text() + f"lead_disqualified,{lost},0,USD,{one}\n")
+        crm_source.import_file(store, crm, mapping)
+        second = push.push_google_ads(config, secrets, store, now=later, sleep=lambda s: None)
+        after = _ledger_sent(store)
+    action = first.plan.actions["qualified_lead"]
+    assert list(leads.values()) == [120.0]  # L-2 was disqualified before it could be sent
+    assert action.refused["voided by the CRM (lead_disqualified) before it was sent"] == 1
+    (key,) = leads
+    assert second.plan.actions["qualified_lead"].voided == 1 and second.restated == 1
+    assert after[key] == 1.5
+    counted = running.datamanager.transactions()[(6108, key)]
+    assert (counted.events, counted.conversions, counted.adjustments, counted.value) == (
+        2, 1, 1, 1.5)
+    shown = subprocess.run([str(CONVSYNC), "push", "--config", str(path), "--dry-run"],
+                           capture_output=True, text=True, env={"COLUMNS": "80", "PATH": ""})
+    assert "cannot retract" in " ".join(shown.stdout.split())
+
+
+def _recent_clicks(store: Store, count: int) -> list[tuple[str, dt.datetime]]:
+    """Gclids of stored people first seen 2 to 20 days before NOW, each with a time a day
+    after (a conversion of that click)."""
+    found: dict[str, dt.datetime] = {}
+    for event in store.journey_events(since=NOW - dt.timedelta(days=20),
+                                      until=NOW - dt.timedelta(days=2)):
+        gclid = event.identifiers.gclid
+        if gclid and gclid not in found:
+            found[gclid] = event.time + dt.timedelta(days=1)
+        if len(found) == count:
+            break
+    return list(found.items())
+
+
+def _keys_of(store: Store, action: str) -> set[str]:
+    with store.engine.connect() as conn:
+        return set(conn.execute(sa.select(uploads.c.dedupe_key).where(
+            uploads.c.conversion_action == action)).scalars())
 
 
 def _ledger_sent_keys(config: ClientConfig) -> set[str]:

@@ -491,6 +491,10 @@ def push_command(
         for action in result.plan.actions.values():
             for why, count in action.refused.most_common():
                 out.print(f"  {action.conversion}: {count:,} refused, {why}", highlight=False)
+            if action.voided:
+                out.print(f"  {action.conversion}: {action.voided:,} voided by the CRM, restated "
+                          "to their voided_value: the Data Manager API cannot retract a "
+                          "conversion (each still counts once in Google Ads)", highlight=False)
         if not dry_run:
             out.print(f"sent {result.sent:,} ({result.resent:,} resent), new in the ledger "
                       f"{result.planned_new:,}, restated {result.restated:,}, held "

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import itertools
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from convsync.model import (
     Upload,
     UploadStatus,
 )
-from convsync.settings import ClientConfig
+from convsync.settings import ClientConfig, ConversionEntry
 from convsync.store import Store
 from convsync.valuation import ALL_SEGMENTS, segment_of
 
@@ -54,13 +55,16 @@ class ActionPlan:
     events: int = 0
     value: float = 0.0
     held: int = 0
+    voided: int = 0
+    """Uploads Google has that a CRM outcome voided: restated to the configured value (the
+    Data Manager API cannot retract them)."""
     refused: Counter[str] = field(default_factory=Counter)
     sample: list[dict[str, object]] = field(default_factory=list)
 
     def summary(self) -> dict[str, object]:
         return {"conversion": self.conversion, "action_id": self.action_id,
                 "action_name": self.action_name, "events": self.events,
-                "value": round(self.value, 2), "held": self.held,
+                "value": round(self.value, 2), "held": self.held, "voided": self.voided,
                 "refused": dict(self.refused.most_common()), "sample": self.sample}
 
 
@@ -72,6 +76,8 @@ class Plan:
     holds: list[tuple[str, dt.datetime, str]] = field(default_factory=list)
     actions: dict[str, ActionPlan] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    unsent_voided: list[str] = field(default_factory=list)
+    """Ledger rows not sent yet that a CRM outcome voided: never to be sent."""
 
     @property
     def events(self) -> int:
@@ -119,22 +125,72 @@ def _uploads(plan: Plan, config: ClientConfig, store: Store, now: dt.datetime,
     actions = _actions(store, section.upload_actions, plan)
     values = _upload_values(store, config.client.name)
     micro = {d.name for d in config.definitions() if d.kind is Kind.MICRO}
+    voiders = {name: entry for entry in config.conversions if entry.name in actions
+               for name in entry.voided_by}
     segment_by = config.valuation.segment_by
-    for event, click_time in store.planning_events(now, actions, micro & set(actions)):
-        conversion = event.conversion or ""
-        ledger, action = plan.actions[conversion], actions[conversion]
-        if conversion in micro:
-            value = values.get((conversion, segment_of(event, segment_by)),
-                               values.get((conversion, ALL_SEGMENTS)))
-            if value is None:
-                ledger.refused[NO_VALUE] += 1
-                continue
-        else:
-            value = event.value
-        upload = _consider(plan, ledger, action, config, event, value, click_time, now,
-                           problems, per_person=conversion in micro)
-        if upload is not None:
-            yield upload
+    events = store.planning_events(now, actions, micro & set(actions), voiders)
+    for _, person in itertools.groupby(events, key=_person):
+        journey = list(person)  # one person's events: a few
+        voided = _voided(journey, voiders)
+        for event, click_time in journey:
+            conversion = event.conversion or ""
+            if conversion not in actions:
+                continue  # a CRM outcome that voids others
+            ledger, action = plan.actions[conversion], actions[conversion]
+            if conversion in micro:
+                value = values.get((conversion, segment_of(event, segment_by)),
+                                   values.get((conversion, ALL_SEGMENTS)))
+                if value is None:
+                    ledger.refused[NO_VALUE] += 1
+                    continue
+            else:
+                value = event.value
+            upload = _consider(plan, ledger, action, config, event, value, click_time, now,
+                               problems, per_person=conversion in micro)
+            void = voided.get(conversion)
+            if upload is not None and void is not None and void[0] >= event.time:
+                upload = _void(plan, ledger, store, config.client.name, upload, void[1])
+            if upload is not None:
+                yield upload
+
+
+def _person(planned: tuple[JourneyEvent, dt.datetime]) -> str:
+    return planned[0].person_key
+
+
+def _voided(journey: list[tuple[JourneyEvent, dt.datetime]],
+            voiders: dict[str, ConversionEntry]) -> dict[str, tuple[dt.datetime, ConversionEntry]]:
+    """The conversions a CRM outcome of this person voids: (the latest such outcome's time,
+    the conversion's config)."""
+    voided: dict[str, tuple[dt.datetime, ConversionEntry]] = {}
+    for event, _ in journey:
+        entry = voiders.get(event.platform_conversion)
+        if entry is not None and event.conversion != entry.name:
+            voided[entry.name] = (event.time, entry)
+    return voided
+
+
+def _void(plan: Plan, ledger: ActionPlan, store: Store, client: str, upload: Upload,
+          entry: ConversionEntry) -> Upload | None:
+    """A voided conversion: restated to the config's value when Google has it (the Data
+    Manager API cannot retract: it still counts once), never sent when it was not."""
+    status = store.upload_statuses(client, Platform.GOOGLE_ADS, [upload.dedupe_key]).get(
+        upload.dedupe_key)
+    ledger.events -= 1
+    ledger.value -= upload.value
+    if upload.status == UploadStatus.HELD:
+        ledger.held -= 1
+        plan.holds = [h for h in plan.holds if h[0] != upload.dedupe_key]
+    if status not in (UploadStatus.SENT, UploadStatus.ACCEPTED, UploadStatus.SENDING):
+        ledger.refused[f"voided by the CRM ({', '.join(entry.voided_by)}) before it was "
+                       "sent"] += 1
+        if status is not None:  # planned or held: must not go out any more
+            plan.unsent_voided.append(upload.dedupe_key)
+        return None
+    ledger.voided += 1
+    ledger.events += 1
+    ledger.value += entry.voided_value
+    return upload._replace(value=round(entry.voided_value, 2))
 
 
 def _actions(store: Store, wanted: dict[str, str], plan: Plan) -> dict[str, PlatformConversion]:

@@ -37,6 +37,7 @@ from convsync.store import Store
 
 log = logging.getLogger(__name__)
 
+VOIDED_UNSENT = "voided by the CRM before it was sent"
 QUOTA_API = {INGEST: "datamanager.write", RETRIEVE: "datamanager.read"}
 LEDGER_CHUNK = 20_000
 """Planned uploads written to the ledger a transaction at a time (the ledger's key index
@@ -137,6 +138,7 @@ def _write_and_send(store: Store, sink: DataManagerSink, client: str, now: dt.da
                 threshold=threshold)
         store.hold_uploads(Platform.GOOGLE_ADS, result.plan.holds[holds:])
         holds = len(result.plan.holds)
+        _fail_voided(store, result)
         waiting = iter([u for u in chunk if u.status != UploadStatus.HELD])
         while sending and (part := list(itertools.islice(waiting, MAX_EVENTS))):
             ready = store.claim_planned(client, Platform.GOOGLE_ADS,
@@ -144,7 +146,16 @@ def _write_and_send(store: Store, sink: DataManagerSink, client: str, now: dt.da
             uploads = list({u.dedupe_key: u for u in part if u.dedupe_key in ready}.values())
             sending = _send_claimed(store, sink, client, now, uploads, set(), result,
                                     fresh=fresh)
+    _fail_voided(store, result)
     return sending
+
+
+def _fail_voided(store: Store, result: PushResult) -> None:
+    """Rows not sent yet that a CRM outcome voided never go out."""
+    if result.plan.unsent_voided:
+        store.release_uploads(Platform.GOOGLE_ADS, result.plan.unsent_voided,
+                              UploadStatus.FAILED, VOIDED_UNSENT)
+        result.plan.unsent_voided.clear()
 
 
 def _by_key(upload: Upload) -> str:

@@ -224,8 +224,13 @@ class ConversionEntry(_Section):
     meta: list[str] = []
     klaviyo: list[str] = []
     crm: list[str] = []
+    voided_by: list[str] = []
+    """CRM outcomes that undo this conversion for the same person when they come after it
+    (``lead_disqualified``, ``deal_lost``): an upload already sent is restated to
+    ``voided_value``; one not sent yet is not sent."""
+    voided_value: float = Field(default=0.0, ge=0)
 
-    @field_validator("google_ads", "ga4", "meta", "klaviyo", "crm", mode="before")
+    @field_validator("google_ads", "ga4", "meta", "klaviyo", "crm", "voided_by", mode="before")
     @classmethod
     def _listify(cls, value: Any) -> Any:
         return _names(value)

@@ -1300,25 +1300,28 @@ class Store:
         return map(_read_journey_event, self._stream(query))
 
     def planning_events(self, until: dt.datetime, conversions: Collection[str],
-                        first_only: Collection[str] = ()
+                        first_only: Collection[str] = (), crm_names: Collection[str] = ()
                         ) -> Iterator[tuple[JourneyEvent, dt.datetime]]:
         """The events of ``conversions`` before ``until``, each with the time of its person's
         first event of all (the landing that carried the click), by person; of a
-        ``first_only`` conversion only each person's first event. The database sorts by
-        person and time, so a plan over millions of people holds one person at a time."""
+        ``first_only`` conversion only each person's first event; and the CRM outcomes named
+        ``crm_names`` (mapped or not). The database sorts by person and time, so a plan over
+        millions of people holds one person at a time."""
         table = journey_events
         query = (sa.select(*_PlanningReader.columns).where(table.c.time < sa.bindparam("until"))
                  .order_by(table.c.person_key, table.c.time, table.c.source_platform,
                            table.c.source_event_id))
         bind = UtcDateTime().bind_processor(self._engine.dialect) or _unchanged
         read = _PlanningReader(self.dialect)
-        wanted, once = frozenset(conversions), frozenset(first_only)
+        wanted, once, crm = frozenset(conversions), frozenset(first_only), frozenset(crm_names)
         person, first_seen, seen = None, dt.datetime.min, set[str]()
         for row in self._stream_raw(query, {"until": bind(until)}):
             if row[0] != person:
                 person, first_seen, seen = row[0], read.time(row[3]), set()
             conversion = row[1]
             if conversion not in wanted:
+                if row[2] in crm and row[4] == MOVABLE_SOURCE:
+                    yield read(row), first_seen
                 continue
             if conversion in once:
                 if conversion in seen:
@@ -1562,6 +1565,16 @@ class Store:
                 request_id=request_id, client=client, destination=where, sent_at=now,
                 events=sent, status="processing", detail={}, checks=0,
                 next_check_at=now + dt.timedelta(minutes=30)))
+
+    def upload_statuses(self, client: str, destination: Platform | str,
+                        keys: Sequence[str]) -> dict[str, UploadStatus]:
+        """The ledger status of those of ``keys`` it holds."""
+        table = uploads
+        with self._engine.connect() as conn:
+            return {key: UploadStatus(status) for key, status in conn.execute(
+                sa.select(table.c.dedupe_key, table.c.status).where(
+                    table.c.client == client, table.c.destination == Platform(destination).value,
+                    _among(table.c.dedupe_key, keys, self.dialect)))}
 
     def known_upload_keys(self, client: str, destination: Platform | str,
                           keys: Iterable[str]) -> set[str]:
