@@ -127,13 +127,17 @@ def test_a_push_sends_each_eligible_event_once_and_a_rerun_sends_nothing(
     secrets = load_secrets(valued)
     with Store.open(valued.store_url()) as store:
         plan, planned = _plan(valued, store)
-        first = push.push_google_ads(valued, secrets, store, now=NOW, sleep=lambda s: None)
+        seen: list[tuple[int, int]] = []
+        first = push.push_google_ads(valued, secrets, store, now=NOW, sleep=lambda s: None,
+                                     progress=lambda r: seen.append((r.planned_new, r.sent)))
         sent = _ledger_sent(store)
         counted = _transactions(running)
         later = NOW + dt.timedelta(minutes=31)
         second = push.push_google_ads(valued, secrets, store, now=later, sleep=lambda s: None)
         ledger = store.ledger(valued.client.name, Platform.GOOGLE_ADS)
     assert first.errors == [] and first.failed == Counter()
+    assert seen == sorted(seen) and seen[-1] == (first.planned_new, first.sent)  # progress
+    assert len({sent for _, sent in seen}) == first.requests["IngestEvents"] + 1
     held = {key for key, _, _ in plan.holds}
     assert len(held) > 0  # the world's last clicks are under 6 hours old
     assert first.sent == len(planned) - len(held) > 1000

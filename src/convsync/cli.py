@@ -464,9 +464,10 @@ def push_command(
     if destination != "google_ads":
         raise typer.BadParameter("only google_ads is pushed so far", param_hint="--destination")
     client, secrets = _load(config)
-    with Store.open(client.store_url()) as store:
+    with Store.open(client.store_url()) as store, _push_progress(as_json) as progress:
         try:
-            result = push.push_google_ads(client, secrets, store, dry_run=dry_run)
+            result = push.push_google_ads(client, secrets, store, dry_run=dry_run,
+                                          progress=progress)
         except Busy as busy:
             console.print(f"skipped: {busy}", highlight=False)
             raise typer.Exit(Exit.OK) from None
@@ -798,6 +799,20 @@ def _progress(quiet: bool) -> Iterator[Any]:
     progress = _RichProgress()
     with progress.bar:
         yield progress
+
+
+@contextmanager
+def _push_progress(quiet: bool) -> Iterator[Any]:
+    """A status line of a push's figures so far, on a terminal only."""
+    if quiet or not console.is_terminal:
+        yield None
+        return
+    with console.status("planning...") as status:
+        def show(result: Any) -> None:
+            requests = sum(result.requests.values())
+            status.update(f"new in the ledger {result.planned_new:,}, sent {result.sent:,} "
+                          f"in {requests:,} request{'s' * (requests != 1)}")
+        yield show
 
 
 def _load(path: Path) -> tuple[ClientConfig, Secrets]:

@@ -70,6 +70,7 @@ class PushResult:
     by_action: defaultdict[str, Counter[str]] = field(
         default_factory=lambda: defaultdict(Counter))
     """Per conversion: sent, resent and rejected (by Google, whole requests) this run."""
+    progress: Callable[[PushResult], None] = field(default=lambda result: None, repr=False)
 
     @property
     def rejected(self) -> dict[str, int]:
@@ -98,10 +99,13 @@ class PushResult:
 def push_google_ads(config: ClientConfig, secrets: Secrets, store: Store, *,
                     dry_run: bool = False, now: dt.datetime | None = None,
                     sink: DataManagerSink | None = None,
-                    sleep: Callable[[float], None] | None = None) -> PushResult:
-    """Plan, ledger, send and read back the Google Ads uploads of one client."""
+                    sleep: Callable[[float], None] | None = None,
+                    progress: Callable[[PushResult], None] | None = None) -> PushResult:
+    """Plan, ledger, send and read back the Google Ads uploads of one client; ``progress``
+    is told the figures so far after each request and each chunk of the ledger."""
     now = now or dt.datetime.now(dt.UTC)
-    result = PushResult(Platform.GOOGLE_ADS, dry_run, planning.Plan())
+    result = PushResult(Platform.GOOGLE_ADS, dry_run, planning.Plan(),
+                        progress=progress or _quiet)
     section = _enabled_section(config, result)
     if section is None:
         return result
@@ -132,6 +136,7 @@ def _write_and_send(store: Store, sink: DataManagerSink, client: str, now: dt.da
         # in key order, the ledger writes and each request's rows are neighbours
         fresh = set(store.plan_uploads(chunk, LEDGER_CHUNK, client=client))
         result.planned_new += len(fresh)
+        result.progress(result)
         if len(fresh) < len(chunk):  # some were in the ledger already: their values may move
             result.restated += store.restate_uploads(
                 Platform.GOOGLE_ADS, ((u.dedupe_key, u.value) for u in chunk),
@@ -191,6 +196,10 @@ def refresh_google_ads(config: ClientConfig, secrets: Secrets, store: Store, *,
     with client_lock(store, config.client.name, "push"):
         _read_back(store, sink, config.client.name, now, result, every=True)
     return result
+
+
+def _quiet(result: PushResult) -> None:
+    """No progress to show."""
 
 
 def _enabled_section(config: ClientConfig, result: PushResult) -> GoogleAdsSection | None:
@@ -275,6 +284,7 @@ def _send_batch(store: Store, sink: DataManagerSink, client: str, now: dt.dateti
                       first=fresh.issuperset(keys))
     result.sent += len(keys)
     result.resent += len(resent & set(keys))
+    result.progress(result)
     for upload in batch:
         result.by_action[upload.conversion]["sent"] += 1
         result.by_action[upload.conversion]["resent"] += upload.dedupe_key in resent
