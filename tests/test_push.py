@@ -20,7 +20,7 @@ import pytest
 import sqlalchemy as sa
 
 from convsync import pipeline, planning, push, quotas
-from convsync.model import ConversionMap, Platform, Upload
+from convsync.model import ConversionMap, Identifiers, Platform, Upload
 from convsync.reconcile import load_audit
 from convsync.sandbox import server
 from convsync.sandbox.world import MICRO_UPLOAD_ACTION_ID, World, WorldSpec
@@ -160,8 +160,7 @@ def test_a_push_sends_each_eligible_event_once_and_a_rerun_sends_nothing(
     # known by their email only, who never clicked a Google ad: CLICK_NOT_FOUND)
     assert {s["state"] for s in second.statuses} == {"done"}
     reasons = {r["reason"] for r in ledger if r["status"] == "sent"} - {""}
-    assert reasons == {"in a request that partly failed (Google does not say which events: "
-                       "the reasons are under the requests)"}
+    assert reasons == {push.PARTLY_FAILED}
     errors = {reason for s in second.statuses for d in s["destinations"] for reason in d["errors"]}
     assert errors == {"CLICK_NOT_FOUND"}  # people known by email only who never clicked
     unread = sum(r["uploads"] for r in ledger if r["status"] == "sent" and not r["reason"])
@@ -440,6 +439,33 @@ def test_a_lead_the_crm_disqualifies_is_restated_to_its_voided_value_never_retra
     shown = subprocess.run([str(CONVSYNC), "push", "--config", str(path), "--dry-run"],
                            capture_output=True, text=True, env={"COLUMNS": "80", "PATH": ""})
     assert "cannot retract" in " ".join(shown.stdout.split())
+
+
+def test_an_event_google_refuses_is_set_aside_and_the_rest_of_its_request_goes(
+        valued: ClientConfig, running: server.RunningSandbox, tmp_path: Path) -> None:
+    """A ledger row Google refuses (a time in the future, which the plan never makes but a
+    row from elsewhere may hold) sinks its whole request: it fails alone, with Google's words,
+    and the rest of the request goes at once instead of being refused every run."""
+    assert running.datamanager is not None
+    running.datamanager.reset()
+    config = load_config(_copy_client(valued, tmp_path / "aside"))
+    secrets = load_secrets(config)
+    good = [Upload(Platform.GOOGLE_ADS, "6111", f"aside-{i}", 2.5, "USD",
+                   NOW - dt.timedelta(days=1), "1234567890", "add_to_cart",
+                   Identifiers(gclid=f"Cj0KCQaside{i:010d}")) for i in range(3)]
+    bad = good[0]._replace(dedupe_key="aside-future", time=NOW + dt.timedelta(days=1))
+    with Store.open(config.store_url()) as store:
+        store.plan_uploads([good[0], bad, good[1], good[2]], client=config.client.name)
+        result = push.push_google_ads(config, secrets, store, now=NOW, sleep=lambda s: None)
+        failed = {r["reason"]: r["uploads"] for r in store.ledger(
+            config.client.name, Platform.GOOGLE_ADS) if r["status"] == "failed"}
+        again = push.push_google_ads(config, secrets, store, now=NOW, sleep=lambda s: None)
+    (reason,) = failed
+    assert failed[reason] == 1 and "event_timestamp" in reason and "future" in reason
+    assert result.rejected.get(reason) == 1 and result.errors == []
+    counted = _counts_by_key(running)
+    assert {u.dedupe_key for u in good} <= set(counted) and "aside-future" not in counted
+    assert again.sent == 0 and again.errors == []  # the refused row is not tried again
 
 
 def _recent_clicks(store: Store, count: int) -> list[tuple[str, dt.datetime]]:

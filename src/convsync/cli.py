@@ -558,6 +558,10 @@ def uploads_command(
         out.print(f"Requests: {len(requests):,} ("
                   + ", ".join(f"{n:,} {state}" for state, n in states.most_common()) + ")",
                   highlight=False)
+        if any(r["reason"] == push.PARTLY_FAILED for r in rows):
+            out.print(f"{push.PARTLY_FAILED}: Google says how many events of a request failed "
+                      "and why, never which: the uploads stay sent, the reasons are these:",
+                      highlight=False)
         for reason, count in errors.most_common():
             fix = PROCESSING_FIXES.get(reason, "see Google's Data Manager error reasons")
             out.print(f"  {reason}: {count:,} events. {fix}", highlight=False)
@@ -570,7 +574,7 @@ def _ledger_cells(rows: list[dict[str, Any]], by_day: bool
     """The ledger's rows summed per action, status and reason (and day)."""
     cells: dict[tuple[str, str, str, str], tuple[int, float, int]] = {}
     for r in rows:
-        key = (f"{r['conversion_action']} {r['conversion']}", r["day"] if by_day else "",
+        key = (f"{r['conversion']} ({r['conversion_action']})", r["day"] if by_day else "",
                r["status"], r["reason"] or "")
         count, value, resends = cells.get(key, (0, 0.0, 0))
         cells[key] = (count + r["uploads"], value + r["value"], resends + (r["resends"] or 0))

@@ -38,6 +38,9 @@ from convsync.store import Store
 log = logging.getLogger(__name__)
 
 VOIDED_UNSENT = "voided by the CRM before it was sent"
+PARTLY_FAILED = "request partly failed"
+"""The reason of uploads left sent by a request Google says partly failed: it never says
+which events failed, only how many by reason (under the requests)."""
 QUOTA_API = {INGEST: "datamanager.write", RETRIEVE: "datamanager.read"}
 LEDGER_CHUNK = 20_000
 """Planned uploads written to the ledger a transaction at a time (the ledger's key index
@@ -268,6 +271,9 @@ def _send_batch(store: Store, sink: DataManagerSink, client: str, now: dt.dateti
     try:
         request_id = sink.send(batch)
     except SinkError as error:
+        if (not error.maybe_sent and not error.retryable
+                and any(i < len(batch) for i in error.events)):
+            return _set_aside(store, sink, client, now, batch, error, resent, result, fresh)
         result.errors.append(_said(error))
         if not error.maybe_sent:  # else left "sending": the next run resends them, same keys
             store.release_uploads(Platform.GOOGLE_ADS, keys, UploadStatus.PLANNED, error.reason)
@@ -289,6 +295,24 @@ def _send_batch(store: Store, sink: DataManagerSink, client: str, now: dt.dateti
         result.by_action[upload.conversion]["sent"] += 1
         result.by_action[upload.conversion]["resent"] += upload.dedupe_key in resent
     return True
+
+
+def _set_aside(store: Store, sink: DataManagerSink, client: str, now: dt.datetime,
+               batch: list[Upload], error: SinkError, resent: set[str], result: PushResult,
+               fresh: set[str]) -> bool:
+    """Google refused a request for some of its events (our checks let them through): those
+    fail with what Google said, and the others go out again at once, without them."""
+    named = {i: why for i, why in error.events.items() if i < len(batch)}
+    for i, why in named.items():
+        upload = batch[i]
+        reason = f"refused by Google: {error.reason} at {why}"
+        store.release_uploads(Platform.GOOGLE_ADS, [upload.dedupe_key], UploadStatus.FAILED,
+                              reason)
+        result.failed[reason] += 1
+        result.by_action[upload.conversion]["rejected"] += 1
+    log.warning("google_ads: %d event(s) set aside after %s", len(named), error.reason)
+    rest = [u for i, u in enumerate(batch) if i not in named]
+    return not rest or _send_batch(store, sink, client, now, rest, resent, result, fresh)
 
 
 def _read_back(store: Store, sink: DataManagerSink, client: str, now: dt.datetime,
@@ -320,13 +344,11 @@ def _read_back(store: Store, sink: DataManagerSink, client: str, now: dt.datetim
 def _outcome(status: str, errors: dict[str, int]) -> tuple[UploadStatus, str]:
     """What a destination's final status says of the uploads it carried. Google never says
     which events of a partly failed request failed: they stay "sent", with the counts."""
-    reasons = ", ".join(f"{name} {count:,}" for name, count in errors.items())
     if status == "success":
         return UploadStatus.ACCEPTED, ""
     if status == "partial_success":
-        return UploadStatus.SENT, ("in a request that partly failed (Google does not say which "
-                                   "events: the reasons are under the requests)")
-    return UploadStatus.REJECTED, reasons or "failed"
+        return UploadStatus.SENT, PARTLY_FAILED
+    return UploadStatus.REJECTED, ", ".join(errors) or "failed"
 
 
 def _next_check(now: dt.datetime, sent_at: dt.datetime) -> dt.datetime:

@@ -571,7 +571,7 @@ def _sink_error(error: BaseException, what: str, maybe_sent: bool,
         "(developers.google.com/data-manager/api/reference/rest/v1/ErrorReason)")
     return SinkError(f"Google refused the {what}: {reason}{where}{tail}", fix=fix,
                      reason=reason, retryable=transient or reason in _RETRYABLE,
-                     maybe_sent=maybe_sent)
+                     maybe_sent=maybe_sent, events=_event_violations(error, scrub))
 
 
 def _details(error: api.GoogleAPICallError) -> list[tuple[str, Any]]:
@@ -612,6 +612,24 @@ def _where(error: api.GoogleAPICallError, scrub: _Scrubber) -> str:
         parts.append(f"{field}" + (f" ({description})" if description else ""))
     more = f" and {len(violations) - 3} more" if len(violations) > 3 else ""
     return " at " + "; ".join(parts) + more
+
+
+_EVENT_FIELD = re.compile(r"events\[(\d+)\]\.?(.*)")
+
+
+def _event_violations(error: api.GoogleAPICallError, scrub: _Scrubber) -> dict[int, str]:
+    """The events a refusal names (index in the request -> 'field: what Google said')."""
+    events: dict[int, str] = {}
+    for name, detail in _details(error):
+        if name != "BadRequest":
+            continue
+        for violation in _get(detail, "fieldViolations", "field_violations") or []:
+            found = _EVENT_FIELD.fullmatch(str(_get(violation, "field") or ""))
+            if found:
+                why = scrub(str(_get(violation, "description") or "")).strip()
+                events.setdefault(int(found.group(1)),
+                                  f"{found.group(2) or 'event'}: {why or 'invalid'}")
+    return events
 
 
 def _google_request_id(error: api.GoogleAPICallError) -> str:
