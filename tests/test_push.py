@@ -441,6 +441,49 @@ def test_a_lead_the_crm_disqualifies_is_restated_to_its_voided_value_never_retra
     assert "cannot retract" in " ".join(shown.stdout.split())
 
 
+def test_a_lead_voided_in_an_account_that_still_may_is_retracted_through_the_google_ads_api(
+        valued: ClientConfig, running: server.RunningSandbox, tmp_path: Path) -> None:
+    """With the account in retraction_accounts, a sent lead the CRM disqualifies is retracted
+    through the Google Ads API's conversion adjustments (count and value taken back), once;
+    the ledger says so, and later pushes leave it alone."""
+    assert running.datamanager is not None
+    running.datamanager.reset()
+    running.datamanager.configure(processing_delay_minutes=0)
+    path = _copy_client(valued, tmp_path / "retract")
+    path.write_text(path.read_text().replace(
+        'name = "qualified_lead"\n', 'name = "qualified_lead"\nvoided_by = "lead_disqualified"\n')
+        .replace('consent = "granted"\n', 'consent = "granted"\nretraction_accounts = '
+                                          '["123-456-7890"]\n'))
+    config = load_config(path)
+    secrets = load_secrets(config)
+    crm = tmp_path / "retract" / "crm.csv"
+    mapping = ConversionMap(config.definitions())
+    with Store.open(config.store_url()) as store:
+        (one, at_one), (two, at_two) = _recent_clicks(store, 2)
+        crm.write_text("event,time,value,currency,gclid\n"
+                       f"lead_qualified,{at_one.isoformat()},120,USD,{one}\n"
+                       f"lead_qualified,{at_two.isoformat()},80,USD,{two}\n")
+        crm_source.import_file(store, crm, mapping)
+        push.push_google_ads(config, secrets, store, now=NOW, sleep=lambda s: None)
+        leads = _keys_of(store, "6108")
+        lost = (NOW + dt.timedelta(minutes=30)).isoformat()
+        crm.write_text(crm.read_text() + f"lead_disqualified,{lost},0,USD,{one}\n")
+        crm_source.import_file(store, crm, mapping)
+        later = NOW + dt.timedelta(hours=1)
+        second = push.push_google_ads(config, secrets, store, now=later, sleep=lambda s: None)
+        third = push.push_google_ads(config, secrets, store, now=later, sleep=lambda s: None)
+        statuses = {r["status"]: r["uploads"] for r in store.ledger(
+            config.client.name, Platform.GOOGLE_ADS) if r["conversion"] == "qualified_lead"}
+    assert len(leads) == 2
+    assert second.retracted == 1 and second.errors == [] and second.restated == 0
+    assert second.requests["UploadConversionAdjustments"] == 1
+    assert statuses.get("retracted") == 1
+    assert third.retracted == 0 and "UploadConversionAdjustments" not in third.requests
+    counts = {key: running.datamanager.transactions()[(6108, key)] for key in leads}
+    assert sorted(c.retractions for c in counts.values()) == [0, 1]
+    assert all(c.events == 1 for c in counts.values())  # never restated through Data Manager
+
+
 def test_an_event_google_refuses_is_set_aside_and_the_rest_of_its_request_goes(
         valued: ClientConfig, running: server.RunningSandbox, tmp_path: Path) -> None:
     """A ledger row Google refuses (a time in the future, which the plan never makes but a
@@ -460,7 +503,9 @@ def test_an_event_google_refuses_is_set_aside_and_the_rest_of_its_request_goes(
         failed = {r["reason"]: r["uploads"] for r in store.ledger(
             config.client.name, Platform.GOOGLE_ADS) if r["status"] == "failed"}
         again = push.push_google_ads(config, secrets, store, now=NOW, sleep=lambda s: None)
+        refusals = store.upload_refusals(Platform.GOOGLE_ADS)["6111"]
     (reason,) = failed
+    assert refusals[reason] == 1  # what the audit quotes for the action
     assert failed[reason] == 1 and "event_timestamp" in reason and "future" in reason
     assert result.rejected.get(reason) == 1 and result.errors == []
     counted = _counts_by_key(running)

@@ -283,6 +283,24 @@ def test_micro_uploads_counted_in_column_need_an_opt_in(micro: Pulled, tmp_path:
     assert opted_in.findings == []
 
 
+def test_uploads_not_arriving_quote_the_reasons_google_refused_them(clean: Pulled) -> None:
+    """CRM outcomes were imported, the offline action recorded none: the finding says what
+    Google said of convsync's uploads to it (from the push ledger), most frequent first."""
+    with Store.open(clean.config.store_url()) as store:
+        actions = store.platform_conversions(Platform.GOOGLE_ADS)
+        stats = list(store.stats(platform=Platform.GOOGLE_ADS))
+    offline = next(a for a in actions if a.settings.get("type") == "UPLOAD_CLICKS")
+    audited = audit(actions, stats, clean.config.definitions(), ReconcileSection(),
+                    as_of=TODAY, outcomes={"qualified_lead": 5},
+                    refusals={offline.platform_id: {"EVENT_TOO_OLD": 1, "CLICK_NOT_FOUND": 4}})
+    (found,) = [f for f in audited.findings if f.code == "uploads_not_arriving"]
+    assert found.subject == offline.name
+    assert found.message.endswith("Google refused convsync's uploads to it: CLICK_NOT_FOUND 4, "
+                                  "EVENT_TOO_OLD 1")
+    assert found.evidence["refused_uploads"] == {"CLICK_NOT_FOUND": 4, "EVENT_TOO_OLD": 1}
+    assert "convsync uploads" in found.fix
+
+
 def test_a_time_zone_shift_is_found_with_the_shift_that_correlates(shifted: Pulled) -> None:
     result, _ = shifted.reconcile()
     assert codes(result.findings) == ["time_zone_shift"]

@@ -32,7 +32,7 @@ from convsync.sandbox.server import RunningSandbox
 from convsync.sandbox.world import MICRO_UPLOAD_ACTION_ID, Click, World, WorldSpec
 from convsync.settings import GoogleAdsSection, Secrets
 from convsync.sinks import SinkError
-from convsync.sinks.google_ads import (
+from convsync.sinks.google_ads.datamanager import (
     MAX_EVENTS,
     MAX_TRANSACTION_ID,
     DataManagerSink,

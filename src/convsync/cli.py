@@ -492,6 +492,10 @@ def push_command(
         for action in result.plan.actions.values():
             for why, count in action.refused.most_common():
                 out.print(f"  {action.conversion}: {count:,} refused, {why}", highlight=False)
+            if action.retracting:
+                out.print(f"  {action.conversion}: {action.retracting:,} voided by the CRM, to "
+                          "retract through the Google Ads API (retraction_accounts)",
+                          highlight=False)
             if action.voided:
                 out.print(f"  {action.conversion}: {action.voided:,} voided by the CRM, restated "
                           "to their voided_value: the Data Manager API cannot retract a "
@@ -499,8 +503,8 @@ def push_command(
         if not dry_run:
             out.print(f"sent {result.sent:,} ({result.resent:,} resent), new in the ledger "
                       f"{result.planned_new:,}, restated {result.restated:,}, held "
-                      f"{result.held:,}; requests: {dict(result.requests) or 'none'}",
-                      highlight=False)
+                      f"{result.held:,}, retracted {result.retracted:,}; requests: "
+                      f"{dict(result.requests) or 'none'}", highlight=False)
         for problem in [*result.plan.problems, *result.errors]:
             console.print(f"[yellow]problem[/yellow] {problem}", highlight=False)
 
@@ -523,7 +527,7 @@ def uploads_command(
     accepted or rejected (with the reason), their value and resends; then what Google said
     of the requests, its processing errors by reason and what to fix for each."""
     from convsync import push
-    from convsync.sinks.google_ads import PROCESSING_FIXES
+    from convsync.sinks.google_ads.datamanager import PROCESSING_FIXES
     from convsync.store import Store
 
     client, secrets = _load(config)

@@ -52,6 +52,7 @@ class UploadStatus(StrEnum):
     ACCEPTED = "accepted"
     REJECTED = "rejected"
     FAILED = "failed"
+    RETRACTED = "retracted"
 
 
 def _aware(value: dt.datetime) -> dt.datetime:

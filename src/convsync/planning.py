@@ -20,7 +20,7 @@ import datetime as dt
 import functools
 import itertools
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from convsync.hashing import sha256_hex
@@ -42,6 +42,8 @@ TOO_RECENT = dt.timedelta(hours=6)
 MAX_WINDOW_DAYS = 90
 UPLOAD_TYPE = "UPLOAD_CLICKS"
 SAMPLE = 5
+RETRACTION_WINDOW = dt.timedelta(days=54)
+"""Google takes a retraction up to 54 days after the conversion; later, it is restated."""
 NO_VALUE = "no upload value (convsync values does not advise uploading it)"
 
 
@@ -58,6 +60,8 @@ class ActionPlan:
     voided: int = 0
     """Uploads Google has that a CRM outcome voided: restated to the configured value (the
     Data Manager API cannot retract them)."""
+    retracting: int = 0
+    """Uploads a CRM outcome voided, to retract through the Google Ads API."""
     refused: Counter[str] = field(default_factory=Counter)
     sample: list[dict[str, object]] = field(default_factory=list)
 
@@ -65,6 +69,7 @@ class ActionPlan:
         return {"conversion": self.conversion, "action_id": self.action_id,
                 "action_name": self.action_name, "events": self.events,
                 "value": round(self.value, 2), "held": self.held, "voided": self.voided,
+                "retracting": self.retracting,
                 "refused": dict(self.refused.most_common()), "sample": self.sample}
 
 
@@ -78,6 +83,8 @@ class Plan:
     problems: list[str] = field(default_factory=list)
     unsent_voided: list[str] = field(default_factory=list)
     """Ledger rows not sent yet that a CRM outcome voided: never to be sent."""
+    retractions: list[Upload] = field(default_factory=list)
+    """Uploads Google has that a CRM outcome voided, to retract (their accounts still may)."""
 
     @property
     def events(self) -> int:
@@ -149,7 +156,8 @@ def _uploads(plan: Plan, config: ClientConfig, store: Store, now: dt.datetime,
                                problems, per_person=conversion in micro)
             void = voided.get(conversion)
             if upload is not None and void is not None and void[0] >= event.time:
-                upload = _void(plan, ledger, store, config.client.name, upload, void[1])
+                upload = _void(plan, ledger, store, config.client.name, upload, void[1],
+                               section.retraction_accounts, now)
             if upload is not None:
                 yield upload
 
@@ -171,9 +179,11 @@ def _voided(journey: list[tuple[JourneyEvent, dt.datetime]],
 
 
 def _void(plan: Plan, ledger: ActionPlan, store: Store, client: str, upload: Upload,
-          entry: ConversionEntry) -> Upload | None:
-    """A voided conversion: restated to the config's value when Google has it (the Data
-    Manager API cannot retract: it still counts once), never sent when it was not."""
+          entry: ConversionEntry, retract: Collection[str], now: dt.datetime) -> Upload | None:
+    """A voided conversion Google has: retracted through the Google Ads API where the account
+    still may (``retract``, within Google's 54 days), else restated to the config's value
+    (the Data Manager API cannot retract: it still counts once); never sent when Google does
+    not have it."""
     status = store.upload_statuses(client, Platform.GOOGLE_ADS, [upload.dedupe_key]).get(
         upload.dedupe_key)
     ledger.events -= 1
@@ -181,6 +191,13 @@ def _void(plan: Plan, ledger: ActionPlan, store: Store, client: str, upload: Upl
     if upload.status == UploadStatus.HELD:
         ledger.held -= 1
         plan.holds = [h for h in plan.holds if h[0] != upload.dedupe_key]
+    if status == UploadStatus.RETRACTED:
+        return None
+    if (status in (UploadStatus.SENT, UploadStatus.ACCEPTED) and upload.account_id in retract
+            and now - upload.time < RETRACTION_WINDOW):
+        ledger.retracting += 1  # at its voided value, should Google refuse the retraction
+        plan.retractions.append(upload._replace(value=round(entry.voided_value, 2)))
+        return None
     if status not in (UploadStatus.SENT, UploadStatus.ACCEPTED, UploadStatus.SENDING):
         ledger.refused[f"voided by the CRM ({', '.join(entry.voided_by)}) before it was "
                        "sent"] += 1

@@ -25,7 +25,8 @@ from convsync.locks import client_lock
 from convsync.model import Platform, Upload, UploadStatus
 from convsync.settings import ClientConfig, GoogleAdsSection, Secrets
 from convsync.sinks import SinkError
-from convsync.sinks.google_ads import (
+from convsync.sinks.google_ads.adjustments import MAX_ADJUSTMENTS, AdjustmentSink
+from convsync.sinks.google_ads.datamanager import (
     INGEST,
     MAX_DESTINATIONS,
     MAX_EVENTS,
@@ -33,11 +34,13 @@ from convsync.sinks.google_ads import (
     DataManagerSink,
     connect,
 )
-from convsync.store import Store
+from convsync.sources import google_ads as google_ads_source
+from convsync.store import REFUSED_BY_GOOGLE, Store
 
 log = logging.getLogger(__name__)
 
 VOIDED_UNSENT = "voided by the CRM before it was sent"
+RETRACTED = "voided by the CRM: retracted through the Google Ads API"
 PARTLY_FAILED = "request partly failed"
 """The reason of uploads left sent by a request Google says partly failed: it never says
 which events failed, only how many by reason (under the requests)."""
@@ -63,6 +66,7 @@ class PushResult:
     plan: planning.Plan
     planned_new: int = 0
     restated: int = 0
+    retracted: int = 0
     sent: int = 0
     resent: int = 0
     held: int = 0
@@ -93,7 +97,8 @@ class PushResult:
                 row["in_ledger"] = done["in_ledger"]
             actions.append(row)
         return {"destination": self.destination.value, "dry_run": self.dry_run,
-                "planned_new": self.planned_new, "restated": self.restated, "sent": self.sent,
+                "planned_new": self.planned_new, "restated": self.restated,
+                "retracted": self.retracted, "sent": self.sent,
                 "resent": self.resent, "held": self.held, "rejected": self.rejected,
                 "requests": dict(self.requests), "statuses": self.statuses,
                 "errors": self.errors, "actions": actions, "problems": self.plan.problems}
@@ -119,8 +124,10 @@ def push_google_ads(config: ClientConfig, secrets: Secrets, store: Store, *,
         if dry_run:
             _dry_run(store, sink, config.client.name, planned, result)
             return result
-        if _write_and_send(store, sink, config.client.name, now, planned,
-                           section.restate_threshold, result):
+        sending = _write_and_send(store, sink, config.client.name, now, planned,
+                                  section.restate_threshold, result)
+        _retract(section, secrets, store, now, result, sleep)
+        if sending:
             _send_waiting(store, sink, config.client.name, now, result)
         _read_back(store, sink, config.client.name, now, result)
     result.held = len(result.plan.holds)
@@ -156,6 +163,38 @@ def _write_and_send(store: Store, sink: DataManagerSink, client: str, now: dt.da
                                     fresh=fresh)
     _fail_voided(store, result)
     return sending
+
+
+def _retract(section: GoogleAdsSection, secrets: Secrets, store: Store, now: dt.datetime,
+             result: PushResult, sleep: Callable[[float], None] | None) -> None:
+    """Retract, through the Google Ads API, the conversions the CRM voided in accounts that
+    still may; one Google refuses is restated to its voided value instead (sent with the
+    rows still waiting)."""
+    if not result.plan.retractions:
+        return
+    sink = AdjustmentSink(google_ads_source.connect(section, secrets),
+                          sleep=sleep or time.sleep,
+                          on_request=lambda method: result.requests.update([method]))
+    by_account: dict[str, list[Upload]] = {}
+    for upload in result.plan.retractions:
+        by_account.setdefault(upload.account_id, []).append(upload)
+    for uploads in by_account.values():
+        for start in range(0, len(uploads), MAX_ADJUSTMENTS):
+            chunk = uploads[start:start + MAX_ADJUSTMENTS]
+            try:
+                outcome = sink.retract(chunk, now)
+            except SinkError as error:
+                result.errors.append(_said(error))
+                return
+            done = [key for key, why in outcome.items() if not why]
+            store.release_uploads(Platform.GOOGLE_ADS, done, UploadStatus.RETRACTED, RETRACTED)
+            result.retracted += len(done)
+            for upload in chunk:
+                why = outcome[upload.dedupe_key]
+                if why:
+                    result.failed[f"retraction refused ({why}): restated instead"] += 1
+                    store.restate_uploads(Platform.GOOGLE_ADS,
+                                          [(upload.dedupe_key, upload.value)], threshold=0.0)
 
 
 def _fail_voided(store: Store, result: PushResult) -> None:
@@ -305,7 +344,7 @@ def _set_aside(store: Store, sink: DataManagerSink, client: str, now: dt.datetim
     named = {i: why for i, why in error.events.items() if i < len(batch)}
     for i, why in named.items():
         upload = batch[i]
-        reason = f"refused by Google: {error.reason} at {why}"
+        reason = f"{REFUSED_BY_GOOGLE}{error.reason} at {why}"
         store.release_uploads(Platform.GOOGLE_ADS, [upload.dedupe_key], UploadStatus.FAILED,
                               reason)
         result.failed[reason] += 1

@@ -144,7 +144,8 @@ class _Activity:
 def audit(actions: Iterable[PlatformConversion], stats: Iterable[ConversionStat],
           definitions: Sequence[ConversionDefinition], settings: ReconcileSection, *,
           as_of: dt.date | None, uploads: Mapping[str, int] | None = None,
-          outcomes: Mapping[str, int] | None = None) -> Audit:
+          outcomes: Mapping[str, int] | None = None,
+          refusals: Mapping[str, Mapping[str, int]] | None = None) -> Audit:
     """Audit the Google Ads conversion actions against what belongs in the Conversions column.
 
     ``stats``: the Google Ads daily stats (click-date rows are used). ``as_of``: the last day
@@ -152,7 +153,8 @@ def audit(actions: Iterable[PlatformConversion], stats: Iterable[ConversionStat]
     ``uploads``: convsync's upload ledger rows per action id (Google: the push side keys its
     ledger so) or name. ``outcomes``: offline outcomes
     (CRM) per canonical conversion in the window, to tell an idle offline action from one
-    whose uploads do not arrive."""
+    whose uploads do not arrive. ``refusals``: per action id, the uploads Google refused, by
+    its reason (from the push ledger), quoted where uploads do not arrive."""
     window = (None if as_of is None else
               (as_of - dt.timedelta(days=settings.inactive_days - 1), as_of))
     activity, first_day = _activity(stats, window)
@@ -170,7 +172,7 @@ def audit(actions: Iterable[PlatformConversion], stats: Iterable[ConversionStat]
         covered = (window is not None and first_day.get(account) is not None
                    and first_day[account] <= window[0])
         if covered:
-            idle, idle_notes = _inactive(mine, outcomes or {}, settings)
+            idle, idle_notes = _inactive(mine, outcomes or {}, settings, refusals or {})
             findings += idle
             notes += idle_notes
         else:
@@ -347,7 +349,8 @@ def _correlation(series: Sequence[_Activity], days: Sequence[dt.date]) -> float 
 
 
 def _inactive(rows: list[ActionAudit], outcomes: Mapping[str, int],
-              settings: ReconcileSection) -> tuple[list[Finding], list[str]]:
+              settings: ReconcileSection, refusals: Mapping[str, Mapping[str, int]]
+              ) -> tuple[list[Finding], list[str]]:
     """Actions with no conversions in the window (findings), and notes. An offline import is
     only idle, not broken, while there is nothing to upload to it: flagged when outcomes
     exist or uploads stopped, else noted."""
@@ -358,15 +361,22 @@ def _inactive(rows: list[ActionAudit], outcomes: Mapping[str, int],
         if r.conversions:
             continue
         pending = outcomes.get(r.conversion or "", 0)
+        refused = dict(sorted(refusals.get(r.action_id, {}).items(), key=lambda kv: -kv[1]))
         evidence = {"action": r.name, "days": days, "last_conversion": r.last_conversion,
-                    "in_column": r.in_column, "offline_outcomes": pending}
+                    "in_column": r.in_column, "offline_outcomes": pending,
+                    "refused_uploads": refused}
+        said = ("; Google refused convsync's uploads to it: " + ", ".join(
+            f"{reason} {count:,}" for reason, count in list(refused.items())[:3])
+            if refused else "")
         if r.offline and pending:
             findings.append(Finding(
                 "audit", "uploads_not_arriving", "warning", r.name,
                 f"'{r.name}' recorded no conversions in {days} days while {pending} "
                 f"{r.conversion} outcomes were imported for that time: the uploads do not "
-                "arrive", "Run convsync's push for this action and check its upload statuses "
-                "(Google Ads > Goals > Conversions > Uploads shows rejected rows).", evidence))
+                f"arrive{said}",
+                "Run `convsync uploads` for what Google did with each upload and what to fix "
+                "for each reason (Google Ads > Goals > Conversions > Uploads shows the same).",
+                evidence))
         elif r.offline and r.last_conversion:
             findings.append(Finding(
                 "audit", "uploads_stopped", "warning", r.name,
@@ -1450,7 +1460,7 @@ def load_audit(config: ClientConfig, store: Store, as_of: dt.date | None = None)
     return audit(store.platform_conversions(Platform.GOOGLE_ADS),
                  store.stats(platform=Platform.GOOGLE_ADS), config.definitions(), settings,
                  as_of=as_of, uploads=store.upload_counts(Platform.GOOGLE_ADS),
-                 outcomes=outcomes)
+                 outcomes=outcomes, refusals=store.upload_refusals(Platform.GOOGLE_ADS))
 
 
 def stored_range(store: Store) -> tuple[dt.date, dt.date] | None:

@@ -99,6 +99,10 @@ class GoogleAdsSection(_PlatformSection):
     datamanager_transport: Literal["grpc", "rest"] = "grpc"
     consent: Literal["granted", "denied", "unspecified"] = "unspecified"
     """Push: the ad_user_data consent sent with every event ("denied": nothing is sent)."""
+    retraction_accounts: list[str] = []
+    """Push: accounts still allowed to use the Google Ads API's conversion adjustments (closed
+    to new adopters since 2026-06-15): a conversion the CRM voids is retracted there (count
+    and value taken back) instead of restated to its voided value."""
     cloud_project: str | None = None
     """Push: the Cloud project whose Data Manager quotas the calls count against (default:
     the one the OAuth client id or service account names; see ``convsync.quotas``)."""
@@ -118,6 +122,11 @@ class GoogleAdsSection(_PlatformSection):
     @field_validator("customer_ids", mode="before")
     @classmethod
     def _ids(cls, value: Any) -> Any:
+        return [_customer_id(v) for v in _names(value)]
+
+    @field_validator("retraction_accounts", mode="before")
+    @classmethod
+    def _retraction_ids(cls, value: Any) -> Any:
         return [_customer_id(v) for v in _names(value)]
 
     @field_validator("login_customer_id", mode="before")

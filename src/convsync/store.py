@@ -60,6 +60,8 @@ __all__ = [
 ]
 
 DEFAULT_BATCH_SIZE = 5000
+REFUSED_BY_GOOGLE = "refused by Google: "
+"""How the reason of an upload Google refused whole begins (the push writes it)."""
 SQLITE_CACHE_KIB = 16_384
 """SQLite's page cache per connection: upserts keyed by random ids (Klaviyo event ids) touch a
 random page of the key's index per row, and a cache that holds most of the index saves a
@@ -1871,6 +1873,32 @@ class Store:
                  .group_by(table.c.conversion_action))
         with self._engine.connect() as conn:
             return {name: int(n) for name, n in conn.execute(query)}
+
+    def upload_refusals(self, destination: Platform | str) -> dict[str, dict[str, int]]:
+        """Per conversion action, the uploads the platform refused, by its reason: the
+        processing errors its requests reported, and the rows it rejected whole."""
+        where = Platform(destination).value
+        refused: dict[str, dict[str, int]] = {}
+
+        def add(action: str, reason: str, count: int) -> None:
+            reasons = refused.setdefault(action, {})
+            reasons[reason] = reasons.get(reason, 0) + count
+
+        with self._engine.connect() as conn:
+            for detail in conn.execute(sa.select(upload_requests.c.detail).where(
+                    upload_requests.c.destination == where)).scalars():
+                for d in (detail or {}).get("destinations", []):
+                    for reason, count in (d.get("errors") or {}).items():
+                        add(str(d.get("conversion_action", "")), reason, int(count))
+            table = uploads
+            for action, reason, count in conn.execute(
+                    sa.select(table.c.conversion_action, table.c.reason, sa.func.count())
+                    .where(table.c.destination == where,
+                           table.c.status == UploadStatus.FAILED.value,
+                           table.c.reason.startswith(REFUSED_BY_GOOGLE))
+                    .group_by(table.c.conversion_action, table.c.reason)):
+                add(action, reason, int(count))
+        return refused
 
     def stats_campaigns(self, platform: Platform | str, since: dt.date | None = None,
                         until: dt.date | None = None) -> list[tuple[str, str]]:

@@ -333,7 +333,7 @@ def explain(error: Exception) -> str | None:
         if isinstance(error, api_exceptions.GoogleAPICallError):
             return f"Google Ads API: {error.code} {error.message}"
         return None
-    details = "; ".join(f"{_error_code(e)}: {e.message}" for e in failure.errors)
+    details = "; ".join(f"{error_code_name(e)}: {e.message}" for e in failure.errors)
     if "RESOURCE_EXHAUSTED" in _quota_reasons(error):
         details += (" (the Cloud project's daily operation budget is spent: it resets at "
                     "midnight Pacific time; raise the access level or sync fewer accounts)")
@@ -341,7 +341,8 @@ def explain(error: Exception) -> str | None:
     return f"Google Ads request {request_id} failed: {details}"
 
 
-def _error_code(error: Any) -> str:
+def error_code_name(error: Any) -> str:
+    """``conversion_adjustment_upload_error.CONVERSION_NOT_FOUND``: a GoogleAdsError's code."""
     code = error.error_code
     which = code.WhichOneof("error_code")
     return f"{which}.{_enum_name(code, which)}" if which else "unknown"
