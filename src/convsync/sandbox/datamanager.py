@@ -54,7 +54,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from http.server import ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn
 from urllib.parse import unquote
 from zoneinfo import ZoneInfo
 
@@ -271,11 +271,12 @@ class TransactionCounts:
 
     events: int = 0  # events received with it (in accepted, executed requests)
     conversions: int = 0  # 1 once a conversion was created under it
-    adjustments: int = 0  # restatements (value or currency changed)
+    adjustments: int = 0  # restatements (value or currency changed; also the Google Ads API's)
     duplicates: int = 0  # resends that changed nothing (same value and currency)
     errors: int = 0  # events with it that failed processing
     value: float = 0.0  # the value last accepted
     currency: str = ""
+    retractions: int = 0  # 1 once the Google Ads API retracted it (adjustments.py)
 
 
 @dataclass
@@ -680,6 +681,25 @@ class DataManager:
             self._quota = {"write": _Quota(), "read": _Quota()}
             self._counters = _Counters()
 
+    def record_adjustment(self, action_id: int, transaction_id: str | None,
+                          kind: Literal["RETRACTION", "RESTATEMENT"], value: float = 0.0,
+                          currency: str = "") -> None:
+        """Count a retraction or restatement the Google Ads API's conversion adjustments made
+        (``adjustments.py``) to a conversion uploaded here (without a transaction id: under
+        ``without_transaction_id``)."""
+        with self._lock:
+            if not transaction_id:
+                self._counters.without_transaction_id[
+                    "retractions" if kind == "RETRACTION" else "adjustments"] += 1
+                return
+            counts = self._counters.transactions.setdefault((action_id, transaction_id),
+                                                           TransactionCounts())
+            if kind == "RETRACTION":
+                counts.retractions += 1
+            else:
+                counts.adjustments += 1
+                counts.value, counts.currency = value, currency
+
     def transactions(self, action_id: int | None = None) -> dict[tuple[int, str],
                                                                   TransactionCounts]:
         """Per (action, transaction id): events, conversions, adjustments, duplicates."""
@@ -694,7 +714,10 @@ class DataManager:
         transactions = self.transactions(action_id)
         by_action: dict[str, dict[str, Any]] = {}
         for (action, txid), counts in sorted(transactions.items()):
-            by_action.setdefault(str(action), {})[txid] = asdict(counts)
+            row = asdict(counts)
+            if not counts.retractions:  # said only of the conversions the Google Ads API took back
+                del row["retractions"]
+            by_action.setdefault(str(action), {})[txid] = row
         with self._lock:
             c = self._counters
             world = self.world
@@ -710,8 +733,9 @@ class DataManager:
                 "conversions": sum(t.conversions for t in transactions.values()),
                 "adjustments": sum(t.adjustments for t in transactions.values()),
                 "duplicates": sum(t.duplicates for t in transactions.values()),
+                "retractions": sum(t.retractions for t in transactions.values()),
                 "accepted_value": round(sum(t.value for t in transactions.values()
-                                            if t.conversions), 2),
+                                            if t.conversions and not t.retractions), 2),
                 "without_transaction_id": dict(c.without_transaction_id),
             }
         if with_transactions:

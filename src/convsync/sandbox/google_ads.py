@@ -11,8 +11,9 @@ other than ``segments.date`` asks for a sort). Each row is the concatenation of 
 parts that depend only on its campaign / action (cached) and a small message holding its date
 and metrics: serialized protobuf messages of one type concatenate into their merge.
 
-More services (conversion uploads) can join the same server: ``begin_call`` does the checks
-every Google Ads call shares and ``build_google_ads_server`` takes extra handlers."""
+More services can join the same server: ``begin_call`` does the checks every Google Ads call
+shares and ``build_google_ads_server`` takes extra handlers (the sandbox adds the Data
+Manager's IngestionService and ConversionAdjustmentUploadService, ``adjustments.py``)."""
 
 from __future__ import annotations
 
@@ -121,6 +122,9 @@ class AdsError:
     message: str
     trigger: str | None = None
     location: str | None = None  # the request field it is about ("query", "customer_id")
+    path: tuple[tuple[str, int | None], ...] = ()
+    """A deeper location, element by element: (("conversion_adjustments", 3), ("order_id",
+    None)); used instead of ``location`` when given."""
     retry_delay: float | None = None  # quota errors: QuotaErrorDetails.retry_delay
     rate_scope: str = "ACCOUNT"
     rate_name: str = ""
@@ -158,7 +162,12 @@ def failure_bytes(errors: Sequence[AdsError], request_id: str) -> bytes:
         setattr(entry.error_code, error.code, reason)
         if error.trigger is not None:
             entry.trigger.string_value = error.trigger
-        if error.location:
+        if error.path:
+            for name, index in error.path:
+                element = entry.location.field_path_elements.add(field_name=name)
+                if index is not None:
+                    element.index = index
+        elif error.location:
             entry.location.field_path_elements.add(field_name=error.location)
         if error.retry_delay is not None:
             details = entry.details.quota_error_details

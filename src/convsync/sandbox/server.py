@@ -12,7 +12,7 @@ from typing import Any
 
 import grpc
 
-from convsync.sandbox import datamanager, ga4, google_ads, klaviyo, meta
+from convsync.sandbox import adjustments, datamanager, ga4, google_ads, klaviyo, meta
 from convsync.sandbox.control import FAULT_KINDS, Fault, Sandbox
 from convsync.sandbox.http import (
     ApiError,
@@ -75,8 +75,9 @@ def start(world: World, state_dir: Path, host: str = "127.0.0.1",
           port_base: int = 0) -> RunningSandbox:
     """Start every simulator; ports are port_base..port_base+6, or ephemeral when 0.
 
-    The Data Manager API (IngestionService) shares the Google Ads gRPC server and port; its
-    REST front end has a port of its own."""
+    The Data Manager API (IngestionService) and the Google Ads API's conversion adjustments
+    (ConversionAdjustmentUploadService) share the Google Ads gRPC server and port; the Data
+    Manager's REST front end has a port of its own."""
     cert, key = ensure_certificate(state_dir)
     sandbox = Sandbox(world)
     dm = datamanager.DataManager(sandbox)
@@ -86,7 +87,9 @@ def start(world: World, state_dir: Path, host: str = "127.0.0.1",
         return port_base + offset if port_base else 0
 
     gads_server, gads_port = google_ads.build_google_ads_server(
-        sandbox, cert, key, host, port(0), extra_handlers=[datamanager.datamanager_handler(dm)])
+        sandbox, cert, key, host, port(0),
+        extra_handlers=[datamanager.datamanager_handler(dm),
+                        adjustments.adjustments_handler(sandbox, dm)])
     ga4_property = ga4.Ga4Property(world)  # one quota ledger and cache for gRPC and REST
     ga4_server, ga4_port = ga4.build_ga4_grpc_server(sandbox, cert, key, host, port(1),
                                                      ga4=ga4_property)
