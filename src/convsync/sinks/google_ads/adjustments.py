@@ -55,6 +55,7 @@ class AdjustmentSink:
             raise ValueError(f"one account and at most {MAX_ADJUSTMENTS:,} adjustments a request")
         (account,) = accounts
         service = self.client.get_service("ConversionAdjustmentUploadService")
+        actions = self.client.get_service("ConversionActionService")  # its resource names
         request = self.client.get_type("UploadConversionAdjustmentsRequest")
         request.customer_id = account
         request.partial_failure = True
@@ -62,7 +63,7 @@ class AdjustmentSink:
         retraction = self.client.enums.ConversionAdjustmentTypeEnum.RETRACTION
         for upload in uploads:
             adjustment = request.conversion_adjustments.add()
-            adjustment.conversion_action = service.conversion_action_path(
+            adjustment.conversion_action = actions.conversion_action_path(
                 account, upload.conversion_action)
             adjustment.adjustment_type = retraction
             adjustment.adjustment_date_time = stamp
