@@ -43,7 +43,7 @@ def quota(store: Store, clock: Clock, per_minute: int = 3, per_day: int = 10) ->
                         clock=clock, sleep=clock.sleep)
 
 
-def test_calls_past_a_minutes_quota_wait_until_the_last_60_seconds_have_room(
+def test_calls_past_a_minutes_quota_wait_until_the_last_minute_has_room(
         url: str) -> None:
     clock = Clock(dt.datetime(2026, 12, 6, 9, 30, 40, tzinfo=dt.UTC))
     with Store.open(url) as store:
@@ -52,11 +52,11 @@ def test_calls_past_a_minutes_quota_wait_until_the_last_60_seconds_have_room(
         clock.now += dt.timedelta(seconds=30)  # 09:31:10
         pacer.take(WRITE)
         pacer.take(WRITE)
-        pacer.take(WRITE)  # three in the last 60 s: waits until the first is a minute old
-        assert clock.slept == [30.0]
-        assert clock.now == dt.datetime(2026, 12, 6, 9, 31, 40, tzinfo=dt.UTC)
-        pacer.take(WRITE)  # 09:31:40: the three of 09:31:10 fill the minute until 09:32:10
-        assert clock.slept == [30.0, 30.0]
+        pacer.take(WRITE)  # three in the last minute: waits until the first is surely out
+        assert clock.slept == [31.0]  # made during 09:30:40, out of the minute by 09:31:41
+        assert clock.now == dt.datetime(2026, 12, 6, 9, 31, 41, tzinfo=dt.UTC)
+        pacer.take(WRITE)  # the three of 09:31:10 fill the minute until 09:32:11
+        assert clock.slept == [31.0, 30.0]
 
 
 def test_two_clients_of_one_project_share_its_quota(url: str) -> None:
@@ -69,7 +69,7 @@ def test_two_clients_of_one_project_share_its_quota(url: str) -> None:
         second.take(WRITE)
         assert clock.slept == []
         second.take(WRITE)  # the minute's three are used: waits
-        assert clock.slept == [60.0]
+        assert clock.slept == [61.0]
         assert first.left_today(WRITE) == 6
 
 

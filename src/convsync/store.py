@@ -1661,8 +1661,8 @@ class Store:
 
     def take_call(self, project: str, api: str, now: dt.datetime, per_minute: int,
                   per_day: int, day_start: dt.datetime) -> float | None:
-        """Count one call of ``api`` for ``project`` at ``now`` if the 60 seconds before
-        hold fewer than ``per_minute`` and the day since ``day_start`` fewer than
+        """Count one call of ``api`` for ``project`` at ``now`` if the minute before holds
+        fewer than ``per_minute`` and the day since ``day_start`` fewer than
         ``per_day``: 0.0 when counted, the seconds until the minute has room when it has
         none, None when the day's calls are spent. One transaction (on PostgreSQL under a
         lock per project and api), so runs on other machines never both take the last
@@ -1678,15 +1678,17 @@ class Store:
                                       .where(ours, table.c.second >= day_start)).scalar_one()
             if used_today >= per_day:
                 return None
+            # a call counted at second S was made before S + 1: it may weigh on the minute
+            # until S + 61 (a second early would be a call too many in Google's minute)
+            span = dt.timedelta(seconds=61)
             recent = conn.execute(sa.select(table.c.second, table.c.calls).where(
-                ours, table.c.second > second - dt.timedelta(seconds=60))
-                .order_by(table.c.second)).all()
+                ours, table.c.second > now - span).order_by(table.c.second)).all()
             used, wait = sum(r.calls for r in recent), 0.0
             for moment, calls in recent:  # the wait until enough of them leave the minute
                 if used < per_minute:
                     break
                 used -= calls
-                wait = (moment + dt.timedelta(seconds=60) - now).total_seconds()
+                wait = (moment + span - now).total_seconds()
             if wait > 0:
                 return wait
             insert = (sqlite.insert if self.dialect == "sqlite" else postgresql.insert)(table)
