@@ -45,7 +45,7 @@ PARTLY_FAILED = "request partly failed"
 """The reason of uploads left sent by a request Google says partly failed: it never says
 which events failed, only how many by reason (under the requests)."""
 QUOTA_API = {INGEST: "datamanager.write", RETRIEVE: "datamanager.read"}
-LEDGER_CHUNK = 20_000
+LEDGER_CHUNK = 10_000
 """Planned uploads written to the ledger a transaction at a time (the ledger's key index
 takes them in key order: a bigger chunk rewrites fewer of its pages per row)."""
 STATUS_FIRST = dt.timedelta(minutes=30)
