@@ -11,10 +11,10 @@ import logging
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from convsync.gctuning import fewer_collections
 from convsync.model import (
     ConversionMap,
     ConversionStat,
@@ -229,7 +229,7 @@ def pull(config: ClientConfig, secrets: Secrets, store: Store, *,
     mapping = ConversionMap(config.definitions())
     store.save_definitions(config.definitions(), config.client.name)
     chosen = [p for p in config.enabled_platforms() if platforms is None or p in platforms]
-    with _fewer_collections():
+    with fewer_collections():
         for platform in chosen:
             _pull_platform(config, secrets, store, platform, result, mapping, redact, today,
                            since, until, restart, progress, sleep)
@@ -240,24 +240,6 @@ def pull(config: ClientConfig, secrets: Secrets, store: Store, *,
         "partial" if len(result.failed) < len(result.platforms) else "failed")
     store.finish_run(result.run_id, status, result.summary())
     return result
-
-
-@contextmanager
-def _fewer_collections() -> Iterator[None]:
-    """Pulling builds millions of small objects (rows, decoded JSON), and each full collection
-    re-scans every long-lived object the SDKs created at import: freezing those first took
-    Klaviyo events from 78 to 66 us of CPU a row. Young collections every 500,000 allocations
-    rather than 700 save 3 us more: each walks the young objects still alive (the Klaviyo
-    people cache, the batches waiting for their commit), so fewer walk them less often (50,000
-    saved 2 us). Only cyclic garbage waits for a collection, and peak memory did not move."""
-    thresholds = gc.get_threshold()
-    gc.freeze()
-    gc.set_threshold(500_000, *thresholds[1:])
-    try:
-        yield
-    finally:
-        gc.set_threshold(*thresholds)
-        gc.unfreeze()
 
 
 def _pull_platform(config: ClientConfig, secrets: Secrets, store: Store, platform: Platform,

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from convsync import planning, quotas
+from convsync.gctuning import fewer_collections
 from convsync.locks import client_lock
 from convsync.model import Platform, Upload, UploadStatus
 from convsync.settings import ClientConfig, GoogleAdsSection, Secrets
@@ -118,7 +119,7 @@ def push_google_ads(config: ClientConfig, secrets: Secrets, store: Store, *,
     if section is None:
         return result
     sink = sink or _sink(section, secrets, store, result, sleep)
-    with client_lock(store, config.client.name, "push"):
+    with client_lock(store, config.client.name, "push"), fewer_collections(young=10_000):
         result.plan, planned = planning.plan_google_ads(config, store, now,
                                                         problems=sink.problems)
         if dry_run:
