@@ -32,7 +32,7 @@ ADVICE_ORDER = (UPLOAD, "analytics_only", "not_enough_evidence", "drop_noise")
 
 @dataclass(frozen=True)
 class PlatformTrend:
-    """A platform's macro and micro conversions per day (its own time zone)."""
+    """A platform's macro and micro conversions per day (in the zone it counts days in)."""
 
     platform: str
     timezone: str

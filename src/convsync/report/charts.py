@@ -77,6 +77,11 @@ def _date_axis(ax: Axes, label: str) -> None:
     ax.set_xlabel(label)
 
 
+DAYS_BY_ZONE = "each account's or property's own; Klaviyo's are the client's"
+"""Whose days each platform counts: Google Ads, GA4 and Meta report in their account's time
+zone; Klaviyo's days are cut in the client's (its API gives times, convsync makes the days)."""
+
+
 def daily_by_platform(conversion: str, days: Sequence[dt.date],
                       series: Mapping[str, Sequence[float]], timezones: Mapping[str, str],
                       filling_from: dt.date | None, client_timezone: str) -> str:
@@ -93,7 +98,8 @@ def daily_by_platform(conversion: str, days: Sequence[dt.date],
                        label="still filling (not judged)", zorder=0)
         ax.set_title(f"{conversion}: conversions per day, by platform")
         ax.set_ylabel(f"{conversion} per day (count)")
-        _date_axis(ax, f"day, in each platform's own time zone (client: {client_timezone})")
+        _date_axis(ax, f"day, in the time zone beside each platform ({DAYS_BY_ZONE}; client: "
+                       f"{client_timezone})")
         ax.set_ylim(bottom=0)
         figure.legend(loc="outside lower center", fontsize=8, ncols=5, frameon=False)
         return _svg(figure)
@@ -120,7 +126,7 @@ def macro_vs_micro(trends: Sequence[tuple[str, str, Sequence[dt.date], Sequence[
             ax.set_title(f"{platform_name(platform)}: macro vs micro conversions per day "
                          f"({tz})", loc="left")
         if trends:
-            _date_axis(axes[-1], "day, in the platform's own time zone")
+            _date_axis(axes[-1], f"day, in the time zone of each title ({DAYS_BY_ZONE})")
             figure.legend(*_legend_entries(figure), loc="outside lower center", fontsize=8,
                           frameon=False, ncols=2)
         return _svg(figure)
