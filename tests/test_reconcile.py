@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from convsync import pipeline
 from convsync.cli import app
-from convsync.model import Platform, Upload
+from convsync.model import Platform, PlatformConversion, Upload
 from convsync.reconcile import (
     ALL,
     Audit,
@@ -281,6 +281,30 @@ def test_micro_uploads_counted_in_column_need_an_opt_in(micro: Pulled, tmp_path:
                      ReconcileSection(primary_micro_uploads=True), as_of=TODAY,
                      uploads=uploads)
     assert opted_in.findings == []
+
+
+def test_a_macro_counted_in_column_by_another_action_is_not_left_out(clean: Pulled) -> None:
+    """An idle import action of the purchase category, secondary and unmapped, while the
+    'Purchase' tag counts purchases in column: making it primary would count them again, so
+    no "macro not in column" (issue 13, item 2). Demoting the tag does leave them out."""
+    with Store.open(clean.config.store_url()) as store:
+        actions = store.platform_conversions(Platform.GOOGLE_ADS)
+        stats = list(store.stats(platform=Platform.GOOGLE_ADS))
+    tag = next(a for a in actions if a.name == "Purchase")
+    imported = PlatformConversion(
+        platform=Platform.GOOGLE_ADS, account_id=tag.account_id, platform_id="6199",
+        name="Purchases (offline import)", in_column=False,
+        settings={**tag.settings, "type": "UPLOAD_CLICKS", "include_in_conversions_metric": False,
+                  "primary_for_goal": False})
+    definitions = clean.config.definitions()
+    audited = audit([*actions, imported], stats, definitions, ReconcileSection(), as_of=TODAY)
+    assert "macro_not_in_column" not in codes(audited.findings)
+    demoted = [a.model_copy(update={"in_column": False, "settings": {
+        **a.settings, "include_in_conversions_metric": False}}) if a.name == "Purchase" else a
+               for a in actions]
+    left_out = audit(demoted, stats, definitions, ReconcileSection(), as_of=TODAY)
+    (found,) = [f for f in left_out.findings if f.code == "macro_not_in_column"]
+    assert "'Purchase'" in found.subject and "Purchase" in found.fix
 
 
 def test_uploads_not_arriving_quote_the_reasons_google_refused_them(clean: Pulled) -> None:

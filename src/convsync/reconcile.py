@@ -240,12 +240,15 @@ def _column_findings(rows: list[ActionAudit], settings: ReconcileSection) -> lis
                     "value_per_conversion": _r(r.value / r.conversions if r.conversions else 0),
                     "macro_value_per_conversion": _r(macro_value), "uploads": r.uploads}
         findings.append(_micro_upload(r, evidence) if r.uploads else _micro_in_column(r, evidence))
+    counted = {r.conversion or f"category {r.category}" for r in rows if r.in_column}
     groups: dict[str, list[ActionAudit]] = defaultdict(list)
-    for r in rows:
+    for r in rows:  # an unmapped macro action stands for its category
         if r.kind is Kind.MACRO:
-            groups[r.conversion or r.name].append(r)
+            groups[r.conversion or f"category {r.category}"].append(r)
     for name, group in sorted(groups.items()):
-        if not any(r.in_column for r in group):
+        # in column through any action of the account, or nothing counted to bring in (an
+        # idle import action): making one primary would count its sales again, or nothing
+        if name not in counted and sum(r.conversions for r in group) > 0:
             findings.append(_macro_left_out(name, group))
     return findings
 
@@ -278,7 +281,8 @@ def _micro_upload(r: ActionAudit, evidence: dict[str, Any]) -> Finding:
 
 def _macro_left_out(name: str, group: list[ActionAudit]) -> Finding:
     names = ", ".join(f"'{r.name}'" for r in group)
-    best = max(group, key=lambda r: r.conversions)
+    best = max(group, key=lambda r: (r.conversions, not r.type.startswith("GOOGLE_ANALYTICS")))
+    # on a tie, the Google Ads tag rather than a GA4 import
     return Finding(
         "audit", "macro_not_in_column", "warning", names,
         f"macro conversion {name} is in no action counted in the Conversions column ({names}: "
