@@ -376,3 +376,14 @@ def test_commands_exit_3_only_when_something_is_wrong(clean: Pulled, duplicate: 
     text = " ".join(human.stdout.split())  # rich wraps long lines
     assert human.exit_code == 3
     assert "'GA4 purchase' > Edit settings > Action optimization: Secondary action" in text
+    # findings name their account, in text and JSON, and the table has an account column
+    found = json.loads(runner.invoke(app, ["audit", "--config", str(duplicate.path),
+                                           "--json"]).stdout)["findings"]
+    customer = duplicate.config.google_ads.customer_ids[0]  # type: ignore[union-attr]
+    dashed = f"{customer[:3]}-{customer[3:6]}-{customer[6:]}"
+    assert found and all(f["account"] == customer for f in found)
+    assert f"(account {dashed})" in text
+    assert sum(line.split()[0] == dashed for line in human.stdout.splitlines()
+               if line.split()) == len(json.loads(runner.invoke(
+                   app, ["audit", "--config", str(duplicate.path), "--json"]).stdout)["actions"])
+    assert max(len(line) for line in human.stdout.splitlines()) <= 80, human.stdout

@@ -614,14 +614,23 @@ def audit(config: ConfigOption, as_json: JsonFlag = False) -> None:
         title = "Google Ads conversion actions"
         if result.window:
             title += f", conversions {result.window[0]} .. {result.window[1]}"
-        table = Table(title=title)
-        for column in ("action", "kind", "kind from", "in column", "conversions", "value",
-                       "last conversion"):
-            table.add_column(column)
+        table = Table(title=title, box=box.SIMPLE_HEAD)
+        for column in ("account", "action", "kind", "col.", "conv.", "value", "last"):
+            table.add_column(column, justify="right" if column in ("conv.", "value")
+                             else "left", no_wrap=column != "action")
         for a in result.actions:
-            table.add_row(a.name, a.kind.value, a.kind_source, "yes" if a.in_column else "no",
-                          f"{a.conversions:g}", f"{a.value:,.2f}", str(a.last_conversion or ""))
+            guessed = "" if a.kind_source.startswith("from config") else "?"
+            last = a.last_conversion
+            table.add_row(_account(a.account_id), a.name, f"{a.kind.value}{guessed}",
+                          "yes" if a.in_column else "no", f"{a.conversions:,g}",
+                          f"{a.value:,.0f}", f"{last:%m-%d}" if last else "")
         out.print(table)
+        out.print("col.: counted in the Conversions column; conv. and value: in the window, by "
+                  "click date; last: the last day with a conversion", highlight=False)
+        if any(not a.kind_source.startswith("from config") for a in result.actions):
+            out.print("? kind guessed from the name or category: map the action in a "
+                      "[[conversions]] entry (`convsync discover` prints one)", markup=False,
+                      highlight=False)
         _print_findings(result.findings)
         for note in result.notes:
             out.print(note, style="dim", highlight=False)
@@ -747,9 +756,17 @@ def _print_findings(findings: list[Any]) -> None:
     for f in findings:
         colour = colours[f.severity]
         flag = " [bold](beyond tolerance)[/bold]" if f.alert else ""
-        out.print(f"[{colour}]{f.severity}[/{colour}] [bold]{f.subject}[/bold]{flag}: "
-                      f"{escape(f.message)}", highlight=False)
+        where = f" (account {_account(f.account)})" if f.account else ""
+        out.print(f"[{colour}]{f.severity}[/{colour}] [bold]{escape(f.subject)}[/bold]{where}"
+                  f"{flag}: {escape(f.message)}", highlight=False)
         out.print(f"  fix: {escape(f.fix)}", style="green", highlight=False)
+
+
+def _account(account_id: str) -> str:
+    """A Google Ads customer id as Google Ads shows it (123-456-7890)."""
+    if len(account_id) == 10 and account_id.isdigit():
+        return f"{account_id[:3]}-{account_id[3:6]}-{account_id[6:]}"
+    return account_id
 
 
 def _funnel_table(funnel: Any) -> Table:

@@ -77,6 +77,8 @@ class Finding:
     evidence: dict[str, Any] = field(default_factory=dict)
     alert: bool = False
     """Beyond tolerance: ``convsync reconcile`` / ``report`` exit with code 3."""
+    account: str = ""
+    """The platform account it is about (the audit's: a Google Ads customer id)."""
 
 
 def _r(x: float, digits: int = 2) -> float:
@@ -167,18 +169,18 @@ def audit(actions: Iterable[PlatformConversion], stats: Iterable[ConversionStat]
     findings: list[Finding] = []
     for account in sorted({r.account_id for r in rows}):
         mine = [r for r in rows if r.account_id == account]
-        findings += _column_findings(mine, settings)
-        findings += _double_counting(mine, activity, window)
+        found = _column_findings(mine, settings) + _double_counting(mine, activity, window)
         covered = (window is not None and first_day.get(account) is not None
                    and first_day[account] <= window[0])
         if covered:
             idle, idle_notes = _inactive(mine, outcomes or {}, settings, refusals or {})
-            findings += idle
+            found += idle
             notes += idle_notes
         else:
             notes.append(f"account {account}: the stored Google Ads stats do not cover the last "
                          f"{settings.inactive_days} days, so idle actions were not judged: "
                          f"backfill them (convsync backfill --since ...)")
+        findings += [dataclasses.replace(f, account=account) for f in found]
     return Audit(as_of, window, rows, findings, notes)
 
 
