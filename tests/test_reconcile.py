@@ -162,6 +162,12 @@ def test_the_clean_worlds_differences_are_explained_as_causes(clean: Pulled) -> 
     assert meta_shift.timezone == "America/Los_Angeles" and meta_shift.expected == -0.125
     assert abs(meta_shift.fitted) < 0.25
     assert "coverage" in causes["klaviyo"]
+    # a coverage cause fits its numbers: a gap it can explain, never "0% below"
+    for comparison in result.comparisons:
+        for cause in comparison.causes:
+            if cause.code == "coverage":
+                assert cause.evidence["gap"] >= 0.01 and "0% below" not in cause.text
+                assert cause.platform != "ga4" or cause.evidence["gap"] <= 0.3
     # the last settle_days days are shown but not judged: they are still filling
     assert google.last == TODAY - dt.timedelta(days=7)
     lag = next(c for c in google.causes if c.code == "lag")
@@ -240,6 +246,8 @@ def test_a_duplicate_purchase_tag_doubles_google_ads_beyond_tolerance(
     assert google.beyond_tolerance and google.ratio is not None and google.ratio > 1.8
     cause = next(c for c in google.causes if c.code == "duplicate_tag")
     assert 1.9 <= cause.evidence["times_the_largest"] <= 2.1
+    # the duplicate explains the gap: no "GA4 misses visitors who block its tag" beside it
+    assert "coverage" not in {c.code for c in google.causes}
     assert abs(cause.evidence["ratio_with_one"] - 1) < 0.25  # one action agrees with GA4
     meta = next(c for c in result.comparisons if c.platform == "meta" and c.campaign == ALL)
     assert not meta.beyond_tolerance

@@ -543,6 +543,12 @@ def _add(cells: dict[Any, list[float]], key: Any, count: float, value: float) ->
 
 # -- discrepancies -----------------------------------------------------------------------------
 
+COVERAGE_GAP = (0.01, 0.30)
+"""The gaps a coverage cause may explain: under 1% there is nothing to explain; GA4's
+blocked tags and declined consent cost it 5-15% of visitors, so a gap beyond 30% has another
+cause (a duplicate tag, a broken tag)."""
+
+
 @dataclass(frozen=True)
 class Cause:
     """A likely cause of a difference: what it is, for which platform, and its numbers."""
@@ -905,6 +911,8 @@ class _Context:
         if low not in texts or not (n and rn):
             return []
         gap = abs(n - rn) / max(n, rn)
+        if gap < COVERAGE_GAP[0] or (low is Platform.GA4 and gap > COVERAGE_GAP[1]):
+            return []  # nothing to explain, or more than blocked tags explain (a duplicate?)
         return [Cause("coverage", low.value, f"{texts[low]}: {name_of(low)} is {gap:.0%} below "
                       f"{name_of(high)}", {"gap": _r(gap, 3)})]
 
