@@ -40,6 +40,38 @@ def test_config_check_bad_time_zone_exits_2_and_names_the_key(tmp_path: Path) ->
     assert human.exit_code == 2 and "client.timezone" in human.output
 
 
+def test_a_wrong_type_a_binary_file_and_a_directory_exit_2_with_a_message(
+        tmp_path: Path) -> None:
+    """Never a traceback: each names the file or key and what is expected (issue 13, 7)."""
+    wrong = tmp_path / "wrong.toml"
+    wrong.write_text(EXAMPLE.read_text().replace('customer_ids = ["123-456-7890"]',
+                                                 "customer_ids = 1234567890"))
+    binary = tmp_path / "binary.toml"
+    binary.write_bytes(b"\x7fELF\x02\x01\x01\x00\xd0\x9f\xff\xfe")
+    expected = {wrong: ("google_ads.customer_ids", "not a number"),
+                binary: (str(binary), "not a text file"),
+                tmp_path: (str(tmp_path), "a directory, not a config file")}
+    for path, (key, words) in expected.items():
+        result = runner.invoke(app, ["config", "check", str(path), "--json"])
+        assert result.exit_code == 2, result.output
+        (problem,) = json.loads(result.stdout)["problems"]
+        assert problem["key"] == key and words in problem["message"]
+        command = runner.invoke(app, ["pull", "--config", str(path)])
+        assert command.exit_code == 2 and "Traceback" not in command.output
+        assert isinstance(command.exception, SystemExit)  # a message, not a crash
+
+
+def test_import_refuses_an_unknown_time_zone_before_it_starts(tmp_path: Path) -> None:
+    config = tmp_path / "client.toml"
+    config.write_text(EXAMPLE.read_text().replace(
+        'store_url = "sqlite:///../var/acme-outdoor.db"', 'store_url = "sqlite:///client.db"'))
+    result = runner.invoke(app, ["import", "--config", str(config),
+                                 str(EXAMPLE.parent / "crm-example.csv"),
+                                 "--timezone", "Mars/Olympus"])
+    assert result.exit_code == 2 and "unknown time zone 'Mars/Olympus'" in result.output
+    assert not (tmp_path / "client.db").exists()  # no run was started
+
+
 def test_unknown_scale_is_bad_usage() -> None:
     result = runner.invoke(app, ["sandbox", "serve", "--scale", "huge"])
     assert result.exit_code == 2

@@ -329,6 +329,10 @@ def import_command(
 
     client, _ = _load(config)
     zone = timezone or (client.crm.timezone if client.crm else None)
+    try:
+        crm.read_zone(zone)  # checked before a run starts
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--timezone") from None
     mapping = ConversionMap(client.definitions())
     reports = []
     with Store.open(client.store_url()) as store:

@@ -44,8 +44,16 @@ class _Section(BaseModel):
 
 
 def _names(value: Any) -> Any:
-    """Accept one platform name as a plain string as well as a list of names."""
-    return [value] if isinstance(value, str) else value
+    """Accept one name as a plain string as well as a list of names; anything else is an
+    error naming what is expected."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list | tuple):
+        return value
+    kind = {"int": "number", "float": "number", "bool": "true / false", "dict": "table"}.get(
+        type(value).__name__, type(value).__name__)
+    raise ValueError(f"expected a value in quotes or a list of them, such as [\"a\", \"b\"], "
+                     f"not a {kind}")
 
 
 class ClientSection(_Section):
@@ -447,6 +455,13 @@ def _parse(path: Path) -> tuple[ClientConfig | None, list[Problem]]:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return None, [Problem(str(path), "file not found")]
+    except IsADirectoryError:
+        return None, [Problem(str(path), "a directory, not a config file: name the .toml file")]
+    except UnicodeDecodeError:
+        return None, [Problem(str(path), "not a text file (UTF-8): a config is a .toml text "
+                                         "file, such as config/example.toml")]
+    except OSError as error:
+        return None, [Problem(str(path), f"cannot be read ({error.strerror})")]
     except tomllib.TOMLDecodeError as error:
         return None, [Problem(str(path), f"not valid TOML: {error}")]
     try:

@@ -263,7 +263,7 @@ def read_file(path: Path, mapping: ConversionMap, timezone: str | None = None, *
     Nothing is read until the iterator is consumed; ``CrmFileError`` is raised from it for a
     file that cannot be read at all. ``timezone`` (an IANA name) is where times written
     without offset are read; ``default_currency`` prices rows with a value and no currency."""
-    zone = _zone(timezone)
+    zone = read_zone(timezone)
     report = ReadReport(path)
     context = {"zone": zone, "currency": default_currency}
     return _events(path, mapping, context, report), report
@@ -316,7 +316,8 @@ def person_key(identifiers: Identifiers) -> str:
     raise ValueError("no identifier to key the person by")
 
 
-def _zone(timezone: str | None) -> ZoneInfo | None:
+def read_zone(timezone: str | None) -> ZoneInfo | None:
+    """The zone naive times are read in (None: none given); ValueError naming a bad one."""
     if not timezone:
         return None
     try:
