@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -111,6 +112,46 @@ def test_developer_token_is_never_required(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setenv("CONVSYNC_KLAVIYO_API_KEY", "pk_abc123")
     monkeypatch.delenv("CONVSYNC_GOOGLE_DEVELOPER_TOKEN", raising=False)
     assert check_config(EXAMPLE, require_secrets=True) == []
+
+
+def test_an_empty_secret_is_missing_and_the_google_hint_lists_every_way(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A variable set to nothing is no credential (issue 13, item 7)."""
+    for name in ("GOOGLE_REFRESH_TOKEN", "GOOGLE_CLIENT_ID", "GOOGLE_CLIENT_SECRET",
+                 "GOOGLE_SERVICE_ACCOUNT_FILE", "GOOGLE_ACCESS_TOKEN"):
+        monkeypatch.setenv(f"CONVSYNC_{name}", "")
+    monkeypatch.setenv("CONVSYNC_META_ACCESS_TOKEN", "")
+    monkeypatch.setenv("CONVSYNC_KLAVIYO_API_KEY", "   ")
+    errors = {p.key: p.message for p in check_config(EXAMPLE, require_secrets=True)
+              if p.severity == "error"}
+    assert {"google_ads", "ga4", "meta", "klaviyo"} <= set(errors)
+    for variable in ("CONVSYNC_GOOGLE_REFRESH_TOKEN", "CONVSYNC_GOOGLE_CLIENT_ID",
+                     "CONVSYNC_GOOGLE_CLIENT_SECRET", "CONVSYNC_GOOGLE_SERVICE_ACCOUNT_FILE",
+                     "CONVSYNC_GOOGLE_ACCESS_TOKEN"):
+        assert variable in errors["google_ads"]
+
+
+def test_the_store_url_is_checked_without_opening_it(tmp_path: Path) -> None:
+    """A URL that cannot be a store is a config error naming client.store_url (issue 13,
+    item 7); a good one, even in folders still to make, is none."""
+    expected = {
+        f"sqlite:///{tmp_path}": "is a directory",
+        "nonsense": "not a database URL",
+        "mysql://user@host/db": "mysql is not supported",
+        "postgresql+asyncpg://user@host/db": "driver is not installed",
+        f"sqlite:///{tmp_path / 'new' / 'deeper' / 'c.db'}": "",
+        "postgresql+psycopg://user@host/db": "",
+    }
+    for url, words in expected.items():
+        config = tmp_path / "c.toml"
+        config.write_text(EXAMPLE.read_text().replace(
+            'store_url = "sqlite:///../var/acme-outdoor.db"', f"store_url = {json.dumps(url)}"))
+        found = [p for p in check_config(config, NO_SECRETS) if p.key == "client.store_url"]
+        if words:
+            assert len(found) == 1 and found[0].severity == "error" and words in found[0].message
+        else:
+            assert found == []
+    assert not (tmp_path / "new").exists()  # checked, never created
 
 
 def test_secrets_file_is_read_and_missing_one_is_named(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import sqlalchemy as sa
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -330,6 +331,12 @@ class Secrets(BaseSettings):
     meta_access_token: SecretStr | None = None
     klaviyo_api_key: SecretStr | None = None
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _empty_is_missing(cls, value: Any) -> Any:
+        """A variable set to nothing (``CONVSYNC_META_ACCESS_TOKEN=``) is not a secret."""
+        return None if isinstance(value, str) and not value.strip() else value
+
     def values(self) -> list[str]:
         """Every secret value, for redaction."""
         return [s.get_secret_value() for s in (
@@ -345,7 +352,10 @@ class Secrets(BaseSettings):
             if oauth or self.google_service_account_file or self.google_access_token:
                 return None
             return ("set CONVSYNC_GOOGLE_REFRESH_TOKEN, CONVSYNC_GOOGLE_CLIENT_ID and "
-                    "CONVSYNC_GOOGLE_CLIENT_SECRET, or CONVSYNC_GOOGLE_SERVICE_ACCOUNT_FILE")
+                    "CONVSYNC_GOOGLE_CLIENT_SECRET (OAuth), or "
+                    "CONVSYNC_GOOGLE_SERVICE_ACCOUNT_FILE (a service account's key file), or "
+                    "CONVSYNC_GOOGLE_ACCESS_TOKEN (a ready token, for a one-off run); "
+                    "CONVSYNC_GOOGLE_DEVELOPER_TOKEN is optional")
         if platform is Platform.META and self.meta_access_token is None:
             return "set CONVSYNC_META_ACCESS_TOKEN"
         if platform is Platform.KLAVIYO and self.klaviyo_api_key is None:
@@ -428,7 +438,48 @@ def check_config(path: Path, secrets: Secrets | None = None, *,
     if not any(e.kind is Kind.MACRO for e in config.conversions):
         problems.append(Problem("conversions", "no macro conversion defined: add the purchase "
                                 "or qualified lead with kind = \"macro\"", "warning"))
+    problems += _store_problems(config.store_url())
     return problems
+
+
+def _store_problems(url: str) -> list[Problem]:
+    """Whether the store can be opened: a URL SQLAlchemy reads, of SQLite or PostgreSQL, its
+    driver installed, and for SQLite a file (or a directory to make it in) that can be
+    written. Nothing is created or connected to."""
+    key = "client.store_url"
+    try:
+        parsed = sa.engine.make_url(url)
+    except sa.exc.ArgumentError:
+        return [Problem(key, "not a database URL: use sqlite:///path/to/file.db or "
+                             "postgresql+psycopg://user@host/database")]
+    backend = parsed.get_backend_name()
+    if backend not in ("sqlite", "postgresql"):
+        return [Problem(key, f"{backend} is not supported: use SQLite or PostgreSQL")]
+    try:
+        parsed.get_dialect().import_dbapi()
+    except ImportError:
+        return [Problem(key, f"the {parsed.drivername} driver is not installed: for "
+                             "PostgreSQL use postgresql+psycopg://, the driver convsync "
+                             "installs")]
+    if backend == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        return _sqlite_file_problems(Path(parsed.database), key)
+    return []
+
+
+def _sqlite_file_problems(path: Path, key: str) -> list[Problem]:
+    if path.is_dir():
+        return [Problem(key, f"{path} is a directory: name a file in it, such as "
+                             f"{path / 'convsync.db'}")]
+    if path.exists():
+        ok = os.access(path, os.R_OK | os.W_OK)
+        return [] if ok else [Problem(key, f"{path} cannot be written: check its permissions")]
+    folder = path.parent
+    while not folder.exists():  # the store makes the missing folders
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        return [Problem(key, f"{path} cannot be created: {folder} is not a folder convsync "
+                             "may write in")]
+    return []
 
 
 def trust_ca_file(path: Path) -> None:
