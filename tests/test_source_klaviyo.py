@@ -137,6 +137,32 @@ def test_a_mapped_name_the_account_lacks_is_named_in_a_warning(
     assert "'Refunded Order'" in caplog.text and ACCOUNT in caplog.text
 
 
+def test_a_key_without_accounts_read_falls_back_to_the_config_with_a_warning(
+        klaviyo_served: tuple[Sandbox, str], live: Sandbox, world: World,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Klaviyo is read for the account's currency only: a key lacking accounts:read (403)
+    pulls with the config's currency and a stable id made from the key, never failing the
+    platform nor naming the key (issue 13, item 8)."""
+    config = client_config(klaviyo_served[1]).model_copy(update={"client": ClientSection(
+        name="Sandbox Outdoor", timezone=TZ, currency="EUR")})
+    secret = "pk_sandbox_test-no-accounts-read"
+    scoped = Secrets(klaviyo_api_key=SecretStr(secret))
+    with caplog.at_level("WARNING", logger="convsync.sources.klaviyo"):
+        found = {s.name: s for s in klaviyo.streams(
+            config, scoped, ConversionMap(config.definitions()), Requests(), sleep=Sleeps())}
+        again = klaviyo.streams(config, scoped, ConversionMap(config.definitions()),
+                                Requests(), sleep=Sleeps())
+    assert "accounts:read" in caplog.text and secret not in caplog.text
+    account = found["events"].account_id
+    assert account.startswith("key-") and account == again[0].account_id
+    assert secret not in account
+    day = world.end - dt.timedelta(days=3)
+    stats = [r for r in pulled(found["metric_aggregates"], day, day)
+             if isinstance(r, ConversionStat)]
+    assert stats and {s.currency for s in stats} == {"EUR"} and {
+        s.account_id for s in stats} == {account}
+
+
 # -- daily aggregates ------------------------------------------------------------------------
 
 def test_daily_aggregates_match_the_world_in_the_client_time_zone(

@@ -47,6 +47,9 @@ LATEST_REVISION = dt.date(2026, 10, 15)
 FIRST_REVISION = dt.date(2022, 10, 17)
 """The first stable revision: the endpoints simulated here exist in every revision since."""
 JSON_API = "application/vnd.api+json"
+NO_ACCOUNTS_READ = "-no-accounts-read"
+"""A private key ending so lacks the ``accounts:read`` scope: ``GET /api/accounts`` answers
+403 permission_denied, as Klaviyo does for a key made without it (to try the fallback)."""
 
 EVENTS_PAGE_SIZE_DEFAULT = 200
 EVENTS_PAGE_SIZE_MAX = 1000
@@ -852,14 +855,18 @@ class KlaviyoApi:
                request: Request) -> Response:
         try:
             check_revision(request.headers.get("revision"))
-            self._authenticate(request.headers.get("Authorization"))
+            credential = self._authenticate(request.headers.get("Authorization"))
+            if label == "get_accounts" and credential.endswith(NO_ACCOUNTS_READ):
+                raise _error(403, "permission_denied",
+                             "You do not have permission to perform this action.",
+                             "This API key is missing required scopes: accounts:read")
             response = handler(request)
         except ApiError as error:
             response = error.response
         response.headers.update(self.windows.headers(label))
         return response
 
-    def _authenticate(self, header: str | None) -> None:
+    def _authenticate(self, header: str | None) -> str:
         scheme, _, credential = (header or "").strip().partition(" ")
         credential = credential.strip()
         if scheme not in ("Klaviyo-API-Key", "Bearer") or not credential:
@@ -871,6 +878,7 @@ class KlaviyoApi:
         if not accepted:
             raise _error(401, "authentication_failed", "Incorrect authentication credentials.",
                          "Incorrect authentication credentials.")
+        return credential
 
     # handlers ----------------------------------------------------------------------------
     def _get_accounts(self, request: Request) -> Response:

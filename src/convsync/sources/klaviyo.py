@@ -44,7 +44,7 @@ from openapi_client.rest import RESTResponse
 from urllib3.exceptions import ProtocolError
 from urllib3.exceptions import TimeoutError as Urllib3Timeout
 
-from convsync.hashing import hash_email, hash_phone
+from convsync.hashing import hash_email, hash_phone, sha256_hex
 from convsync.model import (
     Basis,
     ConversionMap,
@@ -224,6 +224,24 @@ def fetch_account(api: _Api) -> Account:
     return Account(resource["id"], attributes["timezone"], attributes["preferred_currency"])
 
 
+def _account_or_config(api: _Api, config: ClientConfig, secrets: Secrets,
+                       sleep: Callable[[float], None]) -> Account:
+    """The account, or, for a key without the ``accounts:read`` scope (convsync reads the
+    account only for its currency), the config's currency and a stable id made from the key
+    (a hash: never the key), with a warning."""
+    try:
+        return retrying(RETRY, sleep)(fetch_account, api)
+    except ApiException as error:
+        if error.status != 403:
+            raise
+    key = secrets.klaviyo_api_key.get_secret_value() if secrets.klaviyo_api_key else ""
+    log.warning("klaviyo: the private key lacks the accounts:read scope: using the config's "
+                "currency (%s); add the scope to the key to read the account's own",
+                config.client.currency)
+    return Account(f"key-{sha256_hex(key)[:12]}", config.client.timezone,
+                   config.client.currency)
+
+
 def _next_cursor(page: dict[str, Any]) -> str | None:
     """The ``page[cursor]`` of the next page's link, or None on the last page."""
     return _cursor_of((page.get("links") or {}).get("next"))
@@ -313,7 +331,7 @@ def streams(config: ClientConfig, secrets: Secrets, mapping: ConversionMap, requ
     if section is None:
         return []
     api = _Api(connect(section, secrets), Pace(sleep), requests)
-    account = retrying(RETRY, sleep)(fetch_account, api)
+    account = _account_or_config(api, config, secrets, sleep)
     catalog = retrying(RETRY, sleep)(_fetch_metrics, api, account.id, mapping)
     mapped = [m for m in catalog if m.conversion is not None]
     tz = config.client.timezone
