@@ -9,6 +9,8 @@ import datetime as dt
 import json
 import os
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -166,6 +168,39 @@ def test_concurrent_first_opens_migrate_once(url: str) -> None:
     finally:
         for opened in stores:
             opened.close()
+
+
+SAVE_DEFINITIONS = """
+import sys, time
+from pathlib import Path
+from convsync.model import ConversionDefinition, Kind, PlatformNames
+from convsync.store import Store
+url, go = sys.argv[1], Path(sys.argv[2])
+defs = [ConversionDefinition(name=f"step_{i}", kind=Kind.MICRO,
+                             names=PlatformNames(ga4=(f"event_{i}",))) for i in range(20)]
+with Store.open(url) as store:
+    while not go.exists():
+        time.sleep(0.005)
+    for _ in range(10):
+        store.save_definitions(defs, "acme")
+"""
+
+
+def test_first_runs_started_together_save_the_definitions_without_a_crash(
+        url: str, tmp_path: Path) -> None:
+    """Several processes saving one client's definitions at once (first runs of a fresh
+    store): each run's whole set replaces the last, none fails on a unique key (PostgreSQL
+    crashed 3% of the time; issue 13, item 12)."""
+    Store.open(url).close()  # migrated: the processes race on the definitions alone
+    go = tmp_path / "go"
+    runs = [subprocess.Popen([sys.executable, "-c", SAVE_DEFINITIONS, url, str(go)],
+                             stderr=subprocess.PIPE, text=True) for _ in range(6)]
+    go.touch()
+    failures = [p.communicate(timeout=120)[1] for p in runs if p.wait(timeout=120) != 0]
+    assert failures == []
+    with Store.open(url) as store:
+        assert [d.name for d in store.definitions("acme")] == sorted(
+            f"step_{i}" for i in range(20))
 
 
 def test_store_from_a_newer_convsync_is_refused(url: str) -> None:

@@ -1153,12 +1153,16 @@ class Store:
     # -- conversion definitions --------------------------------------------------------------
 
     def save_definitions(self, defs: Sequence[ConversionDefinition], client: str) -> None:
-        """Make ``defs`` the client's whole set of definitions (the config is the truth)."""
+        """Make ``defs`` the client's whole set of definitions (the config is the truth).
+        Concurrent writers of one client (first runs started together) take turns."""
         now = self._clock()
         names = [{"client": client, "name": d.name, "platform": p.value, "platform_name": n,
                   "position": position}
                  for d in defs for p in Platform for position, n in enumerate(d.names.on(p))]
         with self._writing() as conn:
+            if self.dialect == "postgresql":  # two first runs at once: one after the other
+                conn.execute(sa.select(sa.func.pg_advisory_xact_lock(
+                    sa.func.hashtextextended(f"convsync definitions {client}", 0))))
             conn.execute(conversion_platform_names.delete().where(
                 conversion_platform_names.c.client == client))
             conn.execute(conversion_definitions.delete().where(
