@@ -181,6 +181,34 @@ def test_bad_row_reported_with_line_and_reason(tmp_path: Path, row: str, reason:
     assert report.errors[0].reason.startswith(reason), report.errors[0].reason
 
 
+@pytest.mark.parametrize(("row", "reason"), [
+    ("lead_qualified,2026-11-02T09:15:00Z,,,jane.doe@gmail.com,,,", "external_id: contains '@'"),
+    ("lead_qualified,2026-11-02T09:15:00Z,,,,,,Cj0K@x", "gclid: contains '@'"),
+    ("lead_qualified,9999-12-31T23:00:00-05:00,,,L-1,,,", "time: '9999-12-31T23:00:00-05:00' "
+                                                           "is out of range"),
+    ("lead_qualified,0001-01-01T00:00:00+05:00,,,L-1,,,", "time: '0001-01-01T00:00:00+05:00' "
+                                                           "is out of range"),
+    ("lead_qualified,1970-01-01T00:00:00Z,,,L-1,,,", "time: '1970-01-01T00:00:00Z' is before"),
+    ("lead_qualified,2099-01-01T00:00:00Z,,,L-1,,,", "time: '2099-01-01T00:00:00Z' is before "
+                                                      "2000 or in the future"),
+    ("deal_won,2026-11-02T09:15:00Z,1e308,USD,L-1,,,", "value: Input should be less than"),
+    ("lead_qualified,2026-11-02T09:15:00Z,,,L-" + "9" * 200_000 + ",,,",
+     "external_id: longer than 4,096 characters"),
+])
+def test_absurd_values_and_ids_holding_an_address_are_one_bad_row_each(
+        tmp_path: Path, store: Store, row: str, reason: str) -> None:
+    """Each is one bad row named by line, the rows around it stored, the value never echoed
+    (issue 13, item 9): they used to abort the file with a traceback."""
+    good = "lead_qualified,2026-11-01T10:00:00Z,,,L-0,,,"
+    path = write(tmp_path / "leads.csv", [HEADER, good, row, good.replace("L-0", "L-9")])
+    report = crm.import_file(store, path, MAPPING)
+    assert sorted(e.identifiers.external_id or "" for e in stored(store)) == ["L-0", "L-9"]
+    assert [(e.line, e.reason.split(":")[0]) for e in report.errors] == [
+        (3, reason.split(":")[0])]
+    assert report.errors[0].reason.startswith(reason), report.errors[0].reason
+    assert "jane.doe" not in report.errors[0].reason and "999999" not in report.errors[0].reason
+
+
 def test_multiline_csv_record_reported_at_its_first_line(tmp_path: Path) -> None:
     path = write(tmp_path / "leads.csv", [
         "event,time,lead_id,notes", 'lead_qualified,2026-11-01T10:00:00Z,L-1,"two', 'lines"',

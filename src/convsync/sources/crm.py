@@ -162,6 +162,14 @@ class ReadReport:
                 "unmapped": sorted(self.unmapped)}
 
 
+MAX_VALUE = 1e9
+"""The largest value an outcome may have (beyond: a typo or a broken export, a bad row)."""
+MAX_FIELD = 4_096
+"""The longest id a row may carry, in characters."""
+EARLIEST = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
+"""The earliest outcome time (earlier: an epoch default such as 1970, a bad row)."""
+
+
 class CrmRow(BaseModel):
     """One row, validated; ``email`` and ``phone`` hold hashes from the moment they are read.
 
@@ -171,7 +179,7 @@ class CrmRow(BaseModel):
 
     event: str = Field(min_length=1)
     time: dt.datetime
-    value: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    value: float = Field(default=0.0, ge=0, le=MAX_VALUE, allow_inf_nan=False)
     currency: str = ""
     event_id: str | None = None
     gclid: str | None = None
@@ -192,6 +200,19 @@ class CrmRow(BaseModel):
         if not isinstance(value, str):
             raise ValueError("expected ISO 8601 text such as 2026-11-03T14:05:00-05:00")
         return parse_time(value, zone)
+
+    @field_validator("event_id", "gclid", "gbraid", "wbraid", "fbc", "fbp", "external_id",
+                     mode="before")
+    @classmethod
+    def _an_id(cls, value: Any) -> Any:
+        """An id, never an address kept in clear (the store refuses any '@' in identifiers)."""
+        text = str(value)
+        if "@" in text:
+            raise ValueError("contains '@': an id, not an email address (emails go in the "
+                             "email column, which hashes them)")
+        if len(text) > MAX_FIELD:
+            raise ValueError(f"longer than {MAX_FIELD:,} characters")
+        return value
 
     @field_validator("currency", mode="before")
     @classmethod
@@ -253,7 +274,14 @@ def parse_time(text: str, zone: ZoneInfo | None) -> dt.datetime:
             raise ValueError(f"{text!r} has no UTC offset: add one (Z, -05:00) or import "
                              "with a time zone")
         moment = moment.replace(tzinfo=zone)
-    return moment.astimezone(dt.UTC)
+    try:
+        moment = moment.astimezone(dt.UTC)
+    except OverflowError:
+        raise ValueError(f"{text!r} is out of range") from None
+    if not EARLIEST <= moment <= dt.datetime.now(dt.UTC) + dt.timedelta(days=1):
+        raise ValueError(f"{text!r} is before {EARLIEST:%Y} or in the future: not an outcome "
+                         "to upload")
+    return moment
 
 
 def read_file(path: Path, mapping: ConversionMap, timezone: str | None = None, *,
@@ -373,8 +401,14 @@ def _records(path: Path, handle: IO[str], report: ReadReport) -> Iterator[tuple[
     return _jsonl_records(handle, report)
 
 
+CSV_FIELD_LIMIT = 16 * 1024 * 1024
+"""Characters a CSV field may have before the file is refused (csv's own 131,072 refused a
+file for one long note; a long id is one bad row, see MAX_FIELD)."""
+
+
 def _csv_records(path: Path, handle: IO[str],
                  report: ReadReport) -> Iterator[tuple[int, Record]]:
+    csv.field_size_limit(CSV_FIELD_LIMIT)
     reader = csv.reader(handle)
     try:
         header = next(reader, None)
