@@ -209,6 +209,19 @@ def test_absurd_values_and_ids_holding_an_address_are_one_bad_row_each(
     assert "jane.doe" not in report.errors[0].reason and "999999" not in report.errors[0].reason
 
 
+def test_a_late_bad_byte_refuses_the_file_before_anything_is_stored(
+        tmp_path: Path, store: Store) -> None:
+    """A latin-1 byte at row 12,001: the file is refused naming its line, and no row of it is
+    in the store (it used to be refused after 10,000 were stored; issue 13, item 9)."""
+    path = tmp_path / "leads.csv"
+    good = [f"lead_qualified,2026-11-01T10:00:00Z,,,L-{i},,," for i in range(12_000)]
+    path.write_bytes("\n".join([HEADER, *good]).encode() + "\nlead_qualified,2026-11-01T10:00:00Z,"
+                     ",,Ren\xe9,,,\n".encode("latin-1"))
+    with pytest.raises(crm.CrmFileError, match="line 12002 is not UTF-8.*nothing was stored"):
+        crm.import_file(store, path, MAPPING)
+    assert stored(store) == []
+
+
 def test_multiline_csv_record_reported_at_its_first_line(tmp_path: Path) -> None:
     path = write(tmp_path / "leads.csv", [
         "event,time,lead_id,notes", 'lead_qualified,2026-11-01T10:00:00Z,L-1,"two', 'lines"',
