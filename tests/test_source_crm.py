@@ -215,9 +215,9 @@ def test_a_late_bad_byte_refuses_the_file_before_anything_is_stored(
     in the store (it used to be refused after 10,000 were stored; issue 13, item 9)."""
     path = tmp_path / "leads.csv"
     good = [f"lead_qualified,2026-11-01T10:00:00Z,,,L-{i},,," for i in range(12_000)]
-    path.write_bytes("\n".join([HEADER, *good]).encode() + "\nlead_qualified,2026-11-01T10:00:00Z,"
-                     ",,Ren\xe9,,,\n".encode("latin-1"))
-    with pytest.raises(crm.CrmFileError, match="line 12002 is not UTF-8.*nothing was stored"):
+    late = "\nlead_qualified,2026-11-01T10:00:00Z,,,Ren\xe9,,,\n".encode("latin-1")
+    path.write_bytes("\n".join([HEADER, *good]).encode() + late)
+    with pytest.raises(crm.CrmFileError, match=r"line 12002 is not UTF-8.*nothing was stored"):
         crm.import_file(store, path, MAPPING)
     assert stored(store) == []
 
