@@ -8,6 +8,7 @@ import html
 import json
 import re
 import shutil
+import stat
 import subprocess
 from pathlib import Path
 
@@ -62,6 +63,16 @@ def written(config_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     summary = json.loads(result.stdout)
     assert summary["html"] == str(out / "report.html") and summary["alerts"] >= 2
     return out
+
+
+def test_the_report_and_the_store_are_for_their_owner_only(written: Path,
+                                                          config_path: Path) -> None:
+    """Issue 13, item 10: files convsync writes are 0600, their folders 0700."""
+    assert stat.S_IMODE(written.stat().st_mode) == 0o700
+    for name in ("report.html", "report.json"):
+        assert stat.S_IMODE((written / name).stat().st_mode) == 0o600
+    store = Path(load_config(config_path).store_url().removeprefix("sqlite:///"))
+    assert stat.S_IMODE(store.stat().st_mode) == 0o600
 
 
 def test_the_report_is_one_self_contained_file_with_its_data_beside_it(

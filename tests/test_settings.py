@@ -169,6 +169,19 @@ def test_secrets_file_is_read_and_missing_one_is_named(tmp_path: Path) -> None:
     assert "client.secrets_file" in str(error.value)
 
 
+def test_a_secrets_file_others_can_read_gets_a_warning(tmp_path: Path) -> None:
+    """Issue 13, item 10: a group- or world-readable secrets file is named with its fix."""
+    secrets_file = tmp_path / "acme.env"
+    secrets_file.write_text("CONVSYNC_META_ACCESS_TOKEN=from-file-token\n")
+    path = variant(tmp_path, "# secrets_file = ", "secrets_file = ")
+    path.write_text(path.read_text().replace('"/etc/convsync/acme.env"', '"acme.env"'))
+    secrets_file.chmod(0o644)
+    (warned,) = [p for p in check_config(path) if p.key == "client.secrets_file"]
+    assert warned.severity == "warning" and f"chmod 600 {secrets_file}" in warned.message
+    secrets_file.chmod(0o600)
+    assert [p for p in check_config(path) if p.key == "client.secrets_file"] == []
+
+
 def test_toml_syntax_error_is_reported(tmp_path: Path) -> None:
     path = variant(tmp_path, 'name = "Acme Outdoor"', 'name = "Acme Outdoor')
     (problem,) = check_config(path, NO_SECRETS)

@@ -7,6 +7,7 @@ This is the only module that reads the environment. Everything else receives a
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 import re
 import tomllib
@@ -42,6 +43,9 @@ GOOGLE_ADS_BUDGETS = {"explorer": 2_880, "basic": 15_000}
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+log = logging.getLogger(__name__)
 
 
 def _names(value: Any) -> Any:
@@ -396,14 +400,30 @@ def load_config(path: Path) -> ClientConfig:
 
 def load_secrets(config: ClientConfig | None = None, secrets_file: Path | None = None) -> Secrets:
     """Secrets from the environment, then from the secrets file (config's or given)."""
-    file = secrets_file or (config.client.secrets_file if config else None)
-    if file is not None and config is not None and config.path and not file.is_absolute():
-        file = config.path.parent / file
+    file = _secrets_file(config, secrets_file)
     if file is not None and not file.exists():
         raise ConfigError(file, [Problem("client.secrets_file",
                                          f"secrets file {file} does not exist: create it or "
                                          "remove the key and use environment variables")])
+    if file is not None and _exposed(file):
+        log.warning("%s", _exposed(file))
     return Secrets(_env_file=file) if file else Secrets()
+
+
+def _secrets_file(config: ClientConfig | None, given: Path | None = None) -> Path | None:
+    """The secrets file (``given``, else the config's), relative to the config file."""
+    file = given or (config.client.secrets_file if config else None)
+    if file is not None and config is not None and config.path and not file.is_absolute():
+        file = config.path.parent / file
+    return file
+
+
+def _exposed(file: Path) -> str:
+    """What is wrong with who may read the secrets file ('' when only its owner may)."""
+    if file.exists() and file.stat().st_mode & 0o077:
+        return (f"secrets file {file} can be read by other users of this machine: "
+                f"chmod 600 {file}")
+    return ""
 
 
 def check_config(path: Path, secrets: Secrets | None = None, *,
@@ -419,6 +439,9 @@ def check_config(path: Path, secrets: Secrets | None = None, *,
         secrets = secrets or load_secrets(config)
     except ConfigError as error:
         return problems + error.problems
+    file = _secrets_file(config)
+    if file is not None and (exposed := _exposed(file)):
+        problems.append(Problem("client.secrets_file", exposed, "warning"))
     for platform in config.enabled_platforms():
         missing = secrets.missing_for(platform)
         if missing:

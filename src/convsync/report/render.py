@@ -7,6 +7,7 @@ import dataclasses
 import datetime as dt
 import enum
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,13 +27,21 @@ MAX_DAY_ROWS = 400
 
 
 def write_report(report: Report, out: Path) -> tuple[Path, Path]:
-    """Write ``report.html`` and ``report.json`` into ``out`` (created if needed)."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Write ``report.html`` and ``report.json`` into ``out`` (created if needed, for its
+    owner only: a client's figures are not for every user of the machine)."""
+    out.mkdir(parents=True, exist_ok=True, mode=0o700)
     html, data = out / HTML_NAME, out / JSON_NAME
-    html.write_text(render_html(report), encoding="utf-8")
-    data.write_text(json.dumps(report_data(report), default=_json_value, indent=1) + "\n",
-                    encoding="utf-8")
+    _write_private(html, render_html(report))
+    _write_private(data, json.dumps(report_data(report), default=_json_value, indent=1) + "\n")
     return html, data
+
+
+def _write_private(path: Path, text: str) -> None:
+    """``text`` into ``path``, readable by its owner only (0600, whatever the umask)."""
+    handle = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+    os.fchmod(handle, 0o600)
+    with os.fdopen(handle, "w", encoding="utf-8") as file:
+        file.write(text)
 
 
 def report_data(report: Report) -> dict[str, Any]:
