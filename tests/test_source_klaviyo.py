@@ -19,6 +19,7 @@ from openapi_client.exceptions import ApiException
 from pydantic import SecretStr
 from urllib3.exceptions import ProtocolError
 
+from convsync import pipeline
 from convsync.hashing import sha256_hex
 from convsync.model import (
     Basis,
@@ -428,6 +429,34 @@ def test_retryable_errors_are_exactly_throttling_server_and_connection_errors() 
     assert [klaviyo.RETRY.is_retryable(api_error(s)) for s in (400, 401, 403, 404)] == [False] * 4
     assert klaviyo.RETRY.is_retryable(ProtocolError("connection reset"))
     assert not klaviyo.RETRY.is_retryable(ValueError("bad row"))
+
+
+def test_a_retry_after_beyond_the_cap_stops_the_platform_with_the_time_to_come_back() -> None:
+    """Klaviyo asks 300 s, a run waits at most 120: it does not come back early (and be
+    refused again) but stops, saying when to run again; 60 s is waited as asked (issue 13,
+    item 14)."""
+    def throttled(seconds: int) -> ApiException:
+        error = ApiException(status=429, reason="Too Many Requests")
+        error.headers = {"Retry-After": str(seconds)}
+        return error
+
+    for asked, waits in ((300, []), (60, [60.0])):
+        sleeps, calls = Sleeps(), [0]
+
+        def call(asked: int = asked, calls: list[int] = calls) -> str:
+            calls[0] += 1
+            if calls[0] == 1:
+                raise throttled(asked)
+            return "page"
+
+        if waits:
+            assert retrying(klaviyo.RETRY, sleeps)(call) == "page"
+        else:
+            with pytest.raises(ApiException) as stopped:
+                retrying(klaviyo.RETRY, sleeps)(call)
+            said = pipeline.explain(stopped.value, Platform.KLAVIYO)
+            assert "asked to wait 300 s: run again after" in said
+        assert sleeps == waits and calls[0] == (1 if not waits else 2)
 
 
 # -- pacing ------------------------------------------------------------------------------------

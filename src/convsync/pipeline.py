@@ -25,7 +25,7 @@ from convsync.model import (
     infer_kind,
 )
 from convsync.redact import Redactor
-from convsync.retry import RetryPolicy, retrying
+from convsync.retry import RetryPolicy, retrying, wait_too_long
 from convsync.settings import ClientConfig, Secrets
 from convsync.sources import (
     Requests,
@@ -114,8 +114,15 @@ def _platform_conversions(platform: Platform, config: ClientConfig, secrets: Sec
 
 
 def explain(error: Exception, platform: Platform) -> str:
-    """The platform's own account of an error when it is one, else the exception itself."""
-    return SOURCES[platform].explain(error) or f"{type(error).__name__}: {error}"
+    """The platform's own account of an error when it is one, else the exception itself,
+    and when to come back if the platform asked for a longer wait than a run makes."""
+    said = SOURCES[platform].explain(error) or f"{type(error).__name__}: {error}"
+    later = wait_too_long(SOURCES[platform].RETRY, error)
+    if later is not None and "run again later" not in said:
+        back = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=later)
+        said += (f" (the platform asked to wait {later:,.0f} s: run again after "
+                 f"{back:%H:%M} UTC)")
+    return said
 
 
 def mapping_snippet(unmapped: list[PlatformConversion], taken: set[str]) -> str:

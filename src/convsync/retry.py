@@ -35,8 +35,8 @@ class RetryPolicy:
 
 def retrying(policy: RetryPolicy, sleep: Callable[[float], None] = time.sleep) -> Retrying:
     """A tenacity ``Retrying`` for ``policy``: exponential backoff with jitter, or the wait the
-    platform asked for when it said one, never more than ``max_wait``; the last error is
-    re-raised as is."""
+    platform asked for when it said one; an error asking for more than ``max_wait`` is not
+    retried (see ``wait_too_long``); the last error is re-raised as is."""
     backoff = wait_exponential_jitter(initial=policy.initial_wait, max=policy.max_wait)
 
     def wait(state: RetryCallState) -> float:
@@ -50,6 +50,16 @@ def retrying(policy: RetryPolicy, sleep: Callable[[float], None] = time.sleep) -
         log.warning("%s: %s; retry %d of %d in %.1f s", policy.platform,
                     type(error).__name__, state.attempt_number, policy.attempts - 1, delay)
 
+    def retryable(error: BaseException) -> bool:
+        return policy.is_retryable(error) and wait_too_long(policy, error) is None
+
     return Retrying(stop=stop_after_attempt(policy.attempts), wait=wait,
-                    retry=retry_if_exception(policy.is_retryable), reraise=True,
+                    retry=retry_if_exception(retryable), reraise=True,
                     sleep=sleep, before_sleep=before_sleep)
+
+
+def wait_too_long(policy: RetryPolicy, error: BaseException) -> float | None:
+    """The wait the platform asked for when it is longer than ``policy.max_wait`` (the run
+    stops that platform rather than come back early and be refused again), else None."""
+    asked = policy.retry_after(error)
+    return asked if asked is not None and asked > policy.max_wait else None
