@@ -72,6 +72,26 @@ def test_import_refuses_an_unknown_time_zone_before_it_starts(tmp_path: Path) ->
     assert not (tmp_path / "client.db").exists()  # no run was started
 
 
+def test_a_store_that_cannot_be_opened_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    """A corrupt file, a directory in its place, an unreachable PostgreSQL: one line naming
+    the store and what to do, never a traceback nor a platform's failure (issue 13, 11)."""
+    (tmp_path / "corrupt.db").write_text("not a database at all\n")
+    (tmp_path / "folder.db").mkdir()
+    cases = {"sqlite:///corrupt.db": "is not a SQLite database",
+             "sqlite:///folder.db": "is a directory",
+             "postgresql+psycopg://nobody:hunter2@127.0.0.1:1/x": "does not answer"}
+    for url, words in cases.items():
+        config = tmp_path / "client.toml"
+        config.write_text(EXAMPLE.read_text().replace(
+            'store_url = "sqlite:///../var/acme-outdoor.db"', f'store_url = "{url}"'))
+        for command in (["values"], ["uploads"], ["audit"]):
+            result = runner.invoke(app, [*command, "--config", str(config)])
+            said = " ".join(result.output.split())
+            assert result.exit_code == 1, (url, command, result.output)
+            assert said.startswith("error: the store ") and words in said, said
+            assert "Traceback" not in result.output and "hunter2" not in result.output
+
+
 def test_unknown_scale_is_bad_usage() -> None:
     result = runner.invoke(app, ["sandbox", "serve", "--scale", "huge"])
     assert result.exit_code == 2

@@ -24,6 +24,7 @@ from rich import box
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
+from typer.core import TyperGroup
 
 from convsync import __version__
 from convsync.model import Platform
@@ -38,9 +39,24 @@ from convsync.settings import (
     load_secrets,
 )
 
+
+class _Commands(TyperGroup):
+    """convsync's commands: a store that cannot be opened is one line naming the store and
+    what to do, exit 1, never a traceback nor blamed on a platform."""
+
+    def invoke(self, ctx: Any) -> Any:
+        from convsync.store import StoreError
+
+        try:
+            return super().invoke(ctx)
+        except StoreError as error:
+            console.print(f"error: {error}", highlight=False, markup=False)
+            raise typer.Exit(Exit.FAILED) from None
+
+
 app = typer.Typer(
     help="Keep an advertiser's conversion data honest across Google Ads, GA4, Meta and Klaviyo.",
-    no_args_is_help=True, add_completion=False, rich_markup_mode=None)
+    no_args_is_help=True, add_completion=False, rich_markup_mode=None, cls=_Commands)
 config_app = typer.Typer(help="Check client configuration files.", no_args_is_help=True)
 sandbox_app = typer.Typer(help="Run local simulators of the four platforms (no accounts needed).",
                           no_args_is_help=True)

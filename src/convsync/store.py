@@ -988,9 +988,30 @@ def _chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
         yield chunk
 
 
+def _unusable(url: str, error: sa.exc.DBAPIError) -> str:
+    """One line on a store that cannot be opened: which, why in words, what to do."""
+    said = str(error.orig).lower()
+    if "not a database" in said:
+        why = ("is not a SQLite database (corrupt, or another file): move it aside and "
+               "pull again, or point client.store_url at the right file")
+    elif "readonly" in said or "unable to open" in said or "permission" in said:
+        why = "cannot be written: check the file's and its folder's permissions"
+    elif "connection" in said or "could not translate host" in said:
+        why = ("does not answer: is the PostgreSQL server running, and are the host, port, "
+               "user and database of client.store_url right?")
+    elif "does not exist" in said:
+        why = "names a database that does not exist: create it (createdb) or fix the URL"
+    else:
+        why = f"cannot be used ({type(error.orig).__name__})"
+    return f"the store {url} {why}"
+
+
 def _private_file(path: Path) -> None:
     """Create the store's file (and the folders to it) readable by its owner only: it holds
     hashed emails and the ledger (SQLite gives its -wal and -shm files the same mode)."""
+    if path.is_dir():
+        raise StoreError(f"the store {path} is a directory: point client.store_url at a file "
+                         "in it, such as sqlite:///" + str(path / "convsync.db"))
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     if not path.exists():
         os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
@@ -1083,9 +1104,17 @@ class Store:
         ``sqlite:///path`` creates the parent directory and the file on first use;
         ``postgresql+psycopg://user:password@host/db`` needs the database to exist.
         """
-        store = cls(_engine_for(url, busy_timeout_ms), clock=clock)
+        try:
+            store = cls(_engine_for(url, busy_timeout_ms), clock=clock)
+        except OSError as error:  # the SQLite file or its folders could not be made
+            shown = make_url(url).render_as_string(hide_password=True)
+            raise StoreError(f"the store {shown} cannot be created: {error.strerror}: check "
+                             "client.store_url and its folder's permissions") from None
         try:
             store.applied_migrations = store._migrate()
+        except (sa.exc.OperationalError, sa.exc.DatabaseError) as error:
+            store.close()
+            raise StoreError(_unusable(store.url, error)) from None
         except BaseException:
             store.close()
             raise
