@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from typer.testing import CliRunner
 
 from convsync import pipeline
 from convsync.cli import app
-from convsync.model import Kind, Platform
+from convsync.model import Kind, Platform, PlatformConversion
 from convsync.sandbox import server
 from convsync.sandbox.world import World, WorldSpec
 from convsync.settings import check_config, load_config, load_secrets
@@ -101,3 +102,52 @@ def test_a_bad_credential_is_named_not_leaked(config_path: Path) -> None:
     assert result.exit_code == 3
     error = json.loads(result.stdout)["platforms"]["klaviyo"]["error"]
     assert "401" in error and "sk_wrong_kind_of_key" not in result.output
+
+
+# -- the snippet ---------------------------------------------------------------------------
+
+def _found(platform: Platform, name: str, account: str = "1",
+           category: str = "") -> PlatformConversion:
+    return PlatformConversion(platform=platform, account_id=account, platform_id=name, name=name,
+                              settings={"category": category} if category else {})
+
+
+def test_the_snippet_has_one_entry_per_business_event_and_pastes(tmp_path: Path) -> None:
+    """Two accounts' 'Purchase', GA4's purchase, Klaviyo's 'Placed Order' and Meta's three
+    views of its pixel purchase are one purchase; carts likewise; a name the config already
+    defines is shown as names to add to it. Pasted into a config without conversions, it is
+    valid and maps no platform name twice (issue 13, item 6)."""
+    found = [
+        _found(Platform.GOOGLE_ADS, "Purchase", "1111111111", "PURCHASE"),
+        _found(Platform.GOOGLE_ADS, "Purchase", "2222222222", "PURCHASE"),
+        _found(Platform.GA4, "purchase"), _found(Platform.KLAVIYO, "Placed Order"),
+        _found(Platform.META, "purchase"), _found(Platform.META, "omni_purchase"),
+        _found(Platform.META, "offsite_conversion.fb_pixel_purchase"),
+        _found(Platform.GOOGLE_ADS, "Add to cart", category="ADD_TO_CART"),
+        _found(Platform.GA4, "add_to_cart"), _found(Platform.KLAVIYO, "Added to Cart"),
+        _found(Platform.META, "offsite_conversion.fb_pixel_add_to_cart"),
+        _found(Platform.GA4, "generate_lead"),
+    ]
+    snippet = pipeline.mapping_snippet(found, {"generate_lead"})
+    entries = tomllib.loads(snippet)["conversions"]
+    by_name = {e["name"]: e for e in entries}
+    assert [e["name"] for e in entries] == ["purchase", "add_to_cart"]
+    assert by_name["purchase"] == {
+        "name": "purchase", "kind": "macro", "google_ads": "Purchase", "ga4": "purchase",
+        "klaviyo": "Placed Order",
+        "meta": ["purchase", "omni_purchase", "offsite_conversion.fb_pixel_purchase"]}
+    assert by_name["add_to_cart"]["klaviyo"] == "Added to Cart"
+    assert "# generate_lead is defined already" in snippet and '# ga4 = "generate_lead"' in snippet
+    config = tmp_path / "pasted.toml"
+    text = EXAMPLE.read_text()
+    config.write_text(text[:text.index("[[conversions]]")] + snippet + "\n")
+    assert [p for p in check_config(config) if p.severity == "error"] == []
+
+
+def test_one_platform_name_mapped_by_two_conversions_is_refused(tmp_path: Path) -> None:
+    config = tmp_path / "twice.toml"
+    config.write_text(EXAMPLE.read_text() + '\n[[conversions]]\nname = "sale"\nkind = "macro"\n'
+                      'ga4 = "purchase"\n')
+    errors = [p for p in check_config(config) if p.severity == "error"]
+    assert [p.key for p in errors] == ["conversions"]
+    assert "ga4 'purchase' is mapped by both 'purchase' and 'sale'" in errors[0].message

@@ -125,22 +125,59 @@ def explain(error: Exception, platform: Platform) -> str:
     return said
 
 
-def mapping_snippet(unmapped: list[PlatformConversion], taken: set[str]) -> str:
-    """Ready-to-paste ``[[conversions]]`` tables for platform conversions no definition names.
+EVENT_SYNONYMS = {
+    "placed_order": "purchase", "order_completed": "purchase",
+    "added_to_cart": "add_to_cart", "started_checkout": "begin_checkout",
+    "initiate_checkout": "begin_checkout", "checkout": "begin_checkout",
+    "viewed_product": "view_item", "view_content": "view_item", "product_view": "view_item",
+    "complete_registration": "sign_up", "lead": "generate_lead", "lead_form": "generate_lead",
+}
+"""One business event's names on the platforms, as convsync's snippet reads them (Klaviyo's
+"Placed Order" and Meta's ``purchase`` are GA4's ``purchase``)."""
 
-    ``taken`` holds the canonical names already defined: a clash gets a platform suffix."""
-    blocks = []
+
+def mapping_snippet(unmapped: list[PlatformConversion], taken: set[str]) -> str:
+    """Ready-to-paste ``[[conversions]]`` tables for platform conversions no definition names:
+    one per business event, with its name on each platform (the same name in several accounts
+    once; Meta's views of one event together, counted once). An event whose name the config
+    already defines is shown as the names to add to that entry, commented out."""
+    events: dict[str, dict[Platform, list[str]]] = {}
+    hints: dict[str, str] = {}
     for conversion in unmapped:
-        kind, why = infer_kind(conversion.name, str(conversion.settings.get("category", "")))
-        slug = re.sub(r"[^a-z0-9]+", "_", conversion.name.lower()).strip("_")
-        slug = slug if re.match(r"[a-z]", slug) else f"c_{slug}"
-        if slug in taken:
-            slug = f"{slug}_{conversion.platform.value}"
-        taken = taken | {slug}
-        blocks.append("\n".join([
-            "[[conversions]]", f'name = "{slug}"', f'kind = "{kind.value}"  # {why}',
-            f"{conversion.platform.value} = {json.dumps(conversion.name)}"]))
+        key = _event_key(conversion)
+        names = events.setdefault(key, {}).setdefault(conversion.platform, [])
+        if conversion.name not in names:
+            names.append(conversion.name)
+        hints.setdefault(key, str(conversion.settings.get("category", "")))
+    blocks = []
+    for key, by_platform in events.items():
+        lines = [_names_line(p, n)
+                 for p, n in sorted(by_platform.items(), key=lambda item: item[0].value)]
+        if key in taken:
+            blocks.append("\n".join([f"# {key} is defined already: add these names to its "
+                                      "[[conversions]] entry", *(f"# {line}" for line in lines)]))
+            continue
+        names = [name for n in by_platform.values() for name in n]
+        kind, why = infer_kind(" ".join(names), hints[key])
+        blocks.append("\n".join(["[[conversions]]", f'name = "{key}"',
+                                  f'kind = "{kind.value}"  # {why}', *lines]))
     return "\n\n".join(blocks)
+
+
+def _names_line(platform: Platform, names: list[str]) -> str:
+    line = f"{platform.value} = {json.dumps(names[0] if len(names) == 1 else names)}"
+    if platform is Platform.META and len(names) > 1:
+        line += "  # views of one event, counted once"
+    return line
+
+
+def _event_key(conversion: PlatformConversion) -> str:
+    """The business event a platform conversion counts, as a conversion name."""
+    name = (meta.action_family(conversion.name) if conversion.platform is Platform.META
+            else conversion.name)
+    slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_").removeprefix("ga4_")
+    slug = EVENT_SYNONYMS.get(slug, slug)
+    return slug if re.match(r"[a-z]", slug) else f"c_{slug}"
 
 
 # -- pull and backfill ---------------------------------------------------------------------

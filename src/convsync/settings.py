@@ -287,6 +287,20 @@ class ClientConfig(_Section):
         return self
 
     @model_validator(mode="after")
+    def _one_conversion_per_platform_name(self) -> ClientConfig:
+        owner: dict[tuple[str, str], str] = {}
+        for entry in self.conversions:
+            for platform in ("google_ads", "ga4", "meta", "klaviyo", "crm"):
+                for name in getattr(entry, platform):
+                    first = owner.setdefault((platform, name), entry.name)
+                    if first != entry.name:
+                        raise ValueError(
+                            f"conversions: {platform} {name!r} is mapped by both {first!r} "
+                            f"and {entry.name!r}: keep it in one entry (it would be counted "
+                            "twice)")
+        return self
+
+    @model_validator(mode="after")
     def _known_upload_conversions(self) -> ClientConfig:
         names = {entry.name for entry in self.conversions}
         unknown = sorted(set(self.google_ads.upload_actions) - names) if self.google_ads else []
