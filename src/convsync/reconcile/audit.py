@@ -22,7 +22,7 @@ from convsync.model import (
     PlatformConversion,
     infer_kind,
 )
-from convsync.reconcile.common import GOALS_PATH, OFFLINE_TYPES, SKIPPED_STATUSES, Finding, _r
+from convsync.reconcile.common import GOALS_PATH, OFFLINE_TYPES, SKIPPED_STATUSES, Finding, rounded
 from convsync.settings import ReconcileSection
 
 # -- in-column audit ---------------------------------------------------------------------------
@@ -148,7 +148,7 @@ def _action_row(action: PlatformConversion, mapping: ConversionMap, seen: _Activ
         account_id=action.account_id, action_id=action.platform_id, name=action.name,
         category=category, type=str(action.settings.get("type", "")),
         conversion=definition.name if definition else None, kind=kind, kind_source=source,
-        in_column=in_column, conversions=_r(seen.count), value=_r(seen.value),
+        in_column=in_column, conversions=rounded(seen.count), value=rounded(seen.value),
         last_conversion=seen.last, uploads=uploads)
 
 
@@ -164,11 +164,13 @@ def _column_findings(rows: list[ActionAudit], settings: ReconcileSection) -> lis
     for r in column:
         if r.kind is not Kind.MICRO or (r.uploads and settings.primary_micro_uploads):
             continue
+        share = r.conversions / column_total if column_total else 0
         evidence = {"action": r.name, "kind_source": r.kind_source, "conversions": r.conversions,
-                    "column_conversions": _r(column_total),
-                    "share_of_column": _r(r.conversions / column_total if column_total else 0, 3),
-                    "value_per_conversion": _r(r.value / r.conversions if r.conversions else 0),
-                    "macro_value_per_conversion": _r(macro_value), "uploads": r.uploads}
+                    "column_conversions": rounded(column_total),
+                    "share_of_column": rounded(share, 3),
+                    "value_per_conversion": rounded(r.value / r.conversions
+                                                    if r.conversions else 0),
+                    "macro_value_per_conversion": rounded(macro_value), "uploads": r.uploads}
         findings.append(_micro_upload(r, evidence) if r.uploads else _micro_in_column(r, evidence))
     counted = {r.conversion or f"category {r.category}" for r in rows if r.in_column}
     groups: dict[str, list[ActionAudit]] = defaultdict(list)
@@ -248,7 +250,7 @@ def _double_counting_finding(name: str, group: list[ActionAudit],
     total = sum(r.conversions for r in group)
     same = second.conversions >= 0.5 * first.conversions > 0 and corr is not None and corr >= 0.5
     keep = min(group, key=lambda r: (r.type.startswith("GOOGLE_ANALYTICS"), -r.conversions))
-    times = _r(total / first.conversions if first.conversions else 0)
+    times = rounded(total / first.conversions if first.conversions else 0)
     names = " and ".join(f"'{r.name}'" for r in group)
     both = "both" if len(group) == 2 else "all"
     if same:
@@ -264,8 +266,8 @@ def _double_counting_finding(name: str, group: list[ActionAudit],
     return Finding("audit", "double_counting", "error" if same else "warning", names, message,
                    f"{fix} (keep '{keep.name}' primary).",
                    {"conversion": name, "actions": {r.name: r.conversions for r in group},
-                    "column_conversions": _r(total), "times_the_largest": times,
-                    "daily_correlation": None if corr is None else _r(corr, 3),
+                    "column_conversions": rounded(total), "times_the_largest": times,
+                    "daily_correlation": None if corr is None else rounded(corr, 3),
                     "keep": keep.name})
 
 

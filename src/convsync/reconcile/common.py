@@ -26,7 +26,7 @@ VIEW_WINDOWS = ("1d_view", "1d_ev")
 GOALS_PATH = "Google Ads > Goals > Conversions > Summary"
 NAMES = {"google_ads": "Google Ads", "ga4": "GA4", "meta": "Meta", "klaviyo": "Klaviyo",
          "crm": "CRM"}
-_NARROW = (Platform.GOOGLE_ADS, Platform.META)
+NARROW = (Platform.GOOGLE_ADS, Platform.META)
 """Platforms that see only their own campaigns."""
 NOISE_Z = 3.0
 """A period difference beyond tolerance must also exceed this many Poisson standard
@@ -56,7 +56,7 @@ class Finding:
     """The platform account it is about (the audit's: a Google Ads customer id)."""
 
 
-def _r(x: float, digits: int = 2) -> float:
+def rounded(x: float, digits: int = 2) -> float:
     return round(float(x), digits)
 
 

@@ -15,7 +15,7 @@ from convsync.model import (
     Kind,
     Platform,
 )
-from convsync.reconcile.common import _NARROW, ALL, CLICK_WINDOWS, OTHER, VIEW_WINDOWS
+from convsync.reconcile.common import ALL, CLICK_WINDOWS, NARROW, OTHER, VIEW_WINDOWS
 
 # -- the digest: one pass over the stored stats ------------------------------------------------
 
@@ -59,11 +59,11 @@ class Digest:
         key = (s.conversion, p, s.basis, s.platform_conversion, s.window)
         if p is Platform.GOOGLE_ADS:
             self.in_column[s.platform_conversion] = bool(s.in_column)
-        owner = p if p in _NARROW else self.owners.get(campaign)
-        _add(self.daily[key], (s.date, owner.value if owner else OTHER), s.count, s.value)
+        owner = p if p in NARROW else self.owners.get(campaign)
+        add_cell(self.daily[key], (s.date, owner.value if owner else OTHER), s.count, s.value)
         if s.conversion in self.macro or (p is self.funnel_source
                                           and s.conversion in self.ladder):
-            _add(self.cells[key], (s.date, campaign), s.count, s.value)
+            add_cell(self.cells[key], (s.date, campaign), s.count, s.value)
 
     def platforms(self) -> list[Platform]:
         return [p for p in Platform if p in self.spans]
@@ -107,7 +107,7 @@ class Digest:
         merged: Cells = {}
         for key in keys:
             for where, (n, v) in self.cells.get(key, {}).items():
-                _add(merged, where, n, v)
+                add_cell(merged, where, n, v)
         return merged
 
     def daily_of(self, keys: Iterable[VariantKey],
@@ -117,7 +117,7 @@ class Digest:
         for key in keys:
             for (day, group), (n, v) in self.daily.get(key, {}).items():
                 if groups is None or group in groups:
-                    _add(merged, day, n, v)
+                    add_cell(merged, day, n, v)
         return merged
 
     def basis(self, platform: Platform) -> Basis:
@@ -144,7 +144,7 @@ def _campaign(s: ConversionStat) -> str:
     return s.campaign_name or s.campaign_id or ALL
 
 
-def _add(cells: dict[Any, list[float]], key: Any, count: float, value: float) -> None:
+def add_cell(cells: dict[Any, list[float]], key: Any, count: float, value: float) -> None:
     cell = cells.get(key)
     if cell is None:
         cells[key] = [count, value]

@@ -18,17 +18,17 @@ from convsync.model import (
     Platform,
 )
 from convsync.reconcile.common import (
-    _NARROW,
     ALL,
     CLICK_WINDOWS,
     GOALS_PATH,
+    NARROW,
     NOISE_Z,
     VIEW_WINDOWS,
     Finding,
-    _r,
     name_of,
+    rounded,
 )
-from convsync.reconcile.digest import Cells, Digest, VariantKey, _add
+from convsync.reconcile.digest import Cells, Digest, VariantKey, add_cell
 from convsync.settings import ReconcileSection
 
 # -- discrepancies -----------------------------------------------------------------------------
@@ -188,7 +188,7 @@ def _scopes(d: Digest, conversion: str, reference: Platform,
         elif Platform.KLAVIYO in (p, reference):
             scopes[p] = None
         else:
-            owned = cells if p in _NARROW else ref_cells
+            owned = cells if p in NARROW else ref_cells
             scopes[p] = frozenset(c for _, c in owned if c != ALL)
     return scopes
 
@@ -198,18 +198,18 @@ def _shared_traffic(p: Platform, reference: Platform,
     """The traffic groups of each side that see the same people (None: all of its traffic),
     or None when the two see different traffic: two ad platforms (their own campaigns
     each), or Klaviyo (no campaigns) against an ad platform."""
-    if p in _NARROW and reference in _NARROW:
+    if p in NARROW and reference in NARROW:
         return None
-    if Platform.KLAVIYO in (p, reference) and (p in _NARROW or reference in _NARROW):
+    if Platform.KLAVIYO in (p, reference) and (p in NARROW or reference in NARROW):
         return None
-    if p in _NARROW:
+    if p in NARROW:
         return None, frozenset({p.value})
-    if reference in _NARROW:
+    if reference in NARROW:
         return frozenset({reference.value}), None
     return None, None
 
 
-class _Series:
+class Series:
     """One platform's cells for one conversion, indexed for the questions reconcile asks:
     a day's count (one campaign, or a scope's sum) and period totals per campaign."""
 
@@ -217,7 +217,7 @@ class _Series:
         self.cells = cells
         self.by_day: dict[dt.date, dict[str, list[float]]] = defaultdict(dict)
         for (day, campaign), (n, v) in cells.items():
-            _add(self.by_day[day], campaign, n, v)
+            add_cell(self.by_day[day], campaign, n, v)
         self._totals: dict[tuple[dt.date, dt.date], dict[str, list[float]]] = {}
 
     def __bool__(self) -> bool:
@@ -244,7 +244,7 @@ class _Series:
             totals = self._totals[(first, last)] = {}
             for (day, c), (n, v) in self.cells.items():
                 if first <= day <= last:
-                    _add(totals, c, n, v)
+                    add_cell(totals, c, n, v)
         if campaign != ALL:
             n, v = totals.get(campaign, (0.0, 0.0))
             return n, v
@@ -261,26 +261,26 @@ class _Context:
         self.d, self.conversion, self.reference = d, conversion, reference
         self.scopes, self.since, self.until, self.settings = scopes, since, until, settings
         self.shift = {Platform(s.platform): s.fitted for s in shifts}
-        self.ref = _Series(d.cells_of(d.headline(conversion, reference)))
-        self.series = {p: _Series(d.cells_of(d.headline(conversion, p))) for p in scopes}
+        self.ref = Series(d.cells_of(d.headline(conversion, reference)))
+        self.series = {p: Series(d.cells_of(d.headline(conversion, p))) for p in scopes}
         """Each platform's own figures (Google Ads: the Conversions column, by click date)."""
-        self.ref_judged = _Series(d.cells_of(d.dated(conversion, reference)))
-        self.judged = {p: _Series(d.cells_of(d.dated(conversion, p))) for p in scopes}
+        self.ref_judged = Series(d.cells_of(d.dated(conversion, reference)))
+        self.judged = {p: Series(d.cells_of(d.dated(conversion, p))) for p in scopes}
         """The figures compared over the period: Google Ads by conversion date when that
         basis was pulled, like the reference's days (the other platforms as above)."""
         self.actions = self._in_column_actions(d.headline(conversion, Platform.GOOGLE_ADS))
         """Google Ads' in-column actions, when several count this conversion."""
         self.judged_actions = self._in_column_actions(d.dated(conversion, Platform.GOOGLE_ADS))
-        self.by_date = _Series(d.cells_of(d.conversion_date_variants(conversion)))
+        self.by_date = Series(d.cells_of(d.conversion_date_variants(conversion)))
         meta = d.variants(conversion, Platform.META)
-        self.windows = {w: _Series(d.cells_of([k for k in meta if k[4] == w]))
+        self.windows = {w: Series(d.cells_of([k for k in meta if k[4] == w]))
                         for w in sorted({k[4] for k in meta})}
 
-    def _in_column_actions(self, keys: Sequence[VariantKey]) -> dict[str, _Series]:
+    def _in_column_actions(self, keys: Sequence[VariantKey]) -> dict[str, Series]:
         primary = [k for k in keys if self.d.in_column.get(k[3])]
         if len(primary) < 2:
             return {}
-        return {k[3]: _Series(self.d.cells_of([k])) for k in primary}
+        return {k[3]: Series(self.d.cells_of([k])) for k in primary}
 
     def _judged_basis(self, p: Platform) -> Basis:
         if p is Platform.GOOGLE_ADS and self.by_date:
@@ -317,8 +317,9 @@ class _Context:
                   and abs(n - rn) > NOISE_Z * math.sqrt(n + rn))
         causes = self._period_causes(p, scope, campaign, first, last, n, rn) if big else []
         return Comparison(self.conversion, campaign, p.value, self.reference.value, first, last,
-                          self._judged_basis(p).value, _r(n), _r(rn), _r(v), _r(rv),
-                          None if ratio is None else _r(ratio, 3), beyond, causes)
+                          self._judged_basis(p).value, rounded(n), rounded(rn), rounded(v),
+                          rounded(rv),
+                          None if ratio is None else rounded(ratio, 3), beyond, causes)
 
     def _period_causes(self, p: Platform, scope: Scope, campaign: str, first: dt.date,
                        last: dt.date, n: float, rn: float) -> list[Cause]:
@@ -351,9 +352,9 @@ class _Context:
                       f"{self.conversion} ({actions} = {n:g}, {n / largest:.2f}x the largest); "
                       f"with one of them Google Ads is at {largest / rn:.2f}x "
                       f"{name_of(self.reference)}",
-                      {"actions": {a: _r(c) for a, c in per_action.items()},
-                       "times_the_largest": _r(n / largest, 3),
-                       "ratio_with_one": _r(largest / rn, 3)})]
+                      {"actions": {a: rounded(c) for a, c in per_action.items()},
+                       "times_the_largest": rounded(n / largest, 3),
+                       "ratio_with_one": rounded(largest / rn, 3)})]
 
     def _basis_cause(self, p: Platform, where: _Where, n: float, rn: float) -> list[Cause]:
         """Google Ads files conversions under the click's day; the others (mostly) under the
@@ -375,7 +376,7 @@ class _Context:
                       f"click date vs conversion date: compared by conversion date "
                       f"({by_date:g}); the Conversions column files them under the click's "
                       f"day ({by_click:g} over the same days)",
-                      {"by_conversion_date": _r(by_date), "by_click_date": _r(by_click)})]
+                      {"by_conversion_date": rounded(by_date), "by_click_date": rounded(by_click)})]
 
     def _window_cause(self, p: Platform, where: _Where) -> list[Cause]:
         windows = {w: series.total(*where)[0] for w, series in self.windows.items()}
@@ -390,7 +391,7 @@ class _Context:
         else:
             text += f"; {other} counts every one of the campaign's sessions, whenever"
         return [Cause("attribution_window", Platform.META.value, text,
-                      {w: _r(c) for w, c in windows.items()})]
+                      {w: rounded(c) for w, c in windows.items()})]
 
     def _coverage_cause(self, p: Platform, n: float, rn: float) -> list[Cause]:
         """GA4 misses visitors whose browser blocks its tag; Klaviyo knows identified people."""
@@ -404,7 +405,7 @@ class _Context:
         if gap < COVERAGE_GAP[0] or (low is Platform.GA4 and gap > COVERAGE_GAP[1]):
             return []  # nothing to explain, or more than blocked tags explain (a duplicate?)
         return [Cause("coverage", low.value, f"{texts[low]}: {name_of(low)} is {gap:.0%} below "
-                      f"{name_of(high)}", {"gap": _r(gap, 3)})]
+                      f"{name_of(high)}", {"gap": rounded(gap, 3)})]
 
     def _time_zone_cause(self, p: Platform) -> list[Cause]:
         tz, ref_tz = self.d.timezones.get(p, ""), self.d.timezones.get(self.reference, "")
@@ -416,7 +417,7 @@ class _Context:
         if p in self.shift:
             text += f"; the daily counts line up with a {apart:+.2f}-day shift"
         return [Cause("time_zone", p.value, text, {"timezone": tz, "reference_timezone": ref_tz,
-                                                   "fitted_shift": _r(apart, 3)})]
+                                                   "fitted_shift": rounded(apart, 3)})]
 
     def _tail(self, p: Platform, scope: Scope, campaign: str, last: dt.date) -> Cause | None:
         """The unsettled last days, left out of the comparison: their figures."""
@@ -429,7 +430,8 @@ class _Context:
         return Cause("lag", p.value,
                      f"recent days still filling: {start} .. {end} are not judged "
                      f"({name_of(p)} {n:g}, {name_of(self.reference)} {rn:g} there)",
-                     {"from": start, "to": end, "count": _r(n), "reference_count": _r(rn)})
+                     {"from": start, "to": end, "count": rounded(n),
+                      "reference_count": rounded(rn)})
 
     # day rows
     def day_rows(self) -> list[DayRow]:
@@ -457,7 +459,7 @@ class _Context:
                 continue
             r = self.ref.at(day, campaign, scope)
             figures[p.value] = fig
-            expected[p.value] = _r(r)
+            expected[p.value] = rounded(r)
             status, found = self._judge_day(p, scope, day, campaign, fig.count, r)
             statuses.append(status)
             causes += found
@@ -466,12 +468,12 @@ class _Context:
                       max(statuses, key=order.index))
 
     @staticmethod
-    def _figure(series: _Series, day: dt.date, campaign: str, scope: Scope) -> Figure | None:
+    def _figure(series: Series, day: dt.date, campaign: str, scope: Scope) -> Figure | None:
         """The day's figure; None for a campaign the series has nothing for that day."""
         if campaign != ALL and campaign not in series.by_day.get(day, {}):
             return None
         n, v = series.figure(day, campaign, scope)
-        return Figure(_r(n), _r(v))
+        return Figure(rounded(n), rounded(v))
 
     def _judge_day(self, p: Platform, scope: Scope, day: dt.date, campaign: str, n: float,
                    r: float) -> tuple[str, list[Cause]]:
@@ -489,7 +491,7 @@ class _Context:
             if abs(count - against) <= gap / 2:
                 causes.append(Cause(code, p.value, f"{day}: {_ALTERNATIVE_TEXT[code]} gives "
                                     f"{count:g} against {against:g}",
-                                    {"count": _r(count), "reference_count": _r(against)}))
+                                    {"count": rounded(count), "reference_count": rounded(against)}))
         return ("explained" if causes else "differs"), causes
 
     def _alternatives(self, p: Platform, scope: Scope, day: dt.date, campaign: str, n: float,
@@ -607,8 +609,8 @@ def _fit_shift(d: Digest, p: Platform, reference: Platform,
     same, shifted = _shift_correlations(series, fitted)
     tz, ref_tz = d.timezones[p], d.timezones[reference]
     hours = _hours_apart(tz, ref_tz, days[len(days) // 2])
-    return Shift(p.value, reference.value, tz, ref_tz, hours, _r(hours / 24, 3), fitted,
-                 _r(same, 3), _r(shifted, 3), len(days))
+    return Shift(p.value, reference.value, tz, ref_tz, hours, rounded(hours / 24, 3), fitted,
+                 rounded(same, 3), rounded(shifted, 3), len(days))
 
 
 def _best_shift(series: Sequence[tuple[np.ndarray, np.ndarray]]) -> float:
@@ -690,7 +692,7 @@ def _shift_finding(platform: str, group: Sequence[Shift], client_timezone: str,
         "reconcile", "time_zone_shift", "warning", name, message,
         _TIME_ZONE_FIX.get(platform, "Compare this platform weekly, not daily.").format(
             tz=client_timezone),
-        {"timezone": tz, "client_timezone": client_timezone, "fitted_shift": _r(ahead, 3),
+        {"timezone": tz, "client_timezone": client_timezone, "fitted_shift": rounded(ahead, 3),
          "pairs": [vars(s) for s in group]}, alert=True)
 
 

@@ -12,9 +12,9 @@ import numpy as np
 from convsync.model import (
     Platform,
 )
-from convsync.reconcile.common import ALL, NOT_SET, Finding, _r
+from convsync.reconcile.common import ALL, NOT_SET, Finding, rounded
 from convsync.reconcile.digest import Digest
-from convsync.reconcile.discrepancies import Scope, _Series
+from convsync.reconcile.discrepancies import Scope, Series
 from convsync.settings import ReconcileSection
 
 # -- funnel ------------------------------------------------------------------------------------
@@ -70,7 +70,7 @@ def diagnose_funnel(d: Digest, since: dt.date, until: dt.date,
     ladder = [c for c in d.ladder if d.headline(c, source)]
     if len(ladder) < 2:
         return None
-    series = {c: _Series(d.cells_of(d.headline(c, source))) for c in ladder}
+    series = {c: Series(d.cells_of(d.headline(c, source))) for c in ladder}
     n_last, v_last = series[ladder[-1]].total(since, until, None, ALL)
     average = v_last / n_last if ladder[-1] in d.macro and n_last else 0.0
     overall = _funnel("all traffic", series, ladder, since, until, None, ALL, average, None)
@@ -88,11 +88,11 @@ def diagnose_funnel(d: Digest, since: dt.date, until: dt.date,
         own = {c: [series[c].at(day, ALL, scope) for day in days] for c in ladder}
         findings += [f for f in _broken_steps(label, ladder, days, own, average, overall,
                                               settings) if f.evidence["step"] not in broken]
-    return FunnelDiagnosis(source.value, d.timezones.get(source, ""), ladder, _r(average),
+    return FunnelDiagnosis(source.value, d.timezones.get(source, ""), ladder, rounded(average),
                            overall, by_source, by_campaign, days, daily, findings)
 
 
-def _segments(d: Digest, series: Mapping[str, _Series]) -> dict[str, frozenset[str]]:
+def _segments(d: Digest, series: Mapping[str, Series]) -> dict[str, frozenset[str]]:
     """Traffic sources (label -> campaigns): the ad platform that runs a campaign, else
     other campaigns, else none ((not set))."""
     campaigns = {c for s in series.values() for row in s.by_day.values() for c in row}
@@ -104,7 +104,7 @@ def _segments(d: Digest, series: Mapping[str, _Series]) -> dict[str, frozenset[s
     return {label: frozenset(grouped[label]) for label in sorted(grouped)}
 
 
-def _funnel(segment: str, series: Mapping[str, _Series], ladder: Sequence[str],
+def _funnel(segment: str, series: Mapping[str, Series], ladder: Sequence[str],
             since: dt.date, until: dt.date, scope: Scope, campaign: str, average: float,
             overall: Funnel | None) -> Funnel:
     totals = [series[c].total(since, until, scope, campaign) for c in ladder]
@@ -117,9 +117,9 @@ def _funnel(segment: str, series: Mapping[str, _Series], ladder: Sequence[str],
             rate = counts[k] / before if before else None
             lost = max(before - counts[k], 0.0)
             value_lost = lost * _reach_value(k, counts, average, overall)
-        steps.append(FunnelStep(conversion, _r(counts[k]), _r(totals[k][1]),
-                                None if rate is None else _r(rate, 4), _r(lost or 0.0),
-                                _r(value_lost or 0.0)))
+        steps.append(FunnelStep(conversion, rounded(counts[k]), rounded(totals[k][1]),
+                                None if rate is None else rounded(rate, 4), rounded(lost or 0.0),
+                                rounded(value_lost or 0.0)))
     return Funnel(segment, steps, _biggest_loss(steps, average))
 
 
@@ -243,9 +243,9 @@ def _broken_step(segment: str, ladder: Sequence[str], k: int, days: Sequence[dt.
         f"shipping option, a form error); check the site's error logs from {first}; the "
         f"{this} tag may fire on a page that is no longer reached.",
         {"segment": segment, "step": this, "from_step": prev, "first": first, "last": last,
-         "days": run.stop - run.start, "from_count": _r(came), "count": _r(went),
-         "rate": _r(rate, 4), "usual_rate": _r(usual, 4), "missing": _r(missing),
-         "value_missing": _r(value)},
+         "days": run.stop - run.start, "from_count": rounded(came), "count": rounded(went),
+         "rate": rounded(rate, 4), "usual_rate": rounded(usual, 4), "missing": rounded(missing),
+         "value_missing": rounded(value)},
         alert=True)
 
 

@@ -9,7 +9,7 @@ from convsync.model import (
     Platform,
 )
 from convsync.reconcile.audit import Audit, audit
-from convsync.reconcile.common import _NARROW
+from convsync.reconcile.common import NARROW
 from convsync.reconcile.digest import Digest, digest
 from convsync.reconcile.discrepancies import Reconciliation, reconcile
 from convsync.reconcile.funnel import FunnelDiagnosis, diagnose_funnel
@@ -50,7 +50,7 @@ def stored_range(store: Store) -> tuple[dt.date, dt.date] | None:
 
 def load_digest(config: ClientConfig, store: Store, since: dt.date, until: dt.date) -> Digest:
     settings = settings_of(config)
-    owners = {name or campaign_id: p for p in _NARROW
+    owners = {name or campaign_id: p for p in NARROW
               for campaign_id, name in store.stats_campaigns(p, since, until)}
     return digest(store.stats(since=since, until=until), config.definitions(),
                   Platform(settings.funnel_source), owners)
