@@ -30,6 +30,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from convsync.sandbox import server
 from convsync.sandbox.server import RunningSandbox
 from convsync.sandbox.world import MICRO_UPLOAD_ACTION_ID, Click, World, WorldSpec
+from convsync.sources.google_ads import error_code_name
 
 SPEC = WorldSpec(seed=11, start=dt.date(2026, 9, 1), days=45, campaigns=8,
                  micro_upload_action=True)
@@ -177,14 +178,9 @@ def upload_error(name: str) -> tuple[str, str]:
 
 
 def reasons(error: GoogleAdsException) -> list[tuple[str, str]]:
-    out = []
-    for entry in error.failure.errors:
-        code = type(entry.error_code).pb(entry.error_code)
-        which = code.WhichOneof("error_code")
-        number = getattr(code, which)
-        out.append((which, code.DESCRIPTOR.fields_by_name[which].enum_type
-                    .values_by_number[number].name))
-    return out
+    """(error code field, enum value name) of each error in the failure."""
+    raw = type(error.failure).pb(error.failure)
+    return [(code.split(".")[0], code.split(".")[1]) for code in map(error_code_name, raw.errors)]
 
 
 def action_stats(client: GoogleAdsClient, action: int = MICRO) -> tuple[float, float]:

@@ -23,6 +23,7 @@ from google.oauth2.credentials import Credentials
 from convsync.sandbox.control import Sandbox
 from convsync.sandbox.google_ads import FAILURE_KEY, PAGE_SIZE, build_google_ads_server
 from convsync.sandbox.world import World, WorldSpec
+from convsync.sources.google_ads import error_code_name
 
 CONVERSION_METRICS = ("conversions", "conversions_value", "all_conversions",
                       "all_conversions_value")
@@ -68,14 +69,8 @@ def stream(service: Any, world: World, query: str) -> list[Any]:
 
 def reasons(error: GoogleAdsException) -> list[tuple[str, str]]:
     """(error code field, enum value name) of each error in the failure."""
-    out = []
-    for entry in error.failure.errors:
-        code = type(entry.error_code).pb(entry.error_code)
-        which = code.WhichOneof("error_code")
-        number = getattr(code, which)
-        out.append((which, code.DESCRIPTOR.fields_by_name[which].enum_type
-                    .values_by_number[number].name))
-    return out
+    raw = type(error.failure).pb(error.failure)
+    return [(code.split(".")[0], code.split(".")[1]) for code in map(error_code_name, raw.errors)]
 
 
 def enum_name(message: Any, field: str) -> str:
