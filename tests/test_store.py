@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -723,6 +724,25 @@ def test_watermarks_round_trip(store: Store, clock: Clock) -> None:
     assert store.count_rows("watermarks") == 2
 
 
+def test_a_run_whose_process_is_gone_is_marked_abandoned_by_the_next(store: Store) -> None:
+    """A run killed or crashed stays "running" no more: the next run on the machine marks it
+    abandoned; one whose process lives, or of another machine, is left (issue 13, item 13)."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    with store.engine.begin() as conn:
+        for pid, host in ((gone.pid, socket.gethostname()), (os.getpid(), socket.gethostname()),
+                          (gone.pid, "another-machine")):
+            conn.execute(store_module.runs.insert().values(
+                client="acme", command="pull", started_at=T0, status="running",
+                summary={"pid": pid, "host": host}))
+    store.start_run("acme", "push")
+    statuses = [(r.summary.get("host"), r.summary.get("pid"), r.status)
+                for r in reversed(store.recent_runs("acme"))]
+    assert statuses[:3] == [(socket.gethostname(), gone.pid, "abandoned"),
+                            (socket.gethostname(), os.getpid(), "running"),
+                            ("another-machine", gone.pid, "running")]
+
+
 def test_runs_round_trip(store: Store, clock: Clock) -> None:
     first = store.start_run("acme", "pull")
     clock.tick(minutes=3)
@@ -735,7 +755,8 @@ def test_runs_round_trip(store: Store, clock: Clock) -> None:
 
     recent = store.recent_runs("acme")
     assert [r.id for r in recent] == [second, first]
-    assert (recent[0].status, recent[0].finished_at, recent[0].summary) == ("running", None, {})
+    assert (recent[0].status, recent[0].finished_at, recent[0].summary) == (
+        "running", None, {"pid": os.getpid(), "host": socket.gethostname()})
     done = recent[1]
     assert (done.command, done.status, done.summary) == ("pull", "partial", summary)
     assert done.started_at == T0

@@ -17,6 +17,7 @@ import datetime as dt
 import functools
 import itertools
 import os
+import socket
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -1006,6 +1007,19 @@ def _unusable(url: str, error: sa.exc.DBAPIError) -> str:
     return f"the store {url} {why}"
 
 
+def _process_alive(pid: int) -> bool:
+    """Whether a process of this machine with this id still runs."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
 def _private_file(path: Path) -> None:
     """Create the store's file (and the folders to it) readable by its owner only: it holds
     hashed emails and the ledger (SQLite gives its -wal and -shm files the same mode)."""
@@ -1780,11 +1794,21 @@ class Store:
     # -- runs ----------------------------------------------------------------------------------
 
     def start_run(self, client: str, command: str) -> int:
-        """Record a run as started (status ``running``) and return its id."""
+        """Record a run as started (status ``running``, with the process that runs it) and
+        return its id. Runs of this machine left ``running`` by a process that is gone
+        (killed, crashed) are marked ``abandoned`` first: nothing will ever finish them."""
+        host, now = socket.gethostname(), self._clock()
         with self._writing() as conn:
+            stale = [r.id for r in conn.execute(
+                sa.select(runs.c.id, runs.c.summary).where(runs.c.status == "running"))
+                if (r.summary or {}).get("host") == host
+                and not _process_alive(int((r.summary or {}).get("pid") or 0))]
+            if stale:
+                conn.execute(runs.update().where(runs.c.id.in_(stale)).values(
+                    status="abandoned", finished_at=now))
             result = conn.execute(runs.insert().values(
-                client=client, command=command, started_at=self._clock(), status="running",
-                summary={}).returning(runs.c.id))
+                client=client, command=command, started_at=now, status="running",
+                summary={"pid": os.getpid(), "host": host}).returning(runs.c.id))
             return int(result.scalar_one())
 
     def finish_run(self, run_id: int, status: str, summary: Mapping[str, Any]) -> None:
