@@ -131,6 +131,18 @@ def test_an_empty_secret_is_missing_and_the_google_hint_lists_every_way(
         assert variable in errors["google_ads"]
 
 
+def test_a_credential_with_a_stray_character_is_a_config_error_not_an_outage(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """gRPC answered a non-ASCII token with UNAVAILABLE 'Illegal metadata', retried as an
+    outage; it is a credentials error naming the variable, never the value (issue 13, 14)."""
+    monkeypatch.setenv("CONVSYNC_GOOGLE_ACCESS_TOKEN", "ya29.t\u00f6k\u00e9n")
+    (problem,) = [p for p in check_config(EXAMPLE) if p.severity == "error"]
+    assert problem.key == "CONVSYNC_GOOGLE_ACCESS_TOKEN"
+    assert "not a credential" in problem.message and "k\u00e9n" not in problem.message
+    monkeypatch.setenv("CONVSYNC_GOOGLE_ACCESS_TOKEN", "ya29.a0AfB_byC-ok")
+    assert [p for p in check_config(EXAMPLE) if p.severity == "error"] == []
+
+
 def test_the_store_url_is_checked_without_opening_it(tmp_path: Path) -> None:
     """A URL that cannot be a store is a config error naming client.store_url (issue 13,
     item 7); a good one, even in folders still to make, is none."""

@@ -355,6 +355,19 @@ class Secrets(BaseSettings):
         """A variable set to nothing (``CONVSYNC_META_ACCESS_TOKEN=``) is not a secret."""
         return None if isinstance(value, str) and not value.strip() else value
 
+    @field_validator("google_refresh_token", "google_client_id", "google_client_secret",
+                     "google_access_token", "google_developer_token", "meta_access_token",
+                     "klaviyo_api_key", mode="before")
+    @classmethod
+    def _printable(cls, value: Any) -> Any:
+        """A credential travels in an HTTP header: printable ASCII only (a stray character
+        from a copy made gRPC answer 'Illegal metadata', which looked like an outage)."""
+        if isinstance(value, str) and not (value.isascii() and value.isprintable()
+                                           and " " not in value.strip()):
+            raise ValueError("not a credential: only ASCII letters, digits and punctuation "
+                             "(copied with a stray or accented character?)")
+        return value
+
     def values(self) -> list[str]:
         """Every secret value, for redaction."""
         return [s.get_secret_value() for s in (
@@ -421,7 +434,13 @@ def load_secrets(config: ClientConfig | None = None, secrets_file: Path | None =
                                          "remove the key and use environment variables")])
     if file is not None and _exposed(file):
         log.warning("%s", _exposed(file))
-    return Secrets(_env_file=file) if file else Secrets()
+    try:
+        return Secrets(_env_file=file) if file else Secrets()
+    except ValidationError as error:  # never the value: it is a secret
+        raise ConfigError(file or Path("environment"), [
+            Problem(f"CONVSYNC_{str(e['loc'][0]).upper()}",
+                    str(e["msg"]).removeprefix("Value error, "))
+            for e in error.errors(include_input=False)]) from None
 
 
 def _secrets_file(config: ClientConfig | None, given: Path | None = None) -> Path | None:
