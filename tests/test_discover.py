@@ -26,7 +26,8 @@ EXAMPLE = Path(__file__).parents[1] / "config" / "example.toml"
 def running(tls_files: tuple[Path, Path]) -> Iterator[server.RunningSandbox]:
     # a world ending yesterday, as `convsync sandbox serve` makes it: "last 30 days" has data
     start = dt.date.today() - dt.timedelta(days=40)
-    world = World(WorldSpec(seed=21, start=start, days=40, campaigns=6))
+    world = World(WorldSpec(seed=21, start=start, days=40, campaigns=6,
+                            micro_upload_action=True))
     with server.start(world, tls_files[0].parent) as sandbox:
         yield sandbox
 
@@ -86,10 +87,14 @@ def test_discover_command_reports_a_failing_platform_and_goes_on(
     summary = json.loads(result.stdout)
     assert "503" in summary["platforms"]["klaviyo"]["error"]
     assert summary["platforms"]["google_ads"]["error"] is None
-    assert summary["platforms"]["google_ads"]["conversions"] == 10
+    # the world's ten actions and convsync's micro upload action
+    assert summary["platforms"]["google_ads"]["conversions"] == 11
     snippet = summary["snippet"]
     assert '[[conversions]]' in snippet and 'meta = "link_click"' in snippet
     assert "omni_purchase" not in snippet
+    # convsync's own upload action is never offered for mapping (it would count the uploads)
+    assert "convsync micro value (upload)" not in snippet
+    assert "convsync micro value (upload)" not in summary["platforms"]["google_ads"]["unmapped"]
     # no secret leaks into what is printed
     for secret in server.SANDBOX_SECRETS.values():
         assert secret not in result.output

@@ -52,9 +52,10 @@ class PlatformOutcome:
 
     @property
     def unmapped(self) -> list[PlatformConversion]:
-        """Conversions no definition names (views of a mapped Meta action are not)."""
-        return [c for c in self.conversions
-                if c.conversion is None and "alias_of" not in c.settings]
+        """Conversions no definition names (views of a mapped Meta action are not, nor the
+        import actions convsync uploads to: mapped, they would count its own uploads)."""
+        return [c for c in self.conversions if c.conversion is None
+                and "alias_of" not in c.settings and "upload_action_of" not in c.settings]
 
 
 @dataclass
@@ -88,12 +89,27 @@ def discover(config: ClientConfig, secrets: Secrets, store: Store,
             outcome.conversions = [mapping.mapped(c) for c in found]
             if platform is Platform.META:
                 outcome.conversions = meta.mark_aliases(outcome.conversions)
+            if platform is Platform.GOOGLE_ADS and config.google_ads:
+                outcome.conversions = _mark_upload_actions(outcome.conversions,
+                                                           config.google_ads.upload_actions)
             store.save_platform_conversions(outcome.conversions)
         except Exception as error:  # one platform failing must not stop the others
             outcome.error = redact(explain(error, platform))
             log.error("%s: %s", platform.value, outcome.error)
         outcomes.append(outcome)
     return DiscoverResult(config.client.name, outcomes)
+
+
+def _mark_upload_actions(actions: list[PlatformConversion],
+                         uploads: dict[str, str]) -> list[PlatformConversion]:
+    """The import actions ``upload_actions`` names get ``upload_action_of`` (the conversions
+    convsync uploads to them) in their settings."""
+    targets: dict[str, list[str]] = {}
+    for conversion, action in uploads.items():
+        targets.setdefault(action, []).append(conversion)
+    return [a if a.platform_id not in targets else a.model_copy(update={"settings": {
+        **a.settings, "upload_action_of": ", ".join(targets[a.platform_id])}})
+        for a in actions]
 
 
 def _platform_conversions(platform: Platform, config: ClientConfig, secrets: Secrets,
