@@ -215,8 +215,8 @@ def _dry_run(store: Store, sink: DataManagerSink, client: str, planned: Iterable
     """Count what the ledger already holds and ask Google to validate each request; nothing
     is kept, the ledger untouched."""
     for batch in planning.batches(planned, MAX_EVENTS, MAX_DESTINATIONS):
-        known = store.known_upload_keys(client, Platform.GOOGLE_ADS,
-                                        (u.dedupe_key for u in batch))
+        known = store.upload_statuses(client, Platform.GOOGLE_ADS,
+                                      [u.dedupe_key for u in batch])
         for upload in batch:
             result.by_action[upload.conversion]["in_ledger"] += upload.dedupe_key in known
         if not result.errors:

@@ -1634,17 +1634,6 @@ class Store:
                     table.c.client == client, table.c.destination == Platform(destination).value,
                     _among(table.c.dedupe_key, keys, self.dialect)))}
 
-    def known_upload_keys(self, client: str, destination: Platform | str,
-                          keys: Iterable[str]) -> set[str]:
-        """Which of ``keys`` the ledger already holds."""
-        table, known = uploads, set[str]()
-        with self._engine.connect() as conn:
-            for chunk in _chunks(keys, DEFAULT_BATCH_SIZE):
-                known.update(conn.execute(sa.select(table.c.dedupe_key).where(
-                    table.c.client == client, table.c.destination == Platform(destination).value,
-                    _among(table.c.dedupe_key, chunk, self.dialect))).scalars())
-        return known
-
     def release_uploads(self, destination: Platform | str, keys: Sequence[str],
                         status: UploadStatus, reason: str) -> None:
         """Uploads claimed but not sent: back to planned (a later run sends them) or failed

@@ -275,7 +275,7 @@ def _clicks_pull(client: GoogleAdsClient, customer_id: str, account: Callable[[]
 
 # -- errors ----------------------------------------------------------------------------------
 
-def _failure(error: BaseException) -> Any:
+def failure_of(error: BaseException) -> Any:
     """The GoogleAdsFailure an error carries (raw protobuf), or None."""
     if isinstance(error, GoogleAdsException):
         failure = error.failure  # proto-plus even when the client is not
@@ -289,7 +289,7 @@ def _failure(error: BaseException) -> Any:
 
 
 def _quota_reasons(error: BaseException) -> list[str]:
-    failure = _failure(error)
+    failure = failure_of(error)
     if failure is None:
         return []
     return [_enum_name(e.error_code, "quota_error") for e in failure.errors
@@ -306,7 +306,7 @@ def _is_retryable(error: BaseException) -> bool:
 
 
 def _retry_after(error: BaseException) -> float | None:
-    failure = _failure(error)
+    failure = failure_of(error)
     for e in failure.errors if failure is not None else ():
         delay = e.details.quota_error_details.retry_delay
         if delay.seconds or delay.nanos:
@@ -328,7 +328,7 @@ def _enum_name(message: Any, field: str) -> str:
 
 def explain(error: Exception) -> str | None:
     """A one-line account of a Google Ads API error, naming what to fix; None if not one."""
-    failure = _failure(error)
+    failure = failure_of(error)
     if failure is None:
         if isinstance(error, api_exceptions.GoogleAPICallError):
             return f"Google Ads API: {error.code} {error.message}"

@@ -26,7 +26,7 @@ from google.api_core import exceptions as api
 from convsync.model import Upload
 from convsync.retry import retrying
 from convsync.sinks import SinkError
-from convsync.sources.google_ads import RETRY, error_code_name, explain
+from convsync.sources.google_ads import RETRY, error_code_name, explain, failure_of
 
 MAX_ADJUSTMENTS = 2_000
 UPLOAD = "UploadConversionAdjustments"
@@ -106,9 +106,7 @@ def _refused(response: Any) -> dict[int, str]:
 
 
 def _reason(error: BaseException) -> str:
-    if isinstance(error, GoogleAdsException):
-        failure = error.failure
-        raw = type(failure).pb(failure) if hasattr(type(failure), "pb") else failure
-        if raw.errors:
-            return error_code_name(raw.errors[0]).rsplit(".", 1)[-1]
+    failure = failure_of(error)
+    if failure is not None and failure.errors:
+        return str(error_code_name(failure.errors[0])).rsplit(".", 1)[-1]
     return type(error).__name__
