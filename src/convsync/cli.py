@@ -281,8 +281,9 @@ def backfill(
 ) -> None:
     """Pull a date range; resumes where a killed run stopped.
 
-    Progress is recorded after every committed batch, so running the same backfill again
-    after a crash or a kill continues from the last complete day."""
+    Progress is recorded after every committed batch, per --since, so running a backfill
+    from the same day again (after a crash or a kill, or later with a later --until, or
+    none) continues from the last complete day: days already stored are not pulled again."""
     first, last = _day(since, "--since"), _day(until, "--until") if until else None
     if last is not None and last < first:
         raise typer.BadParameter("--until is before --since", param_hint="--until")

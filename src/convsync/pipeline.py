@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from convsync import quotas
 from convsync.gctuning import fewer_collections
 from convsync.model import (
     ConversionMap,
@@ -295,7 +296,7 @@ def pull(config: ClientConfig, secrets: Secrets, store: Store, *,
                            since, until, restart, progress, sleep)
             gc.collect()
             give_back_free_memory()
-    result.warnings += _budget_warnings(config, store, result)
+    result.warnings += _budget_warnings(config, secrets, store, result)
     status = "ok" if not result.failed else (
         "partial" if len(result.failed) < len(result.platforms) else "failed")
     store.finish_run(result.run_id, status, result.summary())
@@ -309,6 +310,9 @@ def _pull_platform(config: ClientConfig, secrets: Secrets, store: Store, platfor
     """One platform's streams, one after the other; an error is reported, never raised."""
     outcome = PlatformPull(platform)
     result.platforms.append(outcome)
+    if platform is Platform.GOOGLE_ADS and config.google_ads is not None:
+        outcome.requests.on_add = quotas.operation_counter(
+            store, quotas.cloud_project(config.google_ads, secrets))
     source = SOURCES[platform]
     try:
         streams = source.streams(config, secrets, mapping, outcome.requests)
@@ -347,7 +351,7 @@ def _window(config: ClientConfig, store: Store, stream: Stream, today: dt.date,
     client, platform = config.client.name, Platform(stream.platform)
     if since is not None:
         end = until or today - dt.timedelta(days=1)
-        key = f"backfill:{stream.name}:{since}:{end}"
+        key = f"backfill:{stream.name}:{since}"  # a later --until goes on from what is done
         mark = None if restart else store.get_watermark(client, platform, stream.account_id, key)
         done = mark.last_complete_date if mark else None
         if done is not None and done >= end:
@@ -372,25 +376,79 @@ def _pull_stream(config: ClientConfig, store: Store, stream: Stream, window: Win
     resume = window.start
     chunk = dt.timedelta(days=stream.chunk_days or total_days)
     retry = retrying(policy, sleep) if sleep else retrying(policy)
+    tally = _Tally(outcome)
+
+    def done_through(day: dt.date) -> None:
+        nonlocal resume
+        outcome.days.update(resume + dt.timedelta(days=n) for n in range((day - resume).days + 1))
+        resume = max(resume, day + dt.timedelta(days=1))
+        _mark(config, store, stream, window, day)
+        progress.advance(label, (day - window.start).days + 1)
+        tally.complete(resume)
+
     for attempt in retry:
         with attempt:
+            tally.retrying()
             while resume <= window.end:
                 chunk_end = min(resume + chunk - dt.timedelta(days=1), window.end)
                 for complete in _commit_batches(config, store, stream, resume, chunk_end,
-                                                outcome):
-                    resume = max(resume, complete + dt.timedelta(days=1))
-                    _mark(config, store, stream, window, complete)
-                    progress.advance(label, (complete - window.start).days + 1)
-                resume = max(resume, chunk_end + dt.timedelta(days=1))
-                _mark(config, store, stream, window, chunk_end)
-                progress.advance(label, (chunk_end - window.start).days + 1)
+                                                tally):
+                    done_through(complete)
+                done_through(chunk_end)
     if not window.backfill:
         _mark(config, store, stream, window, min(window.end, _today(config) - dt.timedelta(
             days=1)), final=True)
 
 
+class _Tally:
+    """The rows a stream stored, each counted once. A retry pulls again from the last
+    complete day, storing again rows the failed attempt stored (the store keeps one of each):
+    the batches that may be pulled again are kept (a few days' rows) and, on a retry, their
+    rows' keys, so the retried rows are not counted twice."""
+
+    MARGIN = dt.timedelta(days=2)
+    """How far past a batch's last complete day its rows may go (see last_complete_day)."""
+
+    def __init__(self, outcome: PlatformPull) -> None:
+        self.outcome = outcome
+        self.kept: list[tuple[dt.date, list[Row]]] = []
+        self.seen: set[tuple[Any, ...]] = set()
+
+    def stored(self, batch: list[Row], rows: int, last_day: dt.date) -> None:
+        """``batch`` (``rows`` rows) was stored; none of its rows is of a day after
+        ``last_day``."""
+        if self.seen:  # after a retry: only the rows no earlier attempt stored
+            rows = sum(key not in self.seen for key in _row_keys(batch))
+        self.outcome.rows += rows
+        self.kept.append((last_day, batch))
+
+    def complete(self, resume: dt.date) -> None:
+        """Days before ``resume`` are done: their batches are never pulled again."""
+        self.kept = [(day, batch) for day, batch in self.kept if day >= resume]
+
+    def retrying(self) -> None:
+        """An attempt begins: the rows kept may come again."""
+        for _, batch in self.kept:
+            self.seen.update(_row_keys(batch))
+        self.kept.clear()
+
+
+def _row_keys(batch: list[Row]) -> Iterator[tuple[Any, ...]]:
+    """Each row's natural key, as the store dedupes it."""
+    for row in batch:
+        if isinstance(row, ConversionStat):
+            yield (row.platform, row.account_id, row.date, row.campaign_id,
+                   row.platform_conversion, row.basis, row.window, row.source, row.medium)
+        elif isinstance(row, JourneyEvent):
+            yield (row.source_platform, row.source_event_id)
+        elif isinstance(row, JourneyBatch):
+            yield from ((row.source_platform, key) for key in row.source_event_ids)
+        else:
+            yield (row.platform, row.account_id, row.platform_id)
+
+
 def _commit_batches(config: ClientConfig, store: Store, stream: Stream, start: dt.date,
-                    end: dt.date, outcome: PlatformPull) -> Iterator[dt.date]:
+                    end: dt.date, tally: _Tally) -> Iterator[dt.date]:
     """Store the stream's rows batch by batch; after each batch yield the last day known
     complete (the rows come in date order, so every day before the last row's is done; a
     stream that promises no order yields nothing)."""
@@ -400,12 +458,14 @@ def _commit_batches(config: ClientConfig, store: Store, stream: Stream, start: d
         batch.append(row)
         pending += len(row) if isinstance(row, JourneyBatch) else 1
         if pending >= BATCH_ROWS:
-            _store_batch(store, batch, outcome)
-            batch, pending = [], 0
             done = last_complete_day(row, config.client.timezone) if stream.ordered else None
+            _store_batch(store, batch, tally.outcome)
+            tally.stored(batch, pending, min(done + _Tally.MARGIN, end) if done else end)
+            batch, pending = [], 0
             if done is not None and done >= start:
                 yield done
-    _store_batch(store, batch, outcome)
+    _store_batch(store, batch, tally.outcome)
+    tally.stored(batch, pending, end)
 
 
 def _store_batch(store: Store, batch: list[Row], outcome: PlatformPull) -> None:
@@ -415,14 +475,12 @@ def _store_batch(store: Store, batch: list[Row], outcome: PlatformPull) -> None:
     definitions = [r for r in batch if isinstance(r, PlatformConversion)]
     if stats:
         store.upsert_stats(stats)
-        outcome.days.update(r.date for r in stats)
     if events:
         store.upsert_journey_events(events)
     if batches:
         store.upsert_journey_batches(batches)
     if definitions:
         store.save_platform_conversions(definitions)
-    outcome.rows += len(stats) + len(events) + sum(map(len, batches))
     outcome.unmapped.update(r.platform_conversion for r in stats if r.conversion is None)
     journeys: list[JourneyEvent | JourneyBatch] = [*events, *batches]
     outcome.unmapped.update(r.platform_conversion for r in journeys
@@ -439,23 +497,22 @@ def _mark(config: ClientConfig, store: Store, stream: Stream, window: Window,
                             window.key, last_complete_date=complete)
 
 
-def _budget_warnings(config: ClientConfig, store: Store, result: PullResult) -> list[str]:
-    """Warn when today's Google Ads operations (this store's runs) near the daily budget."""
+def _budget_warnings(config: ClientConfig, secrets: Secrets, store: Store,
+                     result: PullResult) -> list[str]:
+    """Warn when the Cloud project's Google Ads operations today (every client's, every run's,
+    killed ones included: counted as they are made) near its daily budget."""
     section = config.google_ads
     budget = section.operation_budget if section else None
     used_now = sum(p.requests.total for p in result.platforms
                    if p.platform is Platform.GOOGLE_ADS)
-    if not budget or not used_now:
+    if section is None or not budget or not used_now:
         return []
-    midnight = dt.datetime.combine(dt.datetime.now(dt.UTC).date(), dt.time(), dt.UTC)
-    earlier = sum(int(run.summary.get("platforms", {}).get("google_ads", {}).get("requests", 0))
-                  for run in store.recent_runs(config.client.name, limit=500)
-                  if run.started_at >= midnight and run.id != result.run_id)
-    used = earlier + used_now
+    project = quotas.cloud_project(section, secrets)
+    used = quotas.operations_today(store, project, dt.datetime.now(dt.UTC))
     runs_left = (budget - used) // used_now if used < budget else 0
-    message = (f"google_ads: {used} of the project's {budget} daily operations used today by "
-               f"this client ({used_now} by this run); the budget is shared by every client "
-               "synced with the same Cloud project")
+    message = (f"google_ads: {used:,} of the Cloud project's {budget:,} daily operations used "
+               f"today ({used_now:,} by this run); the budget is shared by every client synced "
+               "with the project, and Google's day ends at midnight Pacific time")
     if used >= budget:
         return [message + ": it has run out, further queries will fail until it resets"]
     if used >= 0.8 * budget or runs_left < 24:

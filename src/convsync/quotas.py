@@ -45,6 +45,28 @@ DATAMANAGER_LIMITS = {
 """The Data Manager's per-project quotas, by the calls they count."""
 
 
+GOOGLE_ADS_OPERATIONS = "googleads.operations"
+"""Google Ads queries (Search, SearchStream): each is one operation against the project's
+daily budget (Explorer 2,880, Basic 15,000). convsync counts them, for every client and run of
+the project, and warns as they near the budget; Google refuses queries beyond it."""
+
+
+def operation_counter(store: Store, project: str, *,
+                      clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)
+                      ) -> Callable[[str, int], None]:
+    """What counts Google Ads operations in the store as they are made (a ``Requests``'s
+    ``on_add``): a run killed half-way has still counted what it spent."""
+    def count(method: str, n: int) -> None:
+        now = clock()
+        store.count_calls(project, GOOGLE_ADS_OPERATIONS, now, n, quota_day_start(now))
+    return count
+
+
+def operations_today(store: Store, project: str, now: dt.datetime) -> int:
+    """Google Ads operations the project has spent since its quota day began."""
+    return store.calls_since(project, GOOGLE_ADS_OPERATIONS, quota_day_start(now))
+
+
 class QuotaExhausted(SinkError):
     """The project's quota for the day is spent: nothing was sent; a later run goes on."""
 

@@ -484,8 +484,9 @@ quota_calls = sa.Table(
     sa.Column("calls", sa.Integer, nullable=False),
 )
 """API calls made per second against a quota that belongs to a Cloud project (the Data
-Manager's 300 requests a minute and 100,000 a day, for writes and again for reads), counted
-across every client and run that uses the project."""
+Manager's 300 requests a minute and 100,000 a day, for writes and again for reads; the Google
+Ads operations of the project's daily budget), counted across every client and run that uses
+the project, as the calls are made."""
 
 watermarks = sa.Table(
     "watermarks",
@@ -1736,13 +1737,25 @@ class Store:
                 wait = (moment + span - now).total_seconds()
             if wait > 0:
                 return wait
-            insert = (sqlite.insert if self.dialect == "sqlite" else postgresql.insert)(table)
-            conn.execute(insert.values(project=project, api=api, second=second, calls=1)
-                         .on_conflict_do_update(index_elements=["project", "api", "second"],
-                                                set_={"calls": table.c.calls + 1}))
-            conn.execute(table.delete().where(  # what no quota looks at any more
-                table.c.second < day_start - dt.timedelta(days=1)))
+            self._add_calls(conn, project, api, second, 1, day_start)
             return 0.0
+
+    def count_calls(self, project: str, api: str, now: dt.datetime, calls: int,
+                    day_start: dt.datetime) -> None:
+        """Count ``calls`` calls of ``api`` made for ``project`` at ``now`` (a quota convsync
+        does not pace, only reports: Google Ads operations)."""
+        with self._writing() as conn:
+            self._add_calls(conn, project, api, now.replace(microsecond=0), calls, day_start)
+
+    def _add_calls(self, conn: Connection, project: str, api: str, second: dt.datetime,
+                   calls: int, day_start: dt.datetime) -> None:
+        table = quota_calls
+        insert = (sqlite.insert if self.dialect == "sqlite" else postgresql.insert)(table)
+        conn.execute(insert.values(project=project, api=api, second=second, calls=calls)
+                     .on_conflict_do_update(index_elements=["project", "api", "second"],
+                                            set_={"calls": table.c.calls + calls}))
+        conn.execute(table.delete().where(  # what no quota looks at any more
+            table.c.second < day_start - dt.timedelta(days=1)))
 
     def calls_since(self, project: str, api: str, since: dt.datetime) -> int:
         """Calls of ``api`` counted for ``project`` from ``since``."""

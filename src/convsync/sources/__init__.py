@@ -49,9 +49,14 @@ class Requests:
     """API requests made, per method; the quota that matters is often requests, not rows."""
 
     counts: Counter[str] = field(default_factory=Counter)
+    on_add: Callable[[str, int], None] | None = None
+    """Told of each request as it is made (the pipeline counts Google Ads operations in the
+    store, so a run killed half-way still counted what it spent)."""
 
     def add(self, method: str, n: int = 1) -> None:
         self.counts[method] += n
+        if self.on_add is not None:
+            self.on_add(method, n)
 
     @property
     def total(self) -> int:
