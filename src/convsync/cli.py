@@ -1,6 +1,7 @@
 """The convsync command line: parses, calls the pipeline, prints. Nothing else lives here.
 
-Exit codes: 0 ok, 1 failed, 2 bad usage or config, 3 partly done.
+Exit codes: 0 ok, 1 failed, 2 bad usage, config or input file, 3 partly done (which error
+ends with which: ``convsync.errors``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from convsync import __version__
+from convsync.errors import ConvsyncError
 from convsync.model import Platform
 from convsync.redact import Redactor
 from convsync.redact import install as install_redaction
@@ -41,17 +43,18 @@ from convsync.settings import (
 
 
 class _Commands(TyperGroup):
-    """convsync's commands: a store that cannot be opened is one line naming the store and
-    what to do, exit 1, never a traceback nor blamed on a platform."""
+    """convsync's commands: any of convsync's errors (``convsync.errors``: a config, an input
+    file, the store, a platform, a lock) is one line saying what to fix and the error's exit
+    code, never a traceback (``-v`` adds it, for a bug report)."""
 
     def invoke(self, ctx: Any) -> Any:
-        from convsync.store import StoreError
-
         try:
             return super().invoke(ctx)
-        except StoreError as error:
+        except ConvsyncError as error:
+            logging.getLogger("convsync").debug("the traceback, for a bug report:",
+                                                exc_info=True)
             console.print(f"error: {error}", highlight=False, markup=False)
-            raise typer.Exit(Exit.FAILED) from None
+            raise typer.Exit(error.exit_code) from None
 
 
 app = typer.Typer(
@@ -729,18 +732,14 @@ def report(config: ConfigOption,
     One self-contained file that works offline: the audit, the discrepancy table, the funnel
     with its drop-offs per segment, macro vs micro per platform, and the micro-conversion
     values, with charts. Exit code 3 when something in it is beyond tolerance."""
-    from convsync.report import NoData, build_report, write_report
+    from convsync.report import build_report, write_report
     from convsync.store import Store
 
     client, _ = _load(config)
     with Store.open(client.store_url()) as store:
         first = _day(since, "--since") if since else None
         last = _day(until, "--until") if until else None
-        try:
-            result = build_report(client, store, first, last)
-        except NoData as error:
-            console.print(f"[red]error[/red] {error}", highlight=False)
-            raise typer.Exit(Exit.FAILED) from None
+        result = build_report(client, store, first, last)
     html, data = write_report(result, out_dir)
     summary = {"client": client.client.name, "html": str(html), "json": str(data),
                "since": result.since.isoformat(), "until": result.until.isoformat(),

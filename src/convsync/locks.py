@@ -17,11 +17,8 @@ from pathlib import Path
 import filelock
 import sqlalchemy as sa
 
+from convsync.errors import Busy
 from convsync.store import Store
-
-
-class Busy(Exception):
-    """Another run of the same client holds the lock."""
 
 
 def _key(client: str, job: str) -> int:

@@ -24,8 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from zoneinfo import ZoneInfo
 
+from convsync.errors import QuotaExhausted
 from convsync.settings import GoogleAdsSection, Secrets
-from convsync.sinks import SinkError
 from convsync.store import Store
 
 QUOTA_DAY_ZONE = ZoneInfo("America/Los_Angeles")
@@ -65,10 +65,6 @@ def operation_counter(store: Store, project: str, *,
 def operations_today(store: Store, project: str, now: dt.datetime) -> int:
     """Google Ads operations the project has spent since its quota day began."""
     return store.calls_since(project, GOOGLE_ADS_OPERATIONS, quota_day_start(now))
-
-
-class QuotaExhausted(SinkError):
-    """The project's quota for the day is spent: nothing was sent; a later run goes on."""
 
 
 def cloud_project(section: GoogleAdsSection, secrets: Secrets) -> str:

@@ -11,7 +11,6 @@ import logging
 import os
 import re
 import tomllib
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -29,6 +28,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from convsync.errors import ConfigError
 from convsync.model import (
     META_REMOVED_WINDOWS,
     META_WINDOWS,
@@ -404,16 +404,6 @@ class Problem:
 
     def __str__(self) -> str:
         return f"{self.severity}: {self.key}: {self.message}"
-
-
-class ConfigError(Exception):
-    """A config file that cannot be used; ``problems`` names each key to fix."""
-
-    def __init__(self, path: Path, problems: Sequence[Problem]) -> None:
-        self.path = path
-        self.problems = list(problems)
-        lines = "\n".join(f"  {p}" for p in self.problems)
-        super().__init__(f"{path}: {len(self.problems)} problem(s)\n{lines}")
 
 
 def load_config(path: Path) -> ClientConfig:

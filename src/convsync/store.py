@@ -36,6 +36,7 @@ from sqlalchemy.pool import ConnectionPoolEntry
 from sqlalchemy.schema import SchemaItem
 from sqlalchemy.sql.dml import Insert
 
+from convsync.errors import StoreError, StoreVersionError
 from convsync.model import (
     ConversionDefinition,
     ConversionStat,
@@ -75,14 +76,6 @@ _WRITE = "convsync_write"
 
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
-
-
-class StoreError(RuntimeError):
-    """The store cannot be opened or used as asked."""
-
-
-class StoreVersionError(StoreError):
-    """The database was written by a newer convsync than this one."""
 
 
 def _utc_now() -> dt.datetime:

@@ -6,6 +6,7 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Any
 
+from convsync.errors import NoData
 from convsync.model import Kind
 from convsync.reconcile import (
     Audit,
@@ -213,10 +214,6 @@ def values_basis(rows: list[dict[str, Any]]) -> ValuesBasis | None:
         window_start=dt.datetime.fromisoformat(start) if start else None,
         history_days=float(row.get("history_days") or 0.0),
         burn_in_days=float(row.get("burn_in_days") or 0.0))
-
-
-class NoData(LookupError):
-    """The store holds no daily stats to report on."""
 
 
 def build_report(config: ClientConfig, store: Store, since: dt.date | None = None,

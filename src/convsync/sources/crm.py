@@ -84,6 +84,7 @@ from pydantic import (
     model_validator,
 )
 
+from convsync.errors import InputError
 from convsync.hashing import hash_email, hash_phone, sha256_hex
 from convsync.model import ConversionMap, Identifiers, JourneyEvent, Platform, PlatformConversion
 from convsync.store import Store
@@ -119,7 +120,7 @@ _SEPARATORS = re.compile(r"[\s\-]+")
 _CURRENCY = re.compile(r"[A-Z]{3}")
 
 
-class CrmFileError(ValueError):
+class CrmFileError(InputError):
     """A file that cannot be imported at all; the message says what to fix."""
 
 

@@ -52,6 +52,7 @@ from google.api_core import exceptions as api_exceptions
 from google.api_core.client_options import ClientOptions
 from google.rpc import error_details_pb2
 
+from convsync.errors import PlatformError
 from convsync.model import (
     Basis,
     ConversionMap,
@@ -105,7 +106,7 @@ IDENTIFIER_PARAMETERS = frozenset({"gclid", "gbraid", "wbraid", "fbc", "fbp"})
 _REFUSED_FIELD = re.compile(r"Field (\S+) is not a valid (?:dimension|metric)")
 
 
-class ReportChanged(RuntimeError):
+class ReportChanged(PlatformError):
     """The report's row count changed between two pages: GA4 was still processing some of its
     days, so offsets no longer line up. Retried: the pull resumes from its last complete day
     with a fresh report."""

@@ -44,6 +44,7 @@ from openapi_client.rest import RESTResponse
 from urllib3.exceptions import ProtocolError
 from urllib3.exceptions import TimeoutError as Urllib3Timeout
 
+from convsync.errors import PlatformError
 from convsync.hashing import hash_email, hash_phone, sha256_hex
 from convsync.model import (
     Basis,
@@ -428,7 +429,7 @@ NO_CLICKS: ClickIds = (None, None, None, None, None)
 CLICK_FIELDS = ("gclid", "gbraid", "wbraid", "fbc", "fbp")
 
 
-class KlaviyoResponseError(RuntimeError):
+class KlaviyoResponseError(PlatformError):
     """A Klaviyo answer convsync cannot read (not the JSON:API shape it documents)."""
 
 
