@@ -10,6 +10,14 @@ and reports that process's figures: events sent, requests made against the minim
 (ceil(events / 2,000): Google's batch limit), events per second, CPU per event and peak RSS
 (the child's, so neither the sandbox nor the store's filling counts).
 
+Beside it, on a copy of the same store, in a child process measured the same way, the
+floor: the least any push keeping the ledger the issue asks for costs here, written as
+lean as Python and sqlite3 allow: the journeys read back by person, each step's transaction
+id, the ledger rows inserted (planned), claimed (sending) and recorded (sent) a request at
+a time, and each request built and serialized with the Data Manager's protobuf, with none of
+convsync's checks, no rules and no network. ``cpu_ratio_vs_floor`` is convsync's CPU per
+event over the floor's: the machine's speed drifts, the ratio much less.
+
     .venv/bin/python scripts/bench_push.py                  # 1,000,000 events
     .venv/bin/python scripts/bench_push.py --events 100000 --json
 """
@@ -18,11 +26,13 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import json
 import math
 import os
 import re
 import resource
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -45,16 +55,23 @@ def main() -> int:
                         help="the store (default: a fresh SQLite file); a PostgreSQL URL must "
                              "name an empty database")
     parser.add_argument("--json", action="store_true", help="end with one JSON line")
+    parser.add_argument("--floor-of", metavar="DB", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.floor_of:  # the child that measures the floor
+        _floor_push(args.floor_of)
+        return 0
     with tempfile.TemporaryDirectory(prefix="convsync-bench-push-") as tmp:
         sandbox, config = _start_sandbox(Path(tmp), args.store_url)
         try:
             now = dt.datetime.now(dt.UTC)
             _fill_store(config, args.events, now)
+            floor_db = _copy_for_floor(config, Path(tmp)) if not args.store_url else None
             figures = _push(config, args.events)
         finally:
             sandbox.terminate()
             sandbox.wait(timeout=30)
+        if floor_db is not None:
+            figures |= _floor(floor_db, args.events, figures["cpu_us_per_event"])
     _print(figures, args.json)
     return 0 if figures["sent"] == args.events else 1
 
@@ -110,7 +127,20 @@ def _fill_store(config_path: Path, events: int, now: dt.datetime) -> None:
              "recommendation": "track_and_upload"} for step, value in UPLOAD_VALUES.items()])
 
 
+def _copy_for_floor(config_path: Path, tmp: Path) -> Path:
+    """A copy of the filled SQLite store, for the floor to push from."""
+    from convsync.settings import load_config
+
+    source = sqlite3.connect(load_config(config_path).store_url().removeprefix("sqlite:///"))
+    copy = tmp / "floor.db"
+    with sqlite3.connect(copy) as target:
+        source.backup(target)
+    source.close()
+    return copy
+
+
 def _push(config: Path, events: int) -> dict[str, Any]:
+    before = _children_cpu()
     wall0 = time.perf_counter()
     out = subprocess.run([CONVSYNC, "push", "--config", str(config), "--json"],
                          capture_output=True, text=True, env=os.environ | {"COLUMNS": "80"})
@@ -122,13 +152,88 @@ def _push(config: Path, events: int) -> dict[str, Any]:
     if os.environ.get("BENCH_DEBUG"):
         print(json.dumps(summary, indent=1)[:3000], out.stderr[-2000:])
     google = summary  # one destination so far: its figures are the summary's
-    cpu = usage.ru_utime + usage.ru_stime
+    cpu = _children_cpu() - before
     return {"events": events, "sent": google["sent"],
             "requests": google["requests"].get("IngestEvents", 0),
             "min_requests": math.ceil(events / BATCH), "seconds": round(wall, 1),
             "events_per_s": round(events / wall), "cpu_s": round(cpu, 1),
             "cpu_us_per_event": round(cpu * 1e6 / events, 2),
             "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _floor(db: Path, events: int, cpu_us_per_event: float) -> dict[str, Any]:
+    before = _children_cpu()
+    subprocess.run([sys.executable, __file__, "--floor-of", str(db)], check=True)
+    floor = round((_children_cpu() - before) * 1e6 / events, 2)
+    return {"floor_us_per_event": floor,
+            "cpu_ratio_vs_floor": round(cpu_us_per_event / floor, 2)}
+
+
+def _floor_push(db: str) -> None:
+    """The floor (see the module): the same uploads through the same three ledger writes and
+    the same protobuf, nothing else."""
+    from google.ads.datamanager_v1 import types as dm
+
+    request_type, identifiers_type = dm.IngestEventsRequest.pb(), dm.AdIdentifiers.pb()
+    con = sqlite3.connect(db, isolation_level=None)
+    con.execute("pragma journal_mode=wal")
+    con.execute("pragma synchronous=normal")
+    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+    insert = ("insert into uploads (client, destination, account_id, conversion_action, "
+              "conversion, dedupe_key, value, currency, time, identifiers, status, created_at, "
+              "updated_at) values ('c', 'google_ads', '1234567890', '6111', ?, ?, ?, 'USD', ?, ?, "
+              "'planned', ?, ?) on conflict do nothing")
+    these = "destination = 'google_ads' and dedupe_key in (select value from json_each(?))"
+    claim = f"update uploads set status = 'sending', updated_at = ? where {these}"
+    record = (f"update uploads set status = 'sent', request_id = ?, sent_value = value, "
+              f"sent_at = ?, updated_at = ?, attempts = attempts + 1 where {these}")
+    rows = con.execute("select person_key, conversion, time, identifiers from journey_events "
+                       "order by person_key, time")
+    person, seen, chunk = None, set[str](), []
+    for key, conversion, time_text, ids in rows:
+        if key != person:
+            person, seen = key, set()
+        if conversion in seen:
+            continue
+        seen.add(conversion)
+        digest = hashlib.sha256(f"c\x1fgoogle_ads\x1f6111\x1fperson\x1f{key}\x1f{conversion}"
+                                .encode()).hexdigest()[:32]
+        chunk.append((conversion, digest, UPLOAD_VALUES[conversion], time_text, ids, now, now))
+        if len(chunk) == 10_000:
+            _floor_chunk(con, chunk, insert, claim, record, now, request_type, identifiers_type)
+            chunk = []
+    _floor_chunk(con, chunk, insert, claim, record, now, request_type, identifiers_type)
+
+
+def _floor_chunk(con: sqlite3.Connection, chunk: list[tuple[Any, ...]], insert: str, claim: str,
+                 record: str, now: str, request_type: Any, identifiers_type: Any) -> None:
+    chunk.sort(key=lambda row: row[1])
+    con.execute("begin")
+    con.executemany(insert, chunk)
+    con.execute("commit")
+    for start in range(0, len(chunk), BATCH):
+        part = chunk[start:start + BATCH]
+        keys = json.dumps([row[1] for row in part])
+        con.execute("begin")
+        con.execute(claim, (now, keys))
+        con.execute("commit")
+        request = request_type()
+        for _, key, value, time_text, ids, _, _ in part:
+            moment = dt.datetime.fromisoformat(time_text).replace(tzinfo=dt.UTC)
+            request.events.add(
+                destination_references=["d0"], transaction_id=key,
+                event_timestamp={"seconds": int(moment.timestamp())}, conversion_value=value,
+                currency="USD", event_source=1,
+                ad_identifiers=identifiers_type(gclid=json.loads(ids)["gclid"]))
+        request.SerializeToString()
+        con.execute("begin")
+        con.execute(record, (f"request-{start}", now, now, keys))
+        con.execute("commit")
 
 
 def _print(figures: dict[str, Any], as_json: bool) -> None:
@@ -138,6 +243,10 @@ def _print(figures: dict[str, Any], as_json: bool) -> None:
           f"{figures['events_per_s']:,} events/s")
     print(f"convsync's CPU {figures['cpu_s']} s = {figures['cpu_us_per_event']} us per event, "
           f"peak RSS {figures['peak_rss_mb']} MB")
+    if "floor_us_per_event" in figures:
+        print(f"floor (the same ledger writes and protobuf, nothing else): "
+              f"{figures['floor_us_per_event']} us per event; convsync "
+              f"{figures['cpu_ratio_vs_floor']}x it")
     if as_json:
         print(json.dumps(figures))
 
