@@ -156,3 +156,18 @@ def test_one_platform_name_mapped_by_two_conversions_is_refused(tmp_path: Path) 
     errors = [p for p in check_config(config) if p.severity == "error"]
     assert [p.key for p in errors] == ["conversions"]
     assert "ga4 'purchase' is mapped by both 'purchase' and 'sale'" in errors[0].message
+
+
+def test_the_table_at_80_columns_cuts_no_name_and_names_convsyncs_upload_action(
+        config_path: Path) -> None:
+    result = CliRunner(env={"COLUMNS": "80"}).invoke(app, ["discover", "--config",
+                                                          str(config_path)])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert max(map(len, lines)) <= 80
+    assert "…" not in result.output  # a name cut short cannot be copied into the config
+    # Meta's long names fold onto a second line, whole
+    text = "".join(line.strip() for line in lines)
+    assert "offsite_conversion.fb_pixel_complete" in text and "_registration" in text
+    upload = next(i for i, line in enumerate(lines) if "convsync micro value" in line)
+    assert "convsync's upload" in lines[upload] and "unmapped" not in lines[upload]

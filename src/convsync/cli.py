@@ -24,6 +24,7 @@ import typer
 from rich import box
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperGroup
 
@@ -229,22 +230,7 @@ def discover(config: ConfigOption, as_json: JsonFlag = False) -> None:
                                       unmapped, {d.name for d in client.definitions()})}
 
     def human() -> None:
-        table = Table(title=f"Conversions defined on each platform: {result.client}")
-        for column in ("platform", "account", "platform conversion", "maps to", "kind",
-                       "in column"):
-            table.add_column(column)
-        for outcome in result.outcomes:
-            for c in outcome.conversions:
-                in_column = "" if c.in_column is None else ("yes" if c.in_column else "no")
-                alias = c.settings.get("alias_of")
-                maps_to = c.conversion or (f"= {alias} (alias)" if alias
-                                           else "[yellow]unmapped[/yellow]")
-                table.add_row(c.platform.value, c.account_id, c.name, maps_to,
-                              c.kind.value if c.kind else "", in_column)
-            if outcome.error:
-                table.add_row(outcome.platform.value, "", f"[red]{outcome.error}[/red]", "", "",
-                              "")
-        out.print(table)
+        out.print(_discovered_table(result))
         if unmapped:
             out.print(f"{len(unmapped)} unmapped; to map them, paste into {config}:")
             out.print(summary["snippet"], markup=False, highlight=False)
@@ -254,6 +240,42 @@ def discover(config: ConfigOption, as_json: JsonFlag = False) -> None:
     if result.failed:
         raise typer.Exit(Exit.PARTIAL if len(result.failed) < len(result.outcomes) else
                          Exit.FAILED)
+
+
+def _discovered_table(result: Any) -> Table:
+    """Each platform's conversions under its account, names never cut (they are what the
+    user copies into the config)."""
+    table = Table(title=f"Conversions defined on each platform: {result.client}",
+                  box=box.SIMPLE_HEAD)
+    table.add_column("conversion", overflow="fold", min_width=36)  # most of Meta's names
+    table.add_column("maps to", overflow="fold", max_width=22)
+    table.add_column("kind", min_width=5)
+    table.add_column("in col", min_width=6)
+    for outcome in result.outcomes:
+        account = None
+        for c in outcome.conversions:
+            if c.account_id != account or account is None:
+                account = c.account_id
+                table.add_section()
+                table.add_row(f"[bold]{c.platform.value}[/bold] {c.account_id}".rstrip())
+            in_column = "" if c.in_column is None else ("yes" if c.in_column else "no")
+            table.add_row(c.name, _maps_to(c), c.kind.value if c.kind else "", in_column)
+        if outcome.error:
+            table.add_section()
+            table.add_row(f"[bold]{outcome.platform.value}[/bold]")
+            table.add_row(f"[red]{escape(outcome.error)}[/red]")
+    return table
+
+
+def _maps_to(conversion: Any) -> str:
+    """What a discovered conversion is to convsync."""
+    if conversion.conversion:
+        return str(conversion.conversion)
+    if alias := conversion.settings.get("alias_of"):
+        return f"alias of {alias}"
+    if conversion.settings.get("upload_action_of"):
+        return "convsync's upload action"
+    return "[yellow]unmapped[/yellow]"
 
 
 PlatformOption = Annotated[list[str] | None, typer.Option(
