@@ -53,7 +53,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from http.server import ThreadingHTTPServer
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import urlencode
 from zoneinfo import ZoneInfo
 
@@ -75,6 +75,9 @@ from convsync.sandbox.world import (
     epoch_day,
     from_epoch_day,
 )
+
+if TYPE_CHECKING:
+    from convsync.sandbox.meta_capi import ConversionsApi
 
 JSON_TYPE = "application/json; charset=UTF-8"
 VERSION = re.compile(r"v\d+\.\d+")
@@ -558,6 +561,8 @@ class Route:
     node: str
     handler: NodeHandler
     use_case: str = "ads_management"
+    on_error: Callable[[ApiError], None] | None = None
+    """Told of every error this route answers (the Conversions API counts its refusals)."""
 
 
 class MetaGraph:
@@ -566,8 +571,13 @@ class MetaGraph:
     name = "meta"
 
     def __init__(self, sandbox: Sandbox, *, calls_per_hour: int = 2_000,
-                 max_reports: int = 1_024, max_page_bytes: int | None = None) -> None:
+                 max_reports: int = 1_024, max_page_bytes: int | None = None,
+                 capi: ConversionsApi | None = None) -> None:
+        from convsync.sandbox.meta_capi import ConversionsApi  # it builds on this module
+
         self.sandbox = sandbox
+        self.capi = capi or ConversionsApi(sandbox)
+        """The Conversions API (``POST /{pixel_id}/events``) and what it counted."""
         self.world = sandbox.world
         self.usage = Usage(calls_per_hour)
         self.max_reports = max_reports
@@ -587,6 +597,7 @@ class MetaGraph:
         self.usage.record()
         route = self._route(request)
         self._current.use_case = route.use_case
+        self._current.route = route
 
         def answer(req: Request) -> Response:
             try:
@@ -594,6 +605,8 @@ class MetaGraph:
                 response = route.handler(req, route.node)
             except ApiError as error:
                 response = error.response
+                if route.on_error is not None:
+                    route.on_error(error)
             response.headers.update(self.usage.headers(self.account_id, route.use_case))
             return response
 
@@ -601,9 +614,12 @@ class MetaGraph:
 
     def fault_response(self, fault: Fault) -> Response:
         use_case = getattr(self._current, "use_case", "ads_management")
+        route: Route | None = getattr(self._current, "route", None)
         minutes = math.ceil(fault.retry_after / 60) if fault.retry_after > 0 else 0
         if fault.kind == "rate_limit":
-            error = self._throttle_error(use_case)
+            error = (self.capi.throttle_error()
+                     if route is not None and route.label == self.capi.label
+                     else self._throttle_error(use_case))
             headers = self.usage.headers(self.account_id, use_case, throttled=True,
                                          regain_minutes=minutes)
         elif fault.kind == "exhausted":
@@ -615,6 +631,8 @@ class MetaGraph:
                                         "request later.", transient=True)
             headers = self.usage.headers(self.account_id, use_case)
         error.response.headers.update(headers)
+        if route is not None and route.on_error is not None:
+            route.on_error(error)
         return error.response
 
     def error_response(self, status: int, message: str) -> Response:
@@ -643,6 +661,8 @@ class MetaGraph:
             parts = parts[1:]
         node = parts[0] if parts else ""
         edge = "/".join(parts[1:])
+        if request.method == "POST" and edge == "events":  # any node: the edge checks it
+            return Route(self.capi.label, node, self.capi.events, on_error=self.capi.rejected)
         kind = self._node_kind(node)
         routes: dict[tuple[str, str, str], Route] = {
             ("GET", "account", ""): Route("account", node, self._account),
@@ -690,7 +710,8 @@ class MetaGraph:
         return handler
 
     def _authenticate(self, request: Request) -> None:
-        token = request.arg("access_token") or _bearer(request.headers.get("Authorization"))
+        token = (request.arg("access_token") or _bearer(request.headers.get("Authorization"))
+                 or self.capi.body_token(request))
         if not token:
             message = "An access token is required to request this resource."
             raise graph_error(400, 104, message, headers=_www_authenticate("invalid_request",

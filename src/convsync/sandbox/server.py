@@ -12,7 +12,7 @@ from typing import Any
 
 import grpc
 
-from convsync.sandbox import adjustments, datamanager, ga4, google_ads, klaviyo, meta
+from convsync.sandbox import adjustments, datamanager, ga4, google_ads, klaviyo, meta, meta_capi
 from convsync.sandbox.control import FAULT_KINDS, Fault, Sandbox
 from convsync.sandbox.http import (
     ApiError,
@@ -50,6 +50,8 @@ class RunningSandbox:
     cert: Path
     endpoints: dict[str, str]
     datamanager: datamanager.DataManager | None = None
+    meta_capi: meta_capi.ConversionsApi | None = None
+    """The Meta Conversions API's counts: ``summary()``, ``counts()``, ``counted_twice()``."""
     _grpc: list[grpc.Server] = field(default_factory=list)
     _http: list[ThreadingHTTPServer] = field(default_factory=list)
 
@@ -81,7 +83,7 @@ def start(world: World, state_dir: Path, host: str = "127.0.0.1",
     cert, key = ensure_certificate(state_dir)
     sandbox = Sandbox(world)
     dm = datamanager.DataManager(sandbox)
-    running = RunningSandbox(sandbox, cert, {}, dm)
+    running = RunningSandbox(sandbox, cert, {}, dm, meta_capi=meta_capi.ConversionsApi(sandbox))
 
     def port(offset: int) -> int:
         return port_base + offset if port_base else 0
@@ -96,9 +98,9 @@ def start(world: World, state_dir: Path, host: str = "127.0.0.1",
     running._grpc += [gads_server, ga4_server]
     rest: dict[str, RestPlatform] = {
         "ga4_rest": ga4.Ga4Rest(sandbox, ga4_property),
-        "meta": meta.MetaGraph(sandbox),
+        "meta": meta.MetaGraph(sandbox, capi=running.meta_capi),
         "klaviyo": klaviyo.KlaviyoApi(sandbox),
-        "control": ControlApi(sandbox, dm),
+        "control": ControlApi(sandbox, dm, capi=running.meta_capi),
         "datamanager_rest": datamanager.DataManagerRest(dm),
     }
     for offset, (name, platform) in enumerate(rest.items(), start=2):
@@ -117,9 +119,11 @@ class ControlApi:
 
     name = "control"
 
-    def __init__(self, sandbox: Sandbox, dm: datamanager.DataManager | None = None) -> None:
+    def __init__(self, sandbox: Sandbox, dm: datamanager.DataManager | None = None, *,
+                 capi: meta_capi.ConversionsApi | None = None) -> None:
         self.sandbox = sandbox
         self.dm = dm
+        self.capi = capi
 
     def route(self, request: Request) -> tuple[str, Handler]:
         routes: dict[tuple[str, str], Callable[[Request], Response]] = {
@@ -139,6 +143,9 @@ class ControlApi:
                 ("DELETE", "/datamanager/quota"): self._dm_reset_quota,
                 ("POST", "/datamanager/actions"): self._dm_action,
             })
+        if self.capi is not None:
+            routes.update({("GET", "/meta/capi"): self._capi_summary,
+                           ("DELETE", "/meta/capi"): self._capi_reset})
         handler = routes.get((request.method, request.path.rstrip("/")))
         if handler is None:
             raise ApiError(self.error_response(404, f"no route {request.method} {request.path}"))
@@ -185,6 +192,16 @@ class ControlApi:
 
     def _world(self, request: Request) -> Response:
         return Response(200, describe(self.sandbox.world))
+
+    def _capi_summary(self, request: Request) -> Response:
+        assert self.capi is not None
+        return Response(200, self.capi.summary(request.arg("pixel_id"),
+                                               with_events=request.arg("events", "1") != "0"))
+
+    def _capi_reset(self, request: Request) -> Response:
+        assert self.capi is not None
+        self.capi.reset()
+        return Response(200, {})
 
     def _datamanager(self) -> datamanager.DataManager:
         assert self.dm is not None
