@@ -248,7 +248,7 @@ def check_event(i: int, event: dict[str, Any], now: float,
     _check_user_data(i, user_data)
     if source == "website":
         if not _text(event.get("event_source_url")):
-            raise _required(i, "event_source_url", "for website events")
+            raise _required(i, "event_source_url", what="for website events")
         if not _text(user_data.get("client_user_agent")):
             raise _required(i, "user_data", "client_user_agent", what="for website events")
     value, currency = _check_custom_data(i, event.get("custom_data"), name)
