@@ -1,13 +1,14 @@
 """The Klaviyo API simulator: JSON:API at revision 2026-10-15, served from the synthetic world.
 
 Endpoints: ``GET /api/accounts``, ``GET /api/metrics``, ``GET /api/metrics/{id}``,
-``GET /api/events`` and ``POST /api/metric-aggregates``, with Klaviyo's authentication
-(``Authorization: Klaviyo-API-Key pk_...``), ``revision`` header, JSON:API error documents,
-``RateLimit-*`` headers and cursor paging. Everything is recomputed from ``World.klaviyo_*`` on
-each request: a page cursor carries the position of the last event served (timestamp, event id),
-so paging keeps no state and a page never changes once served. (A walk through the events is
-kept for a while after a page so that the next page's request can resume it instead of
-rescanning the world: a shortcut that serves exactly what a fresh walk would.)
+``GET /api/events`` and ``POST /api/metric-aggregates`` (the event uploads, ``POST /api/events``
+and ``POST /api/event-bulk-create-jobs``, are ``klaviyo_events.py``'s), with Klaviyo's
+authentication (``Authorization: Klaviyo-API-Key pk_...``), ``revision`` header, JSON:API error
+documents, ``RateLimit-*`` headers and cursor paging. Everything is recomputed from
+``World.klaviyo_*`` on each request: a page cursor carries the position of the last event served
+(timestamp, event id), so paging keeps no state and a page never changes once served. (A walk
+through the events is kept for a while after a page so that the next page's request can resume
+it instead of rescanning the world: a shortcut that serves exactly what a fresh walk would.)
 
 Events carry whole-second times on the wire (``timestamp`` and ``datetime`` are the world's time
 floored to the second) and every datetime filter compares against that second, so what a filter
@@ -33,7 +34,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from http.server import ThreadingHTTPServer
 from itertools import chain, islice
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -42,6 +43,9 @@ import numpy as np
 from convsync.sandbox.control import Fault, Sandbox
 from convsync.sandbox.http import ApiError, Handler, Request, Response, serve_rest
 from convsync.sandbox.world import DAY, KlaviyoEvent, KlaviyoMetric, World
+
+if TYPE_CHECKING:
+    from convsync.sandbox.klaviyo_events import KlaviyoEvents
 
 LATEST_REVISION = dt.date(2026, 10, 15)
 FIRST_REVISION = dt.date(2022, 10, 17)
@@ -796,16 +800,21 @@ _METRIC_PATH = re.compile(r"/api/metrics/([^/]+)")
 class KlaviyoApi:
     """The ``RestPlatform`` for Klaviyo. ``api_keys``: the private keys it accepts (default:
     any key shaped like a private key, ``pk_...``); ``steady_limits``: per-minute limits to
-    report instead of Klaviyo's (by method label, e.g. ``{"get_events": 5}``)."""
+    report instead of Klaviyo's (by method label, e.g. ``{"get_events": 5}``); ``events``: the
+    event upload endpoints and their counters (default: new ones for this sandbox)."""
 
     name = "klaviyo"
 
     def __init__(self, sandbox: Sandbox, api_keys: frozenset[str] | None = None,
-                 steady_limits: Mapping[str, int] | None = None) -> None:
+                 steady_limits: Mapping[str, int] | None = None,
+                 events: KlaviyoEvents | None = None) -> None:
+        from convsync.sandbox.klaviyo_events import KlaviyoEvents  # it builds on this module
+
         self.sandbox = sandbox
         self.api_keys = api_keys
         self.windows = SteadyWindows(steady_limits)
         self.walks = Walks()
+        self.events = events if events is not None else KlaviyoEvents(sandbox)
 
     @property
     def world(self) -> World:
@@ -833,6 +842,9 @@ class KlaviyoApi:
 
     # routing -----------------------------------------------------------------------------
     def _resolve(self, method: str, path: str) -> tuple[str, Callable[[Request], Response]]:
+        upload = self.events.route(method, path)
+        if upload is not None:
+            return upload
         metric = _METRIC_PATH.fullmatch(path)
         routes: dict[str, tuple[str, str, Callable[[Request], Response]]] = {
             "/api/accounts": ("GET", "get_accounts", self._get_accounts),
@@ -863,7 +875,9 @@ class KlaviyoApi:
             response = handler(request)
         except ApiError as error:
             response = error.response
-        response.headers.update(self.windows.headers(label))
+            self.events.refused_at_gate(label, response)
+        if label in self.windows.limits:  # the event uploads send their own (enforced) ones
+            response.headers.update(self.windows.headers(label))
         return response
 
     def _authenticate(self, header: str | None) -> str:

@@ -22,6 +22,7 @@ from convsync.sandbox.http import (
     RestPlatform,
     serve_rest,
 )
+from convsync.sandbox.klaviyo_events import KlaviyoEvents
 from convsync.sandbox.tls import ensure_certificate
 from convsync.sandbox.world import (
     CART,
@@ -52,6 +53,8 @@ class RunningSandbox:
     datamanager: datamanager.DataManager | None = None
     meta_capi: meta_capi.ConversionsApi | None = None
     """The Meta Conversions API's counts: ``summary()``, ``counts()``, ``counted_twice()``."""
+    klaviyo_events: KlaviyoEvents | None = None
+    """Klaviyo's event uploads and their counts: ``summary()``, ``counts()``, ``received()``."""
     _grpc: list[grpc.Server] = field(default_factory=list)
     _http: list[ThreadingHTTPServer] = field(default_factory=list)
 
@@ -84,6 +87,7 @@ def start(world: World, state_dir: Path, host: str = "127.0.0.1",
     sandbox = Sandbox(world)
     dm = datamanager.DataManager(sandbox)
     running = RunningSandbox(sandbox, cert, {}, dm, meta_capi=meta_capi.ConversionsApi(sandbox))
+    running.klaviyo_events = KlaviyoEvents(sandbox)
 
     def port(offset: int) -> int:
         return port_base + offset if port_base else 0
@@ -99,8 +103,9 @@ def start(world: World, state_dir: Path, host: str = "127.0.0.1",
     rest: dict[str, RestPlatform] = {
         "ga4_rest": ga4.Ga4Rest(sandbox, ga4_property),
         "meta": meta.MetaGraph(sandbox, capi=running.meta_capi),
-        "klaviyo": klaviyo.KlaviyoApi(sandbox),
-        "control": ControlApi(sandbox, dm, capi=running.meta_capi),
+        "klaviyo": klaviyo.KlaviyoApi(sandbox, events=running.klaviyo_events),
+        "control": ControlApi(sandbox, dm, capi=running.meta_capi,
+                              klaviyo_events=running.klaviyo_events),
         "datamanager_rest": datamanager.DataManagerRest(dm),
     }
     for offset, (name, platform) in enumerate(rest.items(), start=2):
@@ -120,10 +125,12 @@ class ControlApi:
     name = "control"
 
     def __init__(self, sandbox: Sandbox, dm: datamanager.DataManager | None = None, *,
-                 capi: meta_capi.ConversionsApi | None = None) -> None:
+                 capi: meta_capi.ConversionsApi | None = None,
+                 klaviyo_events: KlaviyoEvents | None = None) -> None:
         self.sandbox = sandbox
         self.dm = dm
         self.capi = capi
+        self.klaviyo_events = klaviyo_events
 
     def route(self, request: Request) -> tuple[str, Handler]:
         routes: dict[tuple[str, str], Callable[[Request], Response]] = {
@@ -146,6 +153,8 @@ class ControlApi:
         if self.capi is not None:
             routes.update({("GET", "/meta/capi"): self._capi_summary,
                            ("DELETE", "/meta/capi"): self._capi_reset})
+        if self.klaviyo_events is not None:
+            routes.update(self.klaviyo_events.control_routes())
         handler = routes.get((request.method, request.path.rstrip("/")))
         if handler is None:
             raise ApiError(self.error_response(404, f"no route {request.method} {request.path}"))
