@@ -21,6 +21,7 @@ import sqlalchemy as sa
 
 from convsync import pipeline, planning, push, quotas
 from convsync.model import ConversionMap, Identifiers, Platform, Upload
+from convsync.planning.google_ads import plan_google_ads
 from convsync.reconcile import load_audit
 from convsync.sandbox import server
 from convsync.sandbox.world import MICRO_UPLOAD_ACTION_ID, World, WorldSpec
@@ -100,7 +101,7 @@ def test_the_plan_uploads_each_persons_first_step_at_its_upload_value(
 
 
 def _plan(config: ClientConfig, store: Store) -> tuple[planning.Plan, list[Upload]]:
-    plan, planned = planning.plan_google_ads(config, store, NOW)
+    plan, planned = plan_google_ads(config, store, NOW)
     return plan, list(planned)
 
 

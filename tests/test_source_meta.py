@@ -362,7 +362,8 @@ def test_days_in_any_order_are_all_stored(tmp_path: Path) -> None:
     config = ClientConfig.model_validate({"client": {"name": "c", "timezone": "UTC"}})
     outcome = pipeline.PlatformPull(Platform.META)
     with Store.open(f"sqlite:///{tmp_path}/store.db") as store:
-        marks = list(pipeline._commit_batches(config, store, stream, days[0], days[6], outcome))
+        marks = list(pipeline._commit_batches(config, store, stream, days[0], days[6],
+                                              pipeline._Tally(outcome)))
         assert marks == []
         assert store.count_rows("daily_stats") == len(rows) == outcome.rows
         ordered = dataclasses.replace(stream, ordered=True,
@@ -370,7 +371,8 @@ def test_days_in_any_order_are_all_stored(tmp_path: Path) -> None:
                                           meta.stat_rows(rows, account, ["7d_click"], plan),
                                           key=lambda s: s.date)))
         assert list(pipeline._commit_batches(config, store, ordered, days[0], days[6],
-                                             pipeline.PlatformPull(Platform.META)))
+                                             pipeline._Tally(pipeline.PlatformPull(
+                                                 Platform.META))))
 
 
 # -- pacing -------------------------------------------------------------------------------------

@@ -173,6 +173,8 @@ class Identifiers(_Frozen):
     phone_sha256_google: Sha256Hex | None = None
     phone_sha256_meta: Sha256Hex | None = None
     external_id: str | None = None
+    klaviyo_profile_id: str | None = None
+    """The person's Klaviyo profile, seen when pulling: where a Klaviyo upload goes."""
 
 
 class IdentifierFields(TypedDict, total=False):
@@ -189,6 +191,7 @@ class IdentifierFields(TypedDict, total=False):
     phone_sha256_google: str
     phone_sha256_meta: str
     external_id: str
+    klaviyo_profile_id: str
 
 
 class JourneyEvent(NamedTuple):

@@ -24,6 +24,7 @@ from convsync import planning, quotas
 from convsync.gctuning import fewer_collections
 from convsync.locks import client_lock
 from convsync.model import Platform, Upload, UploadStatus
+from convsync.planning.google_ads import plan_google_ads
 from convsync.settings import ClientConfig, GoogleAdsSection, Secrets
 from convsync.sinks import SinkError
 from convsync.sinks.google_ads.adjustments import MAX_ADJUSTMENTS, AdjustmentSink
@@ -120,8 +121,7 @@ def push_google_ads(config: ClientConfig, secrets: Secrets, store: Store, *,
         return result
     sink = sink or _sink(section, secrets, store, result, sleep)
     with client_lock(store, config.client.name, "push"), fewer_collections(young=10_000):
-        result.plan, planned = planning.plan_google_ads(config, store, now,
-                                                        problems=sink.problems)
+        result.plan, planned = plan_google_ads(config, store, now, problems=sink.problems)
         if dry_run:
             _dry_run(store, sink, config.client.name, planned, result)
             return result

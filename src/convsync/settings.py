@@ -168,12 +168,49 @@ class Ga4Section(_PlatformSection):
         return text
 
 
+META_STANDARD_EVENTS = frozenset((
+    "AddPaymentInfo", "AddToCart", "AddToWishlist", "CompleteRegistration", "Contact",
+    "CustomizeProduct", "Donate", "FindLocation", "InitiateCheckout", "Lead", "Purchase",
+    "Schedule", "Search", "StartTrial", "SubmitApplication", "Subscribe", "ViewContent",
+    "PageView"))
+"""Meta's standard events: the pixel sends them, so an upload under one of these names would
+be deduplicated against (and lose to) the pixel's own copy."""
+
+
 class MetaSection(_PlatformSection):
     ad_account_ids: list[str] = Field(min_length=1)
     pixel_id: str | None = None
     api_version: str = "v26.0"
     attribution_windows: list[str] = ["7d_click", "1d_view"]
     action_report_time: Literal["impression", "conversion", "mixed"] = "impression"
+    upload_events: dict[str, str] = {}
+    """Push: the Conversions API event name each conversion is sent under, by canonical
+    conversion name; a conversion not named here is not pushed to Meta. A name of its own
+    (``convsync_add_to_cart``), never the pixel's event: Meta keeps the first of two events
+    with one name and id, and would drop the valued copy."""
+    action_source: Literal["system_generated", "other", "website", "physical_store",
+                           "app", "email", "phone_call", "chat"] = "system_generated"
+    """Push: where Meta is told the conversions happened (``website`` requires the client's
+    user agent, which convsync never has)."""
+    max_event_age_days: int = Field(default=7, ge=1, le=62)
+    """Push: events older than this are not sent (Meta refuses a whole request for one event
+    older than 7 days; 62 only for physical_store events)."""
+    test_event_code: str | None = None
+    """Push: send to Events Manager's Test events view instead of the real dataset."""
+
+    @field_validator("upload_events")
+    @classmethod
+    def _event_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for conversion, name in value.items():
+            if name in META_STANDARD_EVENTS:
+                raise ValueError(
+                    f"upload event for {conversion!r} is {name!r}, a standard event the pixel "
+                    "sends itself: Meta would keep the pixel's copy and drop the valued one; "
+                    f"name it for convsync, such as 'convsync_{conversion}'")
+            if not re.fullmatch(r"[A-Za-z0-9_ .-]{1,50}", name):
+                raise ValueError(f"upload event for {conversion!r}: {name!r} is not a Meta "
+                                 "event name (letters, digits, '_', '-', '.', ' '; 50 at most)")
+        return value
 
     @field_validator("ad_account_ids", mode="before")
     @classmethod
@@ -200,6 +237,11 @@ class MetaSection(_PlatformSection):
 
 class KlaviyoSection(_PlatformSection):
     revision: str = "2026-10-15"
+    upload_metrics: dict[str, str] = {}
+    """Push: the metric each conversion's valued events are created under on the person's
+    Klaviyo profile, by canonical conversion name; a conversion not named here is not pushed
+    to Klaviyo. A metric of its own (``convsync add_to_cart value``): Klaviyo's own metric
+    would count the event twice."""
 
 
 class CrmSection(_Section):
@@ -303,11 +345,18 @@ class ClientConfig(_Section):
     @model_validator(mode="after")
     def _known_upload_conversions(self) -> ClientConfig:
         names = {entry.name for entry in self.conversions}
-        unknown = sorted(set(self.google_ads.upload_actions) - names) if self.google_ads else []
-        if unknown:
-            raise ValueError(f"google_ads.upload_actions: {', '.join(map(repr, unknown))} is "
-                             "no conversion of this config: use a conversions entry's name "
-                             f"({', '.join(sorted(names)) or 'none defined'})")
+        targets = {"google_ads.upload_actions": self.google_ads and self.google_ads.upload_actions,
+                   "meta.upload_events": self.meta and self.meta.upload_events,
+                   "klaviyo.upload_metrics": self.klaviyo and self.klaviyo.upload_metrics}
+        for key, uploads in targets.items():
+            unknown = sorted(set(uploads or ()) - names)
+            if unknown:
+                raise ValueError(f"{key}: {', '.join(map(repr, unknown))} is no conversion of "
+                                 "this config: use a conversions entry's name "
+                                 f"({', '.join(sorted(names)) or 'none defined'})")
+        if self.meta and self.meta.upload_events and not self.meta.pixel_id:
+            raise ValueError("meta.upload_events: set meta.pixel_id, the pixel (dataset) the "
+                             "Conversions API events go to (Events Manager > Data sources)")
         return self
 
     def enabled_platforms(self) -> list[Platform]:

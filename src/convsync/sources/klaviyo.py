@@ -536,6 +536,8 @@ class _Person:
             hashes["phone_sha256_google"], hashes["phone_sha256_meta"] = phone, phone_meta
         if profile.external_id:
             hashes["external_id"] = str(profile.external_id)
+        if profile_id != _UNKNOWN:
+            hashes["klaviyo_profile_id"] = profile_id
         self._hashes = hashes
         self.key = (f"email:{google}" if google else f"phone:{phone}" if phone
                     else f"klaviyo:{profile_id}")
@@ -556,6 +558,7 @@ class _Person:
 
 
 _NOBODY = _ProfileAttributes()
+_UNKNOWN = "unknown"
 
 
 class _People:
@@ -575,7 +578,7 @@ class _People:
     def get(self, profile_id: str | None) -> _Person:
         person = self._known.get(profile_id or "")
         if person is None:
-            person = self._known[profile_id or ""] = _Person(profile_id or "unknown", _NOBODY)
+            person = self._known[profile_id or ""] = _Person(profile_id or _UNKNOWN, _NOBODY)
         return person
 
 
