@@ -203,25 +203,26 @@ def test_a_push_killed_anywhere_and_rerun_counts_each_event_once(
     running.datamanager.reset()
     running.datamanager.configure(processing_delay_minutes=0)
     path = _copy_client(valued, tmp_path / "killed")
-    command = [str(CONVSYNC), "push", "--config", str(path), "--json"]
+    command = [str(CONVSYNC), "push", "--destination", "google_ads", "--config", str(path),
+               "--json"]
     started = time.monotonic()
     clean = subprocess.run(command, capture_output=True, text=True, timeout=300,
                            cwd=tmp_path)  # a whole push into another copy: how long one takes
     took = time.monotonic() - started
     assert clean.returncode in (0, 3), clean.stderr[-2000:]
-    plan = json.loads(clean.stdout)
+    plan = json.loads(clean.stdout)["destinations"]["google_ads"]
     expected = plan["sent"]
     running.datamanager.reset()
     running.datamanager.configure(processing_delay_minutes=0)
     path = _copy_client(valued, tmp_path / "again")
     rng = random.Random(11)
     for _ in range(20):
-        process = subprocess.Popen([*command[:3], str(path)], stdout=subprocess.DEVNULL,
+        process = subprocess.Popen([*command[:5], str(path)], stdout=subprocess.DEVNULL,
                                    stderr=subprocess.DEVNULL, cwd=tmp_path)
         time.sleep(rng.uniform(0.0, took))
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=30)
-    final = subprocess.run([*command[:3], str(path), "--json"], capture_output=True,
+    final = subprocess.run([*command[:5], str(path), "--json"], capture_output=True,
                            text=True, timeout=300, cwd=tmp_path)
     assert final.returncode in (0, 3), final.stderr[-2000:]
     with Store.open(load_config(path).store_url()) as store:
@@ -243,7 +244,8 @@ def test_two_overlapping_pushes_of_one_client_send_nothing_twice(
     assert running.datamanager is not None
     running.datamanager.reset()
     path = _copy_client(valued, tmp_path / "overlap")
-    command = [str(CONVSYNC), "push", "--config", str(path), "--json"]
+    command = [str(CONVSYNC), "push", "--destination", "google_ads", "--config", str(path),
+               "--json"]
     first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True, cwd=tmp_path)
     time.sleep(1.0)  # the first holds the client's lock by now
@@ -252,7 +254,7 @@ def test_two_overlapping_pushes_of_one_client_send_nothing_twice(
     out, _ = first.communicate(timeout=300)
     assert "another push of client 'Sandbox Outdoor' is running" in second.stderr
     assert second.returncode == 0 and second.stdout == ""
-    summary = json.loads(out)
+    summary = json.loads(out)["destinations"]["google_ads"]
     sent = summary["sent"]
     per_action = {a["conversion"]: a for a in summary["actions"]}
     assert sum(a["sent"] for a in per_action.values()) == sent
@@ -437,7 +439,8 @@ def test_a_lead_the_crm_disqualifies_is_restated_to_its_voided_value_never_retra
     counted = running.datamanager.transactions()[(6108, key)]
     assert (counted.events, counted.conversions, counted.adjustments, counted.value) == (
         2, 1, 1, 1.5)
-    shown = subprocess.run([str(CONVSYNC), "push", "--config", str(path), "--dry-run"],
+    shown = subprocess.run([str(CONVSYNC), "push", "--destination", "google_ads", "--config",
+                            str(path), "--dry-run"],
                            capture_output=True, text=True, env={"COLUMNS": "80", "PATH": ""})
     assert "cannot retract" in " ".join(shown.stdout.split())
 

@@ -484,79 +484,124 @@ def values_command(
     _emit(summary, as_json, human)
 
 
+DESTINATIONS = ("google_ads", "meta", "klaviyo")
+DESTINATION_NAMES = {"google_ads": "Google Ads", "meta": "Meta", "klaviyo": "Klaviyo"}
+VOIDED_KEPT = {
+    "google_ads": "restated to their voided_value: the Data Manager API cannot retract a "
+                  "conversion (each still counts once in Google Ads)",
+    "meta": "already sent: the Conversions API can neither retract nor restate an event, so "
+            "Meta keeps it",
+    "klaviyo": "already sent: Klaviyo keeps the first event of a unique id, so the profile "
+               "keeps it",
+}
+
+
 @app.command("push")
 def push_command(
     config: ConfigOption,
-    destination: Annotated[str, typer.Option(
-        help="Where to push: google_ads (the Data Manager API).")] = "google_ads",
+    destination: Annotated[list[str] | None, typer.Option(
+        help="Where to push (repeatable): google_ads (the Data Manager API), meta (the "
+             "Conversions API), klaviyo (events on the people's profiles). Default: every "
+             "destination the config names uploads for ([google_ads] upload_actions, [meta] "
+             "upload_events, [klaviyo] upload_metrics).")] = None,
     dry_run: Annotated[bool, typer.Option(
-        "--dry-run", help="Print the plan (per action: events, total value, refusals by "
+        "--dry-run", help="Print the plan (per conversion: events, total value, refusals by "
                           "reason, a sample) and ask Google to validate it; nothing is sent "
                           "and the ledger is unchanged.")] = False,
     as_json: JsonFlag = False,
 ) -> None:
-    """Send the upload values and CRM outcomes to Google Ads, exactly once.
+    """Send the upload values and CRM outcomes to Google Ads, Meta and Klaviyo, exactly once.
 
     From the stored journeys, the upload values `convsync values` stored and the CRM
-    outcomes: each event gets its ledger row (with a deterministic transaction id) before it
-    is sent; events Google would refuse are counted by reason, events whose click is under 6
-    hours old are held for a later run; a run killed half-way is finished by the next one,
-    which resends only what may not have arrived, under the same ids. Then asks Google what
-    it did with earlier requests. Exit code 3 when some events were rejected."""
+    outcomes: each event gets its ledger row (with a deterministic dedupe key: Google's
+    transaction id, Meta's event id, Klaviyo's unique id) before it is sent; events a
+    platform would refuse are counted by reason, Google events whose click is under 6 hours
+    old are held for a later run; a run killed half-way is finished by the next one, which
+    resends only what may not have arrived, under the same keys. Then asks Google what it did
+    with earlier requests. Exit code 3 when some events were rejected."""
     from convsync import push
     from convsync.locks import Busy
     from convsync.store import Store
 
-    if destination != "google_ads":
-        raise typer.BadParameter("only google_ads is pushed so far", param_hint="--destination")
     client, secrets = _load(config)
-    with Store.open(client.store_url()) as store, _push_progress(as_json) as progress:
-        try:
-            result = push.push_google_ads(client, secrets, store, dry_run=dry_run,
-                                          progress=progress)
-        except Busy as busy:
-            console.print(f"skipped: {busy}", highlight=False)
-            raise typer.Exit(Exit.OK) from None
-    summary = {"client": client.client.name, **result.summary()}
+    chosen = _destinations(client, destination)
+    results = []
+    with Store.open(client.store_url()) as store:
+        for name in chosen:
+            with _push_progress(as_json) as progress:
+                try:
+                    results.append(push.PUSHES[Platform(name)](
+                        client, secrets, store, dry_run=dry_run, progress=progress))
+                except Busy as busy:
+                    console.print(f"skipped: {busy}", highlight=False)
+                    raise typer.Exit(Exit.OK) from None
+    summary = {"client": client.client.name, "dry_run": dry_run,
+               "destinations": {r.destination.value: r.summary() for r in results}}
 
     def human() -> None:
-        title = "Push plan (dry run: nothing sent)" if dry_run else "Push"
-        table = Table(title=f"{title}, {client.client.name}, Google Ads ({client.client.currency})",
-                      box=box.SIMPLE_HEAD)
-        columns = ("conversion", "action", "events", *(("new",) if dry_run else ()), "value",
-                   "held", "refused")
-        for column in columns:
-            table.add_column(column, justify="left" if column in ("conversion", "action")
-                             else "right")
-        for action in result.plan.actions.values():
-            new = action.events - result.by_action[action.conversion]["in_ledger"]
-            table.add_row(action.conversion, f"{action.action_id} {action.action_name}",
-                          f"{action.events:,}", *((f"{new:,}",) if dry_run else ()),
-                          f"{action.value:,.2f}", f"{action.held:,}",
-                          f"{sum(action.refused.values()):,}")
-        out.print(table)
-        for action in result.plan.actions.values():
-            for why, count in action.refused.most_common():
-                out.print(f"  {action.conversion}: {count:,} refused, {why}", highlight=False)
-            if action.retracting:
-                out.print(f"  {action.conversion}: {action.retracting:,} voided by the CRM, to "
-                          "retract through the Google Ads API (retraction_accounts)",
-                          highlight=False)
-            if action.voided:
-                out.print(f"  {action.conversion}: {action.voided:,} voided by the CRM, restated "
-                          "to their voided_value: the Data Manager API cannot retract a "
-                          "conversion (each still counts once in Google Ads)", highlight=False)
-        if not dry_run:
-            out.print(f"sent {result.sent:,} ({result.resent:,} resent), new in the ledger "
-                      f"{result.planned_new:,}, restated {result.restated:,}, held "
-                      f"{result.held:,}, retracted {result.retracted:,}; requests: "
-                      f"{dict(result.requests) or 'none'}", highlight=False)
-        for problem in [*result.plan.problems, *result.errors]:
-            console.print(f"[yellow]problem[/yellow] {problem}", highlight=False)
+        for result in results:
+            _print_push(client, result, dry_run)
 
     _emit(summary, as_json, human)
-    if result.errors or result.plan.problems or result.failed:
+    if any(r.errors or r.plan.problems or r.failed for r in results):
         raise typer.Exit(Exit.PARTIAL)
+
+
+def _destinations(client: ClientConfig, named: list[str] | None) -> list[str]:
+    """The destinations to push to: those named, else those the config names uploads for."""
+    for name in named or ():
+        if name not in DESTINATIONS:
+            raise typer.BadParameter(f"unknown destination {name!r}: use "
+                                     f"{', '.join(DESTINATIONS)}", param_hint="--destination")
+    if named:
+        return list(dict.fromkeys(named))
+    configured = [name for name, uploads in (
+        ("google_ads", client.google_ads and client.google_ads.upload_actions),
+        ("meta", client.meta and client.meta.upload_events),
+        ("klaviyo", client.klaviyo and client.klaviyo.upload_metrics)) if uploads]
+    if not configured:
+        raise typer.BadParameter(
+            "the config names no uploads: set [google_ads] upload_actions, [meta] "
+            "upload_events or [klaviyo] upload_metrics", param_hint="--config")
+    return configured
+
+
+def _print_push(client: ClientConfig, result: Any, dry_run: bool) -> None:
+    """One destination's push: its plan per conversion, refusals, and what was sent."""
+    name = result.destination.value
+    title = "Push plan (dry run: nothing sent)" if dry_run else "Push"
+    table = Table(title=f"{title}, {client.client.name}, {DESTINATION_NAMES[name]} "
+                        f"({client.client.currency})", box=box.SIMPLE_HEAD)
+    columns = ("conversion", "to", "events", *(("new",) if dry_run else ()), "value",
+               "held", "refused")
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("conversion", "to") else "right",
+                         overflow="fold")
+    for action in result.plan.actions.values():
+        new = action.events - result.by_action[action.conversion]["in_ledger"]
+        target = (action.action_id if action.action_name in ("", action.action_id)
+                  else f"{action.action_id} {action.action_name}")
+        table.add_row(action.conversion, target, f"{action.events:,}",
+                      *((f"{new:,}",) if dry_run else ()), f"{action.value:,.2f}",
+                      f"{action.held:,}", f"{sum(action.refused.values()):,}")
+    out.print(table)
+    for action in result.plan.actions.values():
+        for why, count in action.refused.most_common():
+            out.print(f"  {action.conversion}: {count:,} refused, {why}", highlight=False)
+        if action.retracting:
+            out.print(f"  {action.conversion}: {action.retracting:,} voided by the CRM, to "
+                      "retract through the Google Ads API (retraction_accounts)",
+                      highlight=False)
+        if action.voided:
+            out.print(f"  {action.conversion}: {action.voided:,} voided by the CRM, "
+                      f"{VOIDED_KEPT[name]}", highlight=False)
+    if not dry_run:
+        out.print(f"sent {result.sent:,} ({result.resent:,} resent), new in the ledger "
+                  f"{result.planned_new:,}, restated {result.restated:,}, held "
+                  f"{result.held:,}, retracted {result.retracted:,}; requests: "
+                  f"{dict(result.requests) or 'none'}", highlight=False)
+    for problem in [*result.plan.problems, *result.errors]:
+        console.print(f"[yellow]problem[/yellow] {name}: {problem}", highlight=False)
 
 
 @app.command("uploads")

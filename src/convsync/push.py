@@ -1,4 +1,5 @@
-"""What `convsync push` does for one client: plan, write the ledger, send, read back.
+"""What `convsync push` does for one client and destination (Google Ads, Meta, Klaviyo):
+plan, write the ledger, send, read back (Google only: the others' answers are final).
 
 Exactly once: every upload has its ledger row (with the platform's dedupe key) before it is
 sent. Rows are claimed (planned -> sending) in one transaction before a request goes out,
@@ -14,35 +15,37 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 import logging
+import math
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from convsync import planning, quotas
 from convsync.gctuning import fewer_collections
 from convsync.locks import client_lock
 from convsync.model import Platform, Upload, UploadStatus
-from convsync.planning.google_ads import plan_google_ads
+from convsync.planning.google_ads import GoogleAdsRules
+from convsync.planning.klaviyo import KlaviyoRules
+from convsync.planning.meta import MetaRules
 from convsync.settings import ClientConfig, GoogleAdsSection, Secrets
 from convsync.sinks import SinkError
 from convsync.sinks.google_ads.adjustments import MAX_ADJUSTMENTS, AdjustmentSink
-from convsync.sinks.google_ads.datamanager import (
-    INGEST,
-    MAX_DESTINATIONS,
-    MAX_EVENTS,
-    RETRIEVE,
-    DataManagerSink,
-    connect,
-)
+from convsync.sinks.google_ads.datamanager import INGEST, RETRIEVE, DataManagerSink, connect
+from convsync.sinks.klaviyo import KlaviyoSink
+from convsync.sinks.meta import MetaSink
 from convsync.sources import google_ads as google_ads_source
-from convsync.store import REFUSED_BY_GOOGLE, Store
+from convsync.sources import klaviyo as klaviyo_source
+from convsync.sources import meta as meta_source
+from convsync.store import Store, refused_by
 
 log = logging.getLogger(__name__)
 
 VOIDED_UNSENT = "voided by the CRM before it was sent"
 RETRACTED = "voided by the CRM: retracted through the Google Ads API"
+UNSURE_TOO_LATE = ("may have arrived (a run was killed while sending it), and too long ago "
+                   "to send again: the platform would count it twice")
 PARTLY_FAILED = "request partly failed"
 """The reason of uploads left sent by a request Google says partly failed: it never says
 which events failed, only how many by reason (under the requests)."""
@@ -57,6 +60,23 @@ STATUS_LONGEST = dt.timedelta(days=1)
 (30 minutes, an hour, two, ...), at most this long apart."""
 STATUS_KEPT = dt.timedelta(days=50)
 """Google keeps a request's status about this long."""
+
+
+class Sink(Protocol):
+    """What the push needs of a destination's sink (``sinks``)."""
+
+    destination: Platform
+    settles: bool
+    """The platform's answer to a request is final (nothing to read back later)."""
+    max_events: int
+    dedupe_window: dt.timedelta | None
+    """How long the platform recognises a resend as the same event (None: for ever)."""
+
+    def batches(self, uploads: Iterable[Upload]) -> Iterator[list[Upload]]: ...
+
+    def problems(self, upload: Upload, now: dt.datetime) -> str: ...
+
+    def send(self, uploads: Sequence[Upload], *, validate_only: bool = False) -> str: ...
 
 
 @dataclass
@@ -120,22 +140,87 @@ def push_google_ads(config: ClientConfig, secrets: Secrets, store: Store, *,
     if section is None:
         return result
     sink = sink or _sink(section, secrets, store, result, sleep)
-    with client_lock(store, config.client.name, "push"), fewer_collections(young=10_000):
-        result.plan, planned = plan_google_ads(config, store, now, problems=sink.problems)
-        if dry_run:
-            _dry_run(store, sink, config.client.name, planned, result)
-            return result
-        sending = _write_and_send(store, sink, config.client.name, now, planned,
-                                  section.restate_threshold, result)
+
+    def retract() -> None:
         _retract(section, secrets, store, now, result, sleep)
-        if sending:
-            _send_waiting(store, sink, config.client.name, now, result)
+
+    def read_back() -> None:
         _read_back(store, sink, config.client.name, now, result)
-    result.held = len(result.plan.holds)
+
+    _push(GoogleAdsRules(config), sink, config, store, now, result,
+          threshold=section.restate_threshold, after_writing=retract, finally_=read_back)
     return result
 
 
-def _write_and_send(store: Store, sink: DataManagerSink, client: str, now: dt.datetime,
+def push_meta(config: ClientConfig, secrets: Secrets, store: Store, *,
+              dry_run: bool = False, now: dt.datetime | None = None,
+              sink: MetaSink | None = None, sleep: Callable[[float], None] | None = None,
+              progress: Callable[[PushResult], None] | None = None) -> PushResult:
+    """Plan, ledger and send the Meta (Conversions API) uploads of one client."""
+    now = now or dt.datetime.now(dt.UTC)
+    result = PushResult(Platform.META, dry_run, planning.Plan(), progress=progress or _quiet)
+    section = config.meta
+    if section is None or not section.enabled or not section.upload_events:
+        result.errors.append("Meta is not configured for pushing: set [meta] pixel_id and "
+                             "upload_events")
+        return result
+    sink = sink or MetaSink(meta_source.connect(section, secrets), section,
+                            sleep=sleep or time.sleep,
+                            on_request=lambda method: result.requests.update([method]))
+    _push(MetaRules(), sink, config, store, now, result)
+    return result
+
+
+def push_klaviyo(config: ClientConfig, secrets: Secrets, store: Store, *,
+                 dry_run: bool = False, now: dt.datetime | None = None,
+                 sink: KlaviyoSink | None = None, sleep: Callable[[float], None] | None = None,
+                 progress: Callable[[PushResult], None] | None = None) -> PushResult:
+    """Plan, ledger and send the Klaviyo uploads of one client."""
+    now = now or dt.datetime.now(dt.UTC)
+    result = PushResult(Platform.KLAVIYO, dry_run, planning.Plan(),
+                        progress=progress or _quiet)
+    section = config.klaviyo
+    if section is None or not section.enabled or not section.upload_metrics:
+        result.errors.append("Klaviyo is not configured for pushing: set [klaviyo] "
+                             "upload_metrics")
+        return result
+    sink = sink or KlaviyoSink(klaviyo_source.connect(section, secrets),
+                               sleep=sleep or time.sleep, clock=lambda: now,
+                               on_request=lambda method: result.requests.update([method]))
+    _push(KlaviyoRules(), sink, config, store, now, result)
+    return result
+
+
+PUSHES: dict[Platform, Callable[..., PushResult]] = {
+    Platform.GOOGLE_ADS: push_google_ads, Platform.META: push_meta,
+    Platform.KLAVIYO: push_klaviyo}
+"""Each destination's push, by platform."""
+
+
+def _push(rules: planning.Rules, sink: Sink, config: ClientConfig, store: Store,
+          now: dt.datetime, result: PushResult, *, threshold: float = math.inf,
+          after_writing: Callable[[], None] = lambda: None,
+          finally_: Callable[[], None] = lambda: None) -> None:
+    """The push of one destination, under the client's lock: plan, then (unless a dry run)
+    write and send, ``after_writing`` (Google's retractions), send what the ledger still has
+    waiting, and ``finally_`` (Google's read-back). ``threshold``: how far a value sent
+    before may move before it is sent again (never, where the destination cannot restate)."""
+    client = config.client.name
+    with client_lock(store, client, "push"), fewer_collections(young=10_000):
+        result.plan, planned = planning.plan_uploads(rules, config, store, now,
+                                                     problems=sink.problems)
+        if result.dry_run:
+            _dry_run(store, sink, client, planned, result)
+            return
+        sending = _write_and_send(store, sink, client, now, planned, threshold, result)
+        after_writing()
+        if sending:
+            _send_waiting(store, sink, client, now, result)
+        finally_()
+    result.held = len(result.plan.holds)
+
+
+def _write_and_send(store: Store, sink: Sink, client: str, now: dt.datetime,
                     planned: Iterable[Upload], threshold: float, result: PushResult) -> bool:
     """The plan ``LEDGER_CHUNK`` uploads at a time: their rows into the ledger (new ones
     planned, ones sent before restated where their value moved, recent ones held), then a
@@ -150,19 +235,19 @@ def _write_and_send(store: Store, sink: DataManagerSink, client: str, now: dt.da
         result.progress(result)
         if len(fresh) < len(chunk):  # some were in the ledger already: their values may move
             result.restated += store.restate_uploads(
-                Platform.GOOGLE_ADS, ((u.dedupe_key, u.value) for u in chunk),
+                sink.destination, ((u.dedupe_key, u.value) for u in chunk),
                 threshold=threshold)
-        store.hold_uploads(Platform.GOOGLE_ADS, result.plan.holds[holds:])
+        store.hold_uploads(sink.destination, result.plan.holds[holds:])
         holds = len(result.plan.holds)
-        _fail_voided(store, result)
+        _fail_voided(store, sink.destination, result)
         waiting = iter([u for u in chunk if u.status != UploadStatus.HELD])
-        while sending and (part := list(itertools.islice(waiting, MAX_EVENTS))):
-            ready = store.claim_planned(client, Platform.GOOGLE_ADS,
+        while sending and (part := list(itertools.islice(waiting, sink.max_events))):
+            ready = store.claim_planned(client, sink.destination,
                                         [u.dedupe_key for u in part], now)
             uploads = list({u.dedupe_key: u for u in part if u.dedupe_key in ready}.values())
             sending = _send_claimed(store, sink, client, now, uploads, set(), result,
                                     fresh=fresh)
-    _fail_voided(store, result)
+    _fail_voided(store, sink.destination, result)
     return sending
 
 
@@ -198,10 +283,10 @@ def _retract(section: GoogleAdsSection, secrets: Secrets, store: Store, now: dt.
                                           [(upload.dedupe_key, upload.value)], threshold=0.0)
 
 
-def _fail_voided(store: Store, result: PushResult) -> None:
+def _fail_voided(store: Store, destination: Platform, result: PushResult) -> None:
     """Rows not sent yet that a CRM outcome voided never go out."""
     if result.plan.unsent_voided:
-        store.release_uploads(Platform.GOOGLE_ADS, result.plan.unsent_voided,
+        store.release_uploads(destination, result.plan.unsent_voided,
                               UploadStatus.FAILED, VOIDED_UNSENT)
         result.plan.unsent_voided.clear()
 
@@ -210,12 +295,12 @@ def _by_key(upload: Upload) -> str:
     return upload.dedupe_key
 
 
-def _dry_run(store: Store, sink: DataManagerSink, client: str, planned: Iterable[Upload],
+def _dry_run(store: Store, sink: Sink, client: str, planned: Iterable[Upload],
              result: PushResult) -> None:
-    """Count what the ledger already holds and ask Google to validate each request; nothing
-    is kept, the ledger untouched."""
-    for batch in planning.batches(planned, MAX_EVENTS, MAX_DESTINATIONS):
-        known = store.upload_statuses(client, Platform.GOOGLE_ADS,
+    """Count what the ledger already holds and ask the platform to validate each request
+    where it can (Google); nothing is kept, the ledger untouched."""
+    for batch in sink.batches(planned):
+        known = store.upload_statuses(client, sink.destination,
                                       [u.dedupe_key for u in batch])
         for upload in batch:
             result.by_action[upload.conversion]["in_ledger"] += upload.dedupe_key in known
@@ -269,24 +354,39 @@ def _sink(section: GoogleAdsSection, secrets: Secrets, store: Store, result: Pus
                            sleep=sleep or time.sleep)
 
 
-def _send_waiting(store: Store, sink: DataManagerSink, client: str, now: dt.datetime,
+def _send_waiting(store: Store, sink: Sink, client: str, now: dt.datetime,
                   result: PushResult) -> None:
     """Send what the ledger still has waiting: rows planned by an earlier run, held ones
-    whose time has come, and ones a killed run left sending (resent, same keys)."""
-    while claimed := store.claim_uploads(client, Platform.GOOGLE_ADS, limit=MAX_EVENTS, now=now):
-        uploads = [upload for upload, _ in claimed]
+    whose time has come, and ones a killed run left sending (resent, same keys), except
+    those left sending for longer than the platform deduplicates (they may have arrived: a
+    resend would count twice), and any the platform would now refuse (too old by now)."""
+    if sink.dedupe_window is not None:
+        gone = store.give_up_sending(client, sink.destination, now - sink.dedupe_window,
+                                     UNSURE_TOO_LATE)
+        result.failed[UNSURE_TOO_LATE] += gone
+    while claimed := store.claim_uploads(client, sink.destination, limit=sink.max_events,
+                                         now=now):
+        uploads = []
+        for upload, _ in claimed:
+            why = sink.problems(upload, now)
+            if why:
+                store.release_uploads(sink.destination, [upload.dedupe_key],
+                                      UploadStatus.FAILED, f"{why} (when it was sent at last)")
+                result.failed[why] += 1
+            else:
+                uploads.append(upload)
         resent = {upload.dedupe_key for upload, again in claimed if again}
-        if not _send_claimed(store, sink, client, now, uploads, resent, result):
+        if uploads and not _send_claimed(store, sink, client, now, uploads, resent, result):
             return
 
 
-def _send_claimed(store: Store, sink: DataManagerSink, client: str, now: dt.datetime,
+def _send_claimed(store: Store, sink: Sink, client: str, now: dt.datetime,
                   uploads: list[Upload], resent: set[str], result: PushResult, *,
                   fresh: set[str] | None = None) -> bool:
     """Send claimed rows in as few requests as the limits allow (``fresh``: the keys this
     run wrote, never sent); False when the run must stop sending. What it never tried to
     send goes back to planned: not a resend for the next run."""
-    untried = list(planning.batches(uploads, MAX_EVENTS, MAX_DESTINATIONS))
+    untried = list(sink.batches(uploads))
     try:
         while untried and _send_batch(store, sink, client, now, untried[0], resent, result,
                                       fresh or set()):
@@ -294,17 +394,17 @@ def _send_claimed(store: Store, sink: DataManagerSink, client: str, now: dt.date
     finally:
         later = [u.dedupe_key for batch in untried[1:] for u in batch]
         if later:
-            store.release_uploads(Platform.GOOGLE_ADS, later, UploadStatus.PLANNED, "")
+            store.release_uploads(sink.destination, later, UploadStatus.PLANNED, "")
     return not untried
 
 
-def _send_batch(store: Store, sink: DataManagerSink, client: str, now: dt.datetime,
+def _send_batch(store: Store, sink: Sink, client: str, now: dt.datetime,
                 batch: list[Upload], resent: set[str], result: PushResult,
                 fresh: set[str]) -> bool:
     """Send one request; False when the run must stop sending (the rest stays for later).
 
-    Whatever Google answered, nothing is failed for good here: local validation (the sink's
-    ``problems``) sets bad events aside before they are planned, so a request Google refuses
+    Whatever the platform answered, nothing is failed for good here: local validation (the
+    sink's ``problems``) sets bad events aside before they are planned, so a request refused
     whole is refused for something about the request (credentials, the action, consent): its
     rows go back to planned, and the next run, once that is fixed, sends them."""
     keys = [u.dedupe_key for u in batch]
@@ -316,7 +416,7 @@ def _send_batch(store: Store, sink: DataManagerSink, client: str, now: dt.dateti
             return _set_aside(store, sink, client, now, batch, error, resent, result, fresh)
         result.errors.append(_said(error))
         if not error.maybe_sent:  # else left "sending": the next run resends them, same keys
-            store.release_uploads(Platform.GOOGLE_ADS, keys, UploadStatus.PLANNED, error.reason)
+            store.release_uploads(sink.destination, keys, UploadStatus.PLANNED, error.reason)
         if not error.retryable and not error.maybe_sent:
             result.failed[error.reason or "rejected"] += len(keys)
             for upload in batch:
@@ -324,10 +424,10 @@ def _send_batch(store: Store, sink: DataManagerSink, client: str, now: dt.dateti
         return False
     except ValueError as error:  # the request could not even be built (consent denied, ...)
         result.errors.append(str(error))
-        store.release_uploads(Platform.GOOGLE_ADS, keys, UploadStatus.PLANNED, str(error))
+        store.release_uploads(sink.destination, keys, UploadStatus.PLANNED, str(error))
         return False
-    store.record_sent(client, Platform.GOOGLE_ADS, keys, request_id, now,
-                      first=fresh.issuperset(keys))
+    store.record_sent(client, sink.destination, keys, request_id, now,
+                      first=fresh.issuperset(keys), settled=sink.settles)
     result.sent += len(keys)
     result.resent += len(resent & set(keys))
     result.progress(result)
@@ -337,20 +437,21 @@ def _send_batch(store: Store, sink: DataManagerSink, client: str, now: dt.dateti
     return True
 
 
-def _set_aside(store: Store, sink: DataManagerSink, client: str, now: dt.datetime,
+def _set_aside(store: Store, sink: Sink, client: str, now: dt.datetime,
                batch: list[Upload], error: SinkError, resent: set[str], result: PushResult,
                fresh: set[str]) -> bool:
-    """Google refused a request for some of its events (our checks let them through): those
-    fail with what Google said, and the others go out again at once, without them."""
+    """The platform refused a request for some of its events (our checks let them through):
+    those fail with what it said, and the others go out again at once, without them."""
     named = {i: why for i, why in error.events.items() if i < len(batch)}
     for i, why in named.items():
         upload = batch[i]
-        reason = f"{REFUSED_BY_GOOGLE}{error.reason} at {why}"
-        store.release_uploads(Platform.GOOGLE_ADS, [upload.dedupe_key], UploadStatus.FAILED,
+        reason = f"{refused_by(sink.destination)}{error.reason} at {why}"
+        store.release_uploads(sink.destination, [upload.dedupe_key], UploadStatus.FAILED,
                               reason)
         result.failed[reason] += 1
         result.by_action[upload.conversion]["rejected"] += 1
-    log.warning("google_ads: %d event(s) set aside after %s", len(named), error.reason)
+    log.warning("%s: %d event(s) set aside after %s", sink.destination.value, len(named),
+                error.reason)
     rest = [u for i, u in enumerate(batch) if i not in named]
     return not rest or _send_batch(store, sink, client, now, rest, resent, result, fresh)
 

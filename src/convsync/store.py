@@ -63,8 +63,16 @@ __all__ = [
 ]
 
 DEFAULT_BATCH_SIZE = 5000
-REFUSED_BY_GOOGLE = "refused by Google: "
-"""How the reason of an upload Google refused whole begins (the push writes it)."""
+PLATFORM_NAMES = {Platform.GOOGLE_ADS: "Google", Platform.META: "Meta",
+                  Platform.KLAVIYO: "Klaviyo", Platform.GA4: "GA4"}
+
+
+def refused_by(destination: Platform) -> str:
+    """How the reason of an upload the platform refused begins (the push writes it)."""
+    return f"refused by {PLATFORM_NAMES[destination]}: "
+
+
+REFUSED_BY_GOOGLE = refused_by(Platform.GOOGLE_ADS)
 SQLITE_CACHE_KIB = 16_384
 """SQLite's page cache per connection: upserts keyed by random ids (Klaviyo event ids) touch a
 random page of the key's index per row, and a cache that holds most of the index saves a
@@ -1595,11 +1603,13 @@ class Store:
                 .returning(table.c.dedupe_key)).scalars())
 
     def record_sent(self, client: str, destination: Platform | str, keys: Sequence[str],
-                    request_id: str, now: dt.datetime, *, first: bool = False) -> None:
+                    request_id: str, now: dt.datetime, *, first: bool = False,
+                    settled: bool = False) -> None:
         """The uploads ``keys`` went out in request ``request_id``: sent, with the value sent
         kept. A row sent before (a restatement, a resend) first moves its earlier send to
         upload_sends, so every value ever sent is kept; ``first`` says none was (rows this
-        run wrote), which spares looking."""
+        run wrote), which spares looking. ``settled``: the platform's answer is final (no
+        request status to read back later): accepted, and the request done."""
         table, where = uploads, Platform(destination).value
         these = sa.and_(table.c.destination == where,
                         _among(table.c.dedupe_key, keys, self.dialect))
@@ -1609,14 +1619,15 @@ class Store:
                     ["upload_id", "request_id", "value", "sent_at"],
                     sa.select(table.c.id, table.c.request_id, table.c.sent_value,
                               table.c.sent_at).where(these, table.c.request_id.is_not(None))))
+            status = UploadStatus.ACCEPTED if settled else UploadStatus.SENT
             sent = conn.execute(table.update().where(these).values(
-                status=UploadStatus.SENT.value, request_id=request_id,
+                status=status.value, request_id=request_id,
                 sent_value=table.c.value, sent_at=now, reason="", updated_at=now,
                 attempts=table.c.attempts + 1)).rowcount
             conn.execute(upload_requests.insert().values(
                 request_id=request_id, client=client, destination=where, sent_at=now,
-                events=sent, status="processing", detail={}, checks=0,
-                next_check_at=now + dt.timedelta(minutes=30)))
+                events=sent, status="done" if settled else "processing", detail={}, checks=0,
+                next_check_at=None if settled else now + dt.timedelta(minutes=30)))
 
     def upload_statuses(self, client: str, destination: Platform | str,
                         keys: Sequence[str]) -> dict[str, UploadStatus]:
@@ -1638,6 +1649,20 @@ class Store:
                 table.c.destination == Platform(destination).value,
                 _among(table.c.dedupe_key, keys, self.dialect)).values(
                 status=status.value, reason=reason, updated_at=self._clock()))
+
+    def give_up_sending(self, client: str, destination: Platform | str,
+                        claimed_before: dt.datetime, reason: str) -> int:
+        """Fail, with ``reason``, the uploads left "sending" since before ``claimed_before``
+        (a run killed mid-request, long ago): they may have arrived, and the platform would
+        no longer recognise a resend as the same event. Returns how many."""
+        table = uploads
+        with self._writing() as conn:
+            return int(conn.execute(table.update().where(
+                table.c.client == client, table.c.destination == Platform(destination).value,
+                table.c.status == UploadStatus.SENDING.value,
+                table.c.updated_at < claimed_before).values(
+                status=UploadStatus.FAILED.value, reason=reason,
+                updated_at=self._clock())).rowcount)
 
     def requests_to_check(self, client: str, destination: Platform | str,
                           now: dt.datetime) -> list[tuple[str, dt.datetime]]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -282,18 +282,3 @@ def _sample(upload: Upload) -> dict[str, object]:
     kinds = [name for name, value in upload.identifiers if value]
     return {"transaction_id": upload.dedupe_key, "time": upload.time.isoformat(),
             "value": upload.value, "currency": upload.currency, "identifiers": kinds}
-
-
-def batches(uploads: Iterable[Upload], size: int, destinations: int) -> Iterator[list[Upload]]:
-    """Requests of at most ``size`` events and ``destinations`` (account, action) pairs."""
-    batch: list[Upload] = []
-    seen: set[tuple[str, str]] = set()
-    for upload in uploads:
-        key = (upload.account_id, upload.conversion_action)
-        if len(batch) >= size or (key not in seen and len(seen) >= destinations):
-            yield batch
-            batch, seen = [], set()
-        batch.append(upload)
-        seen.add(key)
-    if batch:
-        yield batch

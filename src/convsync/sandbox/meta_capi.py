@@ -224,6 +224,8 @@ class Accepted:
     id: str | None
     value: float
     currency: str
+    user_data: dict[str, Any] = field(default_factory=dict)
+    time: int = 0
 
 
 def check_event(i: int, event: dict[str, Any], now: float,
@@ -258,7 +260,7 @@ def check_event(i: int, event: dict[str, Any], now: float,
         raise event_error("invalid_event_id", f"The parameter {path(i, 'event_id')} must be a "
                                               "string.")
     key = str(event_id) if event_id is not None and str(event_id) != "" else None
-    return Accepted(name, key, value, currency)
+    return Accepted(name, key, value, currency, user_data, int(event.get("event_time") or 0))
 
 
 def _required(i: int, *keys: str, what: str = "") -> CapiError:
@@ -379,6 +381,8 @@ class EventCounts:
     duplicates: int = 0  # copies absorbed by Meta's deduplication
     value: float = 0.0  # the values of the counted copies, summed
     currency: str = ""
+    user_data: dict[str, Any] = field(default_factory=dict)  # the first counted copy's
+    time: int = 0  # the first counted copy's event_time
 
 
 @dataclass
@@ -461,6 +465,8 @@ class ConversionsApi:
                 counts.duplicates += 1
                 continue
             pixel.windows[key] = now
+            if not counts.counted:
+                counts.user_data, counts.time = event.user_data, event.time
             counts.counted += 1
             counts.value += event.value
             counts.currency = event.currency or counts.currency

@@ -296,13 +296,21 @@ def write_client_config(path: Path, running: RunningSandbox, store_url: str = ""
         pixel_id=accounts.meta_pixel_id, meta_endpoint=ep["meta"],
         klaviyo_endpoint=ep["klaviyo"], conversions=conversions_toml(world),
         dm_endpoint=ep["datamanager"], upload_actions=upload_actions_toml(world),
-        cloud_project=datamanager.PROJECT_NUMBER)
+        cloud_project=datamanager.PROJECT_NUMBER,
+        upload_events=_inline({STEPS[s]: f"convsync_{STEPS[s]}" for s in MICRO_LADDER}),
+        upload_metrics=_inline({STEPS[s]: f"convsync {STEPS[s]} value" for s in MICRO_LADDER}))
     path.write_text(text)
     return secrets
 
 
 MACRO_STEPS = frozenset({PURCHASE, QUALIFIED})
 LADDER = (VIEW, CART, CHECKOUT, PURCHASE)
+MICRO_LADDER = tuple(step for step in LADDER if step not in MACRO_STEPS)
+
+
+def _inline(pairs: dict[str, str]) -> str:
+    """A TOML inline table of strings."""
+    return "{ " + ", ".join(f"{name} = {json.dumps(value)}" for name, value in pairs.items()) + " }"
 
 
 def upload_actions_toml(world: World) -> str:
@@ -373,9 +381,14 @@ ca_file = {ca_file}
 ad_account_ids = ["{ad_account}"]
 pixel_id = "{pixel_id}"
 endpoint = "{meta_endpoint}"
+# push: the Conversions API event each conversion is sent under (a name of convsync's own:
+# under the pixel's event name, Meta would keep the pixel's copy and drop the valued one)
+upload_events = {upload_events}
 
 [klaviyo]
 endpoint = "{klaviyo_endpoint}"
+# push: the metric each conversion's valued events are created under on the profiles
+upload_metrics = {upload_metrics}
 
 [valuation]
 # the sandbox's world is short: value over Meta's 28 days rather than Google's 90

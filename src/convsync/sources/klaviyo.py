@@ -71,7 +71,7 @@ MEASUREMENTS = ["count", "sum_value"]
 TIMEOUT = (10.0, 120.0)
 """(connect, read) seconds per request: the SDK has no default timeout."""
 BURST_LIMITS = {"get_accounts": 1, "get_metrics": 10, "get_events": 350,
-                "query_metric_aggregates": 3}
+                "query_metric_aggregates": 3, "bulk_create_events": 10}
 """Requests per second Klaviyo allows per endpoint (its "burst" window, from the API
 reference). The headers only report the per-minute ("steady") window."""
 PEOPLE_CACHE = 20_000

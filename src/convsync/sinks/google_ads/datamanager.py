@@ -45,7 +45,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -157,6 +157,13 @@ class DataManagerSink:
     project's quota (300 a minute, 100,000 a day, for writes and again for reads). ``sleep``
     waits between retries (tests pass a no-op); ``attempts`` counts the first call."""
 
+    destination = Platform.GOOGLE_ADS
+    settles = False
+    """Google says what became of a request later (``status``)."""
+    max_events = MAX_EVENTS
+    dedupe_window: dt.timedelta | None = None
+    """Google deduplicates a transaction id for good (a resend restates, never adds)."""
+
     def __init__(self, client: Any, section: GoogleAdsSection, *,
                  sleep: Callable[[float], None] = time.sleep,
                  on_request: Callable[[str], None] | None = None, attempts: int = 5,
@@ -168,6 +175,20 @@ class DataManagerSink:
         self.timeout = timeout
         self.policy = RetryPolicy("google_ads (Data Manager)", _transient, attempts=attempts,
                                   initial_wait=1.0, max_wait=60.0)
+
+    def batches(self, uploads: Iterable[Upload]) -> Iterator[list[Upload]]:
+        """Requests of at most 2,000 events and 10 (account, action) destinations."""
+        batch: list[Upload] = []
+        seen: set[tuple[str, str]] = set()
+        for upload in uploads:
+            key = (upload.account_id, upload.conversion_action)
+            if len(batch) >= MAX_EVENTS or (key not in seen and len(seen) >= MAX_DESTINATIONS):
+                yield batch
+                batch, seen = [], set()
+            batch.append(upload)
+            seen.add(key)
+        if batch:
+            yield batch
 
     # -- local validation --------------------------------------------------------------------
     def problems(self, upload: Upload, now: dt.datetime) -> str:
