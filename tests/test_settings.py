@@ -239,3 +239,23 @@ def test_a_conversion_defined_twice_names_its_key(tmp_path: Path) -> None:
     path.write_text(text + "\n" + block)
     found = errors(path)
     assert list(found) == ["conversions"] and "is defined twice" in found["conversions"]
+
+
+def test_meta_upload_events_are_convsyncs_own_names_for_known_conversions(
+        tmp_path: Path) -> None:
+    line = '# upload_events = { add_to_cart = "convsync_add_to_cart", '
+    standard = errors(variant(tmp_path, line, 'upload_events = { add_to_cart = "AddToCart", '))
+    assert list(standard) == ["meta.upload_events"]
+    assert "standard event the pixel sends itself" in standard["meta.upload_events"]
+    unknown = errors(variant(tmp_path, line, 'upload_events = { add_to_kart = "x", '))
+    assert "'add_to_kart' is no conversion of this config" in unknown["meta.upload_events"]
+    fine = variant(tmp_path, line, 'upload_events = { add_to_cart = "convsync_add_to_cart", ')
+    assert errors(fine) == {}
+    fine.write_text(fine.read_text().replace('pixel_id = "556677889900"', ""))
+    assert "set meta.pixel_id" in errors(fine)["meta.upload_events"]
+
+
+def test_klaviyo_upload_metrics_name_known_conversions(tmp_path: Path) -> None:
+    found = errors(variant(tmp_path, '# upload_metrics = { add_to_cart = ',
+                           'upload_metrics = { add_to_kart = '))
+    assert "'add_to_kart' is no conversion of this config" in found["klaviyo.upload_metrics"]
