@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Benchmark: push a million valued events to the sandbox's Data Manager and print what it
-cost the client.
+"""Benchmark: push a million valued events to one destination of the sandbox (Google's Data
+Manager, Meta's Conversions API or Klaviyo's bulk events) and print what it cost the client.
 
 Starts `convsync sandbox serve` in its own process, fills a fresh SQLite store with valued
 micro conversions (people who climbed the sandbox's ladder: product_view, add_to_cart,
@@ -18,8 +18,14 @@ a time, and each request built and serialized with the Data Manager's protobuf, 
 convsync's checks, no rules and no network. ``cpu_ratio_vs_floor`` is convsync's CPU per
 event over the floor's: the machine's speed drifts, the ratio much less.
 
-    .venv/bin/python scripts/bench_push.py                  # 1,000,000 events
+For Meta the events are of the last 6 days (Meta takes 7) and carry a hashed email; for
+Klaviyo they go to the profiles a Klaviyo pull of the sandbox finds (the sandbox knows no
+others), over 80 days, and Klaviyo's limit of 150 bulk requests a minute sets the pace. The
+floor is measured for Google only.
+
+    .venv/bin/python scripts/bench_push.py                  # 1,000,000 events to Google
     .venv/bin/python scripts/bench_push.py --events 100000 --json
+    .venv/bin/python scripts/bench_push.py --destination meta --json
 """
 
 from __future__ import annotations
@@ -45,7 +51,12 @@ ROOT = Path(__file__).resolve().parents[1]
 CONVSYNC = str(Path(sys.executable).with_name("convsync"))
 LADDER = ("product_view", "add_to_cart", "begin_checkout")
 UPLOAD_VALUES = {"product_view": 0.85, "add_to_cart": 6.4, "begin_checkout": 21.75}
-BATCH = 2_000
+BATCHES = {"google_ads": 2_000, "meta": 1_000, "klaviyo": 1_000}
+"""Events a request at most: Google's Data Manager, Meta's Conversions API, Klaviyo's bulk
+create."""
+BATCH = BATCHES["google_ads"]
+REQUEST_NAMES = {"google_ads": "IngestEvents", "meta": "ConversionsAPI",
+                 "klaviyo": "bulk_create_events"}
 
 
 def main() -> int:
@@ -54,6 +65,7 @@ def main() -> int:
     parser.add_argument("--store-url", default="",
                         help="the store (default: a fresh SQLite file); a PostgreSQL URL must "
                              "name an empty database")
+    parser.add_argument("--destination", choices=tuple(BATCHES), default="google_ads")
     parser.add_argument("--json", action="store_true", help="end with one JSON line")
     parser.add_argument("--floor-of", metavar="DB", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -64,9 +76,10 @@ def main() -> int:
         sandbox, config = _start_sandbox(Path(tmp), args.store_url)
         try:
             now = dt.datetime.now(dt.UTC)
-            _fill_store(config, args.events, now)
-            floor_db = _copy_for_floor(config, Path(tmp)) if not args.store_url else None
-            figures = _push(config, args.events)
+            _fill_store(config, args.events, now, args.destination)
+            floor_db = (_copy_for_floor(config, Path(tmp))
+                        if not args.store_url and args.destination == "google_ads" else None)
+            figures = _push(config, args.events, args.destination)
         finally:
             sandbox.terminate()
             sandbox.wait(timeout=30)
@@ -91,10 +104,10 @@ def _start_sandbox(tmp: Path, store_url: str) -> tuple[subprocess.Popen[str], Pa
     return process, config
 
 
-def _fill_store(config_path: Path, events: int, now: dt.datetime) -> None:
+def _fill_store(config_path: Path, events: int, now: dt.datetime, destination: str) -> None:
     """The store a client has after pulling the upload action and computing values, with
-    ``events`` valued micro events (three per person)."""
-    from convsync.model import Identifiers, JourneyEvent, Platform, PlatformConversion
+    ``events`` valued micro events (three per person) that ``destination`` can take."""
+    from convsync.model import JourneyEvent, Platform, PlatformConversion
     from convsync.settings import load_config
     from convsync.store import Store
     from convsync.valuation import ALL_SEGMENTS
@@ -102,18 +115,20 @@ def _fill_store(config_path: Path, events: int, now: dt.datetime) -> None:
     config = load_config(config_path)
     section = config.google_ads
     assert section is not None
+    identify = _identities(config_path, destination)
+    days = 6 if destination == "meta" else 80
 
     def journey() -> Iterator[JourneyEvent]:
-        start = now - dt.timedelta(days=80)
-        span = dt.timedelta(days=79).total_seconds()
+        start = now - dt.timedelta(days=days)
+        span = dt.timedelta(days=days - 1).total_seconds()
         for n in range(events):
             person, step = divmod(n, len(LADDER))
             when = start + dt.timedelta(seconds=span * person * len(LADDER) / events + step * 60)
             yield JourneyEvent(
-                person_key=f"gclid:Cj0KCQbench{person:010d}", conversion=LADDER[step],
+                person_key=f"bench:{person:010d}", conversion=LADDER[step],
                 platform_conversion=LADDER[step], time=when, source_platform=Platform.GA4,
-                source_event_id=f"bench-{n}", identifiers=Identifiers(
-                    gclid=f"Cj0KCQbench{person:010d}"), campaign_id=f"{person % 40}")
+                source_event_id=f"bench-{n}", identifiers=identify(person),
+                campaign_id=f"{person % 40}")
 
     with Store.open(config.store_url()) as store:
         store.save_platform_conversions([PlatformConversion(
@@ -125,6 +140,43 @@ def _fill_store(config_path: Path, events: int, now: dt.datetime) -> None:
         store.save_micro_values(config.client.name, now, [
             {"conversion": step, "segment": ALL_SEGMENTS, "upload_value": value,
              "recommendation": "track_and_upload"} for step, value in UPLOAD_VALUES.items()])
+
+
+def _identities(config_path: Path, destination: str) -> Any:
+    """Person number -> the identifiers ``destination`` matches people on."""
+    import functools
+
+    from convsync.hashing import sha256_hex
+    from convsync.model import Identifiers
+
+    if destination == "google_ads":
+        return functools.lru_cache(maxsize=4)(
+            lambda person: Identifiers(gclid=f"Cj0KCQbench{person:010d}"))
+    if destination == "meta":
+        return functools.lru_cache(maxsize=4)(lambda person: Identifiers(
+            email_sha256_meta=sha256_hex(f"bench{person}@example.com")))
+    profiles = _sandbox_profiles(config_path)
+    return functools.lru_cache(maxsize=4)(lambda person: Identifiers(
+        klaviyo_profile_id=profiles[person % len(profiles)]))
+
+
+def _sandbox_profiles(config_path: Path) -> list[str]:
+    """The Klaviyo profile ids of the sandbox's people, as a Klaviyo pull finds them."""
+    from convsync import pipeline
+    from convsync.model import Platform
+    from convsync.settings import load_config, load_secrets
+    from convsync.store import Store
+
+    config = load_config(config_path)
+    today = dt.date.today()
+    with Store.open(config.store_url()) as store:
+        pipeline.pull(config, load_secrets(config), store, platforms=[Platform.KLAVIYO],
+                      since=today - dt.timedelta(days=29), until=today, today=today)
+        profiles = sorted({e.identifiers.klaviyo_profile_id for e in store.journey_events()
+                           if e.identifiers.klaviyo_profile_id})
+        with store.engine.begin() as conn:  # the bench's own events only
+            conn.exec_driver_sql("DELETE FROM journey_events")
+    return profiles
 
 
 def _copy_for_floor(config_path: Path, tmp: Path) -> Path:
@@ -139,10 +191,10 @@ def _copy_for_floor(config_path: Path, tmp: Path) -> Path:
     return copy
 
 
-def _push(config: Path, events: int) -> dict[str, Any]:
+def _push(config: Path, events: int, destination: str) -> dict[str, Any]:
     before = _children_cpu()
     wall0 = time.perf_counter()
-    out = subprocess.run([CONVSYNC, "push", "--destination", "google_ads", "--config",
+    out = subprocess.run([CONVSYNC, "push", "--destination", destination, "--config",
                           str(config), "--json"],
                          capture_output=True, text=True, env=os.environ | {"COLUMNS": "80"})
     wall = time.perf_counter() - wall0
@@ -152,11 +204,11 @@ def _push(config: Path, events: int) -> dict[str, Any]:
     summary = json.loads(out.stdout)
     if os.environ.get("BENCH_DEBUG"):
         print(json.dumps(summary, indent=1)[:3000], out.stderr[-2000:])
-    google = summary["destinations"]["google_ads"]
+    pushed = summary["destinations"][destination]
     cpu = _children_cpu() - before
-    return {"events": events, "sent": google["sent"],
-            "requests": google["requests"].get("IngestEvents", 0),
-            "min_requests": math.ceil(events / BATCH), "seconds": round(wall, 1),
+    return {"destination": destination, "events": events, "sent": pushed["sent"],
+            "requests": pushed["requests"].get(REQUEST_NAMES[destination], 0),
+            "min_requests": math.ceil(events / BATCHES[destination]), "seconds": round(wall, 1),
             "events_per_s": round(events / wall), "cpu_s": round(cpu, 1),
             "cpu_us_per_event": round(cpu * 1e6 / events, 2),
             "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
@@ -238,7 +290,8 @@ def _floor_chunk(con: sqlite3.Connection, chunk: list[tuple[Any, ...]], insert: 
 
 
 def _print(figures: dict[str, Any], as_json: bool) -> None:
-    print(f"push of {figures['events']:,} valued events to the sandbox's Data Manager")
+    print(f"push of {figures['events']:,} valued events to the sandbox's "
+          f"{figures['destination']}")
     print(f"sent {figures['sent']:,} in {figures['requests']:,} requests "
           f"(minimum {figures['min_requests']:,}), {figures['seconds']} s, "
           f"{figures['events_per_s']:,} events/s")
