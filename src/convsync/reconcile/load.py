@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import datetime as dt
+import itertools
+from collections.abc import Iterable
 from zoneinfo import ZoneInfo
 
 from convsync.model import (
+    ConversionStat,
     Platform,
 )
 from convsync.reconcile.audit import Audit, audit
@@ -28,16 +31,20 @@ def load_audit(config: ClientConfig, store: Store, as_of: dt.date | None = None)
     span = store.stats_span(Platform.GOOGLE_ADS)
     as_of = as_of or (span[1] if span else None)
     outcomes: dict[str, int] = {}
+    reference: Iterable[ConversionStat] = ()
     if as_of is not None:
         start = as_of - dt.timedelta(days=settings.inactive_days - 1)
         zone = ZoneInfo(config.client.timezone)
         outcomes = store.journey_counts(
             Platform.CRM, dt.datetime.combine(start, dt.time(), zone),
             dt.datetime.combine(as_of + dt.timedelta(days=1), dt.time(), zone))
+        reference = store.stats(platform=Platform.GA4, since=start, until=as_of)
     return audit(store.platform_conversions(Platform.GOOGLE_ADS),
-                 store.stats(platform=Platform.GOOGLE_ADS), config.definitions(), settings,
+                 itertools.chain(store.stats(platform=Platform.GOOGLE_ADS), reference),
+                 config.definitions(), settings,
                  as_of=as_of, uploads=store.upload_counts(Platform.GOOGLE_ADS),
-                 outcomes=outcomes, refusals=store.upload_refusals(Platform.GOOGLE_ADS))
+                 outcomes=outcomes, refusals=store.upload_refusals(Platform.GOOGLE_ADS),
+                 upload_actions=config.google_ads.upload_actions if config.google_ads else None)
 
 
 def stored_range(store: Store) -> tuple[dt.date, dt.date] | None:
