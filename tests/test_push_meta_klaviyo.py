@@ -19,11 +19,13 @@ import pytest
 import sqlalchemy as sa
 
 from convsync import pipeline, push
-from convsync.model import Identifiers, JourneyEvent, Platform
+from convsync.model import Identifiers, JourneyEvent, Platform, Upload
 from convsync.planning import dedupe_key
 from convsync.sandbox import server
 from convsync.sandbox.world import World, WorldSpec
 from convsync.settings import ClientConfig, load_config, load_secrets
+from convsync.sinks.meta import MetaSink
+from convsync.sources import meta as meta_source
 from convsync.store import Store, uploads
 from convsync.valuation import ALL_SEGMENTS, segment_of
 
@@ -280,3 +282,48 @@ def test_a_push_killed_anywhere_and_rerun_counts_each_event_once(
     assert {status for status, _ in rows.values()} == {"accepted"}  # nothing left behind
     assert set(counted_once(running, destination)) == set(rows)  # nothing lost
     assert len(rows) == expected > 100
+
+
+class LaxMetaSink(MetaSink):
+    """A Meta sink whose own checks miss a malformed fbc: what Meta then says must still set
+    the bad event aside, with Meta's reason, and send the others."""
+
+    def problems(self, upload: Upload, now: dt.datetime) -> str:
+        why = super().problems(upload, now)
+        return "" if why.startswith("user_data.fbc") else why
+
+
+def test_an_event_the_platform_refuses_is_set_aside_with_its_reason_and_the_rest_goes(
+        valued: ClientConfig, running: server.RunningSandbox, tmp_path: Path) -> None:
+    assert running.meta_capi is not None and running.klaviyo_events is not None
+    running.meta_capi.reset()
+    running.klaviyo_events.reset()
+    config = load_config(copy_client(valued, tmp_path / "refused"))
+    secrets = load_secrets(config)
+    assert config.meta is not None and config.klaviyo is not None
+    with Store.open(config.store_url()) as store:
+        # Meta: one person with a click id (fbc) that is not Meta's fb.1.<ms>.<fbclid>
+        with store.engine.begin() as conn:
+            person = conn.execute(sa.text(
+                "SELECT person_key FROM journey_events WHERE conversion = 'add_to_cart' "
+                "ORDER BY time DESC LIMIT 1")).scalar_one()
+            conn.execute(sa.text("UPDATE journey_events SET identifiers = json_set(identifiers, "
+                                 "'$.fbc', 'fb.1.123.not-meta') WHERE person_key = :p"),
+                         {"p": person})
+            # Klaviyo: one person whose profile is gone from Klaviyo since the pull
+            conn.execute(sa.text("UPDATE journey_events SET identifiers = json_set(identifiers, "
+                                 "'$.klaviyo_profile_id', '01GONEGONEGONEGONEGONEGONE') "
+                                 "WHERE person_key = :p"), {"p": person})
+        meta = push.push_meta(config, secrets, store, now=NOW, sink=LaxMetaSink(
+            meta_source.connect(config.meta, secrets), config.meta))
+        klaviyo = push.push_klaviyo(config, secrets, store, now=NOW, sleep=lambda s: None)
+        meta_rows, klaviyo_rows = ledger(store, Platform.META), ledger(store, Platform.KLAVIYO)
+    meta_failed = {k for k, (status, _) in meta_rows.items() if status == "failed"}
+    assert meta_failed and all(why.startswith("refused by Meta: META_100 at ")
+                               for why in meta.failed), meta.failed
+    assert set(counted_once(running, Platform.META)) == set(meta_rows) - meta_failed
+    klaviyo_failed = {k for k, (status, _) in klaviyo_rows.items() if status == "failed"}
+    assert klaviyo_failed and all(why.startswith("refused by Klaviyo: HTTP_400 at ")
+                                  for why in klaviyo.failed), klaviyo.failed
+    assert set(counted_once(running, Platform.KLAVIYO)) == set(klaviyo_rows) - klaviyo_failed
+    assert sum(klaviyo.failed.values()) == len(klaviyo_failed)

@@ -363,7 +363,8 @@ def _send_waiting(store: Store, sink: Sink, client: str, now: dt.datetime,
     if sink.dedupe_window is not None:
         gone = store.give_up_sending(client, sink.destination, now - sink.dedupe_window,
                                      UNSURE_TOO_LATE)
-        result.failed[UNSURE_TOO_LATE] += gone
+        if gone:
+            result.failed[UNSURE_TOO_LATE] += gone
     while claimed := store.claim_uploads(client, sink.destination, limit=sink.max_events,
                                          now=now):
         uploads = []
@@ -403,45 +404,49 @@ def _send_batch(store: Store, sink: Sink, client: str, now: dt.datetime,
                 fresh: set[str]) -> bool:
     """Send one request; False when the run must stop sending (the rest stays for later).
 
-    Whatever the platform answered, nothing is failed for good here: local validation (the
-    sink's ``problems``) sets bad events aside before they are planned, so a request refused
-    whole is refused for something about the request (credentials, the action, consent): its
-    rows go back to planned, and the next run, once that is fixed, sends them."""
-    keys = [u.dedupe_key for u in batch]
-    try:
-        request_id = sink.send(batch)
-    except SinkError as error:
-        if (not error.maybe_sent and not error.retryable
-                and any(i < len(batch) for i in error.events)):
-            return _set_aside(store, sink, client, now, batch, error, resent, result, fresh)
-        result.errors.append(_said(error))
-        if not error.maybe_sent:  # else left "sending": the next run resends them, same keys
-            store.release_uploads(sink.destination, keys, UploadStatus.PLANNED, error.reason)
-        if not error.retryable and not error.maybe_sent:
-            result.failed[error.reason or "rejected"] += len(keys)
-            for upload in batch:
-                result.by_action[upload.conversion]["rejected"] += 1
-        return False
-    except ValueError as error:  # the request could not even be built (consent denied, ...)
-        result.errors.append(str(error))
-        store.release_uploads(sink.destination, keys, UploadStatus.PLANNED, str(error))
-        return False
-    store.record_sent(client, sink.destination, keys, request_id, now,
-                      first=fresh.issuperset(keys), settled=sink.settles)
-    result.sent += len(keys)
-    result.resent += len(resent & set(keys))
-    result.progress(result)
-    for upload in batch:
-        result.by_action[upload.conversion]["sent"] += 1
-        result.by_action[upload.conversion]["resent"] += upload.dedupe_key in resent
+    Whatever the platform answered, nothing is failed for good here but the events it named:
+    local validation (the sink's ``problems``) sets bad events aside before they are planned,
+    so a request refused whole is refused for something about the request (credentials, the
+    action, consent): its rows go back to planned, and the next run, once that is fixed, sends
+    them. Events the platform named (our checks let them through) fail with its reason, and
+    the rest of the request goes again without them, as often as it names more."""
+    while batch:
+        keys = [u.dedupe_key for u in batch]
+        try:
+            request_id = sink.send(batch)
+        except SinkError as error:
+            if (not error.maybe_sent and not error.retryable
+                    and any(i < len(batch) for i in error.events)):
+                batch = _set_aside(store, sink, batch, error, result)
+                continue
+            result.errors.append(_said(error))
+            if not error.maybe_sent:  # else left "sending": the next run resends them
+                store.release_uploads(sink.destination, keys, UploadStatus.PLANNED,
+                                      error.reason)
+            if not error.retryable and not error.maybe_sent:
+                result.failed[error.reason or "rejected"] += len(keys)
+                for upload in batch:
+                    result.by_action[upload.conversion]["rejected"] += 1
+            return False
+        except ValueError as error:  # the request could not even be built (consent denied)
+            result.errors.append(str(error))
+            store.release_uploads(sink.destination, keys, UploadStatus.PLANNED, str(error))
+            return False
+        store.record_sent(client, sink.destination, keys, request_id, now,
+                          first=fresh.issuperset(keys), settled=sink.settles)
+        result.sent += len(keys)
+        result.resent += len(resent & set(keys))
+        result.progress(result)
+        for upload in batch:
+            result.by_action[upload.conversion]["sent"] += 1
+            result.by_action[upload.conversion]["resent"] += upload.dedupe_key in resent
+        return True
     return True
 
 
-def _set_aside(store: Store, sink: Sink, client: str, now: dt.datetime,
-               batch: list[Upload], error: SinkError, resent: set[str], result: PushResult,
-               fresh: set[str]) -> bool:
-    """The platform refused a request for some of its events (our checks let them through):
-    those fail with what it said, and the others go out again at once, without them."""
+def _set_aside(store: Store, sink: Sink, batch: list[Upload], error: SinkError,
+               result: PushResult) -> list[Upload]:
+    """The events of ``batch`` the platform named fail with what it said; the others."""
     named = {i: why for i, why in error.events.items() if i < len(batch)}
     for i, why in named.items():
         upload = batch[i]
@@ -452,8 +457,7 @@ def _set_aside(store: Store, sink: Sink, client: str, now: dt.datetime,
         result.by_action[upload.conversion]["rejected"] += 1
     log.warning("%s: %d event(s) set aside after %s", sink.destination.value, len(named),
                 error.reason)
-    rest = [u for i, u in enumerate(batch) if i not in named]
-    return not rest or _send_batch(store, sink, client, now, rest, resent, result, fresh)
+    return [u for i, u in enumerate(batch) if i not in named]
 
 
 def _read_back(store: Store, sink: DataManagerSink, client: str, now: dt.datetime,

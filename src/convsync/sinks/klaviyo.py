@@ -167,12 +167,12 @@ def _sink_error(error: BaseException, positions: list[list[int]],
                          fix="push again later: the events go out under the same unique ids")
     status = error.status or 0
     detail, pointer = _first_error(error)
-    at = re.search(r"/events-bulk-create/data/(\d+)/attributes/events/data/(\d+)", pointer)
+    at = re.search(r"/events-bulk-create/data/(\d+)/attributes/(?:events/data/(\d+))?", pointer)
     named = {}
     if at and status == 400 and int(at.group(1)) < len(positions):
-        entry = positions[int(at.group(1))]
-        if int(at.group(2)) < len(entry):
-            named[entry[int(at.group(2))]] = detail
+        entry = positions[int(at.group(1))]  # a profile's events: all of them, or the one named
+        named = {i: detail for n, i in enumerate(entry)
+                 if at.group(2) is None or n == int(at.group(2))}
     return SinkError(f"{what} refused: HTTP {status}: {detail}", reason=f"HTTP_{status}",
                      retryable=klaviyo_source.RETRY.is_retryable(error), maybe_sent=maybe_sent,
                      fix=FIXES.get(status, ""), events=named)

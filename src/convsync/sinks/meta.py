@@ -208,7 +208,8 @@ def _sink_error(error: BaseException, events: int, maybe_sent: bool) -> SinkErro
         f"{_scrub(said)}", reason=f"META_{code}", retryable=retryable,
         maybe_sent=maybe_sent,
         fix=FIXES.get(code, "") if isinstance(code, int) else "",
-        events={int(index.group(1)): _scrub(said)} if index and code == 100 else None)
+        events={int(index.group(1)): _scrub(re.sub(r"\['data'\]\[\d+\]", "['data'][i]", said))}
+        if index and code == 100 else None)
 
 
 def _scrub(text: str) -> str:
