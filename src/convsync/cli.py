@@ -710,15 +710,14 @@ def audit(config: ConfigOption, as_json: JsonFlag = False) -> None:
             table.add_column(column, justify="right" if column in ("conv.", "value")
                              else "left", no_wrap=column != "action")
         for a in result.actions:
-            guessed = "" if a.kind_source.startswith("from config") else "?"
             last = a.last_conversion
-            table.add_row(_account(a.account_id), a.name, f"{a.kind.value}{guessed}",
+            table.add_row(_account(a.account_id), a.name, a.label,
                           "yes" if a.in_column else "no", f"{a.conversions:,g}",
                           f"{a.value:,.0f}", f"{last:%m-%d}" if last else "")
         out.print(table)
         out.print("col.: counted in the Conversions column; conv. and value: in the window, by "
                   "click date; last: the last day with a conversion", highlight=False)
-        if any(not a.kind_source.startswith("from config") for a in result.actions):
+        if any(a.guessed for a in result.actions):
             out.print("? kind guessed from the name or category: map the action in a "
                       "[[conversions]] entry (`convsync discover` prints one)", markup=False,
                       highlight=False)
