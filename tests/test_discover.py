@@ -171,3 +171,16 @@ def test_the_table_at_80_columns_cuts_no_name_and_names_convsyncs_upload_action(
     assert "offsite_conversion.fb_pixel_complete" in text and "_registration" in text
     upload = next(i for i, line in enumerate(lines) if "convsync micro value" in line)
     assert "convsync's upload" in lines[upload] and "unmapped" not in lines[upload]
+
+
+def test_a_pull_never_reports_convsyncs_upload_action_unmapped_and_keeps_its_mark(
+        config_path: Path) -> None:
+    config = load_config(config_path)
+    with Store.open(config.store_url()) as store:
+        result = pipeline.pull(config, load_secrets(config), store,
+                               platforms=[Platform.GOOGLE_ADS])
+        stored = {c.name: c for c in store.platform_conversions(Platform.GOOGLE_ADS)}
+    upload = stored["convsync micro value (upload)"]
+    assert "upload_action_of" in upload.settings  # as discover marks it
+    assert "convsync micro value (upload)" not in result.summary()["platforms"][
+        "google_ads"]["unmapped"]

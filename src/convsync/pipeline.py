@@ -339,6 +339,10 @@ def _pull_platform(config: ClientConfig, secrets: Secrets, store: Store, platfor
             outcome.errors.append(redact(f"{stream.name} {stream.account_id}: "
                                          f"{explain(error, platform)}"))
             log.error("%s: %s", platform.value, outcome.errors[-1])
+    if platform is Platform.GOOGLE_ADS and _upload_actions(config):
+        own = set(_upload_actions(config).values())  # convsync's own: never to map
+        outcome.unmapped -= {c.name for c in store.platform_conversions(platform)
+                             if c.platform_id in own}
 
 
 def _today(config: ClientConfig) -> dt.date:
@@ -459,16 +463,23 @@ def _commit_batches(config: ClientConfig, store: Store, stream: Stream, start: d
         pending += len(row) if isinstance(row, JourneyBatch) else 1
         if pending >= BATCH_ROWS:
             done = last_complete_day(row, config.client.timezone) if stream.ordered else None
-            _store_batch(store, batch, tally.outcome)
+            _store_batch(store, batch, tally.outcome, _upload_actions(config))
             tally.stored(batch, pending, min(done + _Tally.MARGIN, end) if done else end)
             batch, pending = [], 0
             if done is not None and done >= start:
                 yield done
-    _store_batch(store, batch, tally.outcome)
+    _store_batch(store, batch, tally.outcome, _upload_actions(config))
     tally.stored(batch, pending, end)
 
 
-def _store_batch(store: Store, batch: list[Row], outcome: PlatformPull) -> None:
+def _upload_actions(config: ClientConfig) -> dict[str, str]:
+    return config.google_ads.upload_actions if config.google_ads else {}
+
+
+def _store_batch(store: Store, batch: list[Row], outcome: PlatformPull,
+                 upload_actions: dict[str, str]) -> None:
+    """Store a batch of a stream's rows. Google Ads actions convsync uploads to are marked as
+    such (``upload_action_of``) and never reported unmapped: they are convsync's own."""
     stats = [r for r in batch if isinstance(r, ConversionStat)]
     events = [r for r in batch if isinstance(r, JourneyEvent)]
     batches = [r for r in batch if isinstance(r, JourneyBatch)]
@@ -480,13 +491,15 @@ def _store_batch(store: Store, batch: list[Row], outcome: PlatformPull) -> None:
     if batches:
         store.upsert_journey_batches(batches)
     if definitions:
+        definitions = _mark_upload_actions(definitions, upload_actions)
         store.save_platform_conversions(definitions)
     outcome.unmapped.update(r.platform_conversion for r in stats if r.conversion is None)
     journeys: list[JourneyEvent | JourneyBatch] = [*events, *batches]
     outcome.unmapped.update(r.platform_conversion for r in journeys
                             if r.conversion is None and r.platform_conversion != "click")
     outcome.unmapped.update(r.name for r in definitions if r.conversion is None
-                            and "alias_of" not in r.settings)
+                            and "alias_of" not in r.settings
+                            and "upload_action_of" not in r.settings)
 
 
 def _mark(config: ClientConfig, store: Store, stream: Stream, window: Window,
