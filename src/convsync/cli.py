@@ -604,6 +604,116 @@ def _print_push(client: ClientConfig, result: Any, dry_run: bool) -> None:
         console.print(f"[yellow]problem[/yellow] {name}: {problem}", highlight=False)
 
 
+@app.command("sync")
+def sync_command(
+    config: Annotated[Path | None, typer.Option(
+        "--config", "-c", help="One client's config file (TOML).", dir_okay=False)] = None,
+    config_dir: Annotated[Path | None, typer.Option(
+        "--config-dir", help="Every client config (*.toml) in this folder.",
+        file_okay=False)] = None,
+    stage: Annotated[list[str] | None, typer.Option(
+        help="Only these stages (repeatable): pull, audit, reconcile, values, push, report. "
+             "Default: all, in that order.")] = None,
+    jobs: Annotated[int, typer.Option(
+        help="Clients synced at once, each in its own process (2 suits a 2-core VM: most "
+             "of a sync waits on the platforms).", min=1, max=32)] = 2,
+    wait: Annotated[bool, typer.Option(
+        "--wait", help="Wait for a client another run holds, instead of skipping it.")] = False,
+    reports: Annotated[Path, typer.Option(
+        "--out", help="Where each client's report goes (a folder per client).")] = Path(
+        "var/reports"),
+    json_logs: Annotated[bool, typer.Option(
+        "--json-logs", help="Log one JSON object a line on stderr (time, run, client, stage, "
+                            "counts, seconds, errors), secrets redacted.")] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """The main job: for each client, pull -> audit -> reconcile -> values -> push -> report.
+
+    Each client runs under its own lock: an overlapping run (cron) skips it with one line, or
+    waits with --wait. One client's or one stage's failure never stops the others; each
+    client's run record keeps every stage's counts and errors (`convsync runs`). Exit code 0
+    when every client succeeded (or was skipped: another run has it), 3 when some did, 1
+    when none did."""
+    from convsync import sync
+
+    if config is None and config_dir is None:
+        raise typer.BadParameter("name a client: --config FILE or --config-dir DIR",
+                                 param_hint="--config")
+    unknown = sorted(set(stage or ()) - set(sync.STAGES))
+    if unknown:
+        raise typer.BadParameter(f"unknown stage {', '.join(unknown)}: use "
+                                 f"{', '.join(sync.STAGES)}", param_hint="--stage")
+    configs = list(sync.client_configs(config, config_dir))
+    if not configs:
+        raise typer.BadParameter(f"no *.toml client config in {config_dir}",
+                                 param_hint="--config-dir")
+    if json_logs:
+        from convsync.logs import use_json_lines
+
+        use_json_lines()
+
+    def done(client: Any) -> None:
+        if not as_json and not json_logs:
+            console.print(f"{client.client or client.config}: {client.status}"
+                          + (f" ({client.message})" if client.message else ""),
+                          highlight=False, markup=False)
+
+    results = sync.sync_clients(configs, stages=stage or sync.STAGES, jobs=jobs, wait=wait,
+                                out_dir=reports, json_logs=json_logs, on_done=done)
+    summary = {"clients": [r.summary() for r in results]}
+
+    def human() -> None:
+        table = Table(title="Sync", box=box.SIMPLE_HEAD)
+        for column in ("client", "status", "stages", "report"):
+            table.add_column(column, overflow="fold")
+        for r in results:
+            stages = ", ".join(f"{s.stage} {s.status}" for s in r.stages) or r.message
+            table.add_row(r.client or r.config, r.status, stages, r.report)
+        out.print(table)
+        for r in results:
+            for s in r.stages:
+                for error in s.errors:
+                    console.print(f"[yellow]problem[/yellow] {escape(r.client)} {s.stage}: "
+                                  f"{escape(error)}", highlight=False)
+
+    _emit(summary, as_json, human)
+    succeeded = [r for r in results if r.status in ("ok", "skipped")]
+    if len(succeeded) < len(results):
+        raise typer.Exit(Exit.PARTIAL if any(r.status != "failed" for r in results)
+                         else Exit.FAILED)
+
+
+@app.command("runs")
+def runs_command(
+    config: ConfigOption,
+    limit: Annotated[int, typer.Option(help="How many of the latest runs.", min=1)] = 20,
+    as_json: JsonFlag = False,
+) -> None:
+    """The client's recent runs (pull, backfill, push, sync, ...): when, how long, and how
+    each ended; a run left running by a process that is gone shows as abandoned."""
+    from convsync.store import Store
+
+    client, _ = _load(config)
+    with Store.open(client.store_url()) as store:
+        runs = store.recent_runs(client.client.name, limit=limit)
+    summary = {"client": client.client.name, "runs": [
+        {"id": r.id, "command": r.command, "started_at": r.started_at,
+         "finished_at": r.finished_at, "status": r.status} for r in runs]}
+
+    def human() -> None:
+        table = Table(title=f"Runs, {client.client.name}", box=box.SIMPLE_HEAD)
+        for column in ("id", "command", "started (UTC)", "took", "status"):
+            table.add_column(column)
+        for r in runs:
+            took = (f"{(r.finished_at - r.started_at).total_seconds():,.0f} s"
+                    if r.finished_at else "")
+            table.add_row(str(r.id), r.command, f"{r.started_at:%Y-%m-%d %H:%M}", took,
+                          r.status)
+        out.print(table)
+
+    _emit(summary, as_json, human)
+
+
 @app.command("uploads")
 def uploads_command(
     config: ConfigOption,

@@ -38,6 +38,12 @@ class RedactingFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.msg = self.redactor(record.getMessage())
         record.args = None
+        for name in ("errors", "fix"):  # the extras a JSON log line carries as text
+            value = getattr(record, name, None)
+            if isinstance(value, str):
+                setattr(record, name, self.redactor(value))
+            elif isinstance(value, list):
+                setattr(record, name, [self.redactor(str(v)) for v in value])
         return True
 
 
