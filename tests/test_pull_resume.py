@@ -128,3 +128,24 @@ def test_rows_pulled_again_after_a_retry_are_counted_once(tmp_path: Path) -> Non
     assert failed and stored == 12_000
     assert outcome.rows == 12_000  # not 12,000 + the rows of the days pulled twice
     assert len(outcome.days) == 12
+
+
+def test_a_pull_the_projects_budget_cannot_hold_is_deferred_not_failed_half_way(
+        running: server.RunningSandbox, tmp_path: Path) -> None:
+    path = tmp_path / "tight.toml"
+    server.write_client_config(path, running)
+    path.write_text(path.read_text().replace("[google_ads]\n",
+                                             "[google_ads]\ndaily_operation_budget = 3\n", 1))
+    config = load_config(path)
+    secrets = load_secrets(config)
+    with Store.open(config.store_url()) as store:
+        first = pipeline.pull(config, secrets, store, platforms=[Platform.GOOGLE_ADS],
+                              today=TODAY)
+        running.sandbox.reset_requests()
+        second = pipeline.pull(config, secrets, store, platforms=[Platform.GOOGLE_ADS],
+                               today=TODAY)
+    assert first.failed == [] and first.platforms[0].requests.total == 2
+    google = second.summary()["platforms"]["google_ads"]
+    assert google["errors"] == [] and google["requests"] == 0
+    assert google["skipped"][0].startswith("deferred: the Cloud project has 1 of its 3 daily")
+    assert running.sandbox.requests("google_ads").get("google_ads.SearchStream", 0) == 0

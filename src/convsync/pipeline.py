@@ -320,6 +320,11 @@ def _pull_platform(config: ClientConfig, secrets: Secrets, store: Store, platfor
         outcome.errors.append(redact(explain(error, platform)))
         log.error("%s: %s", platform.value, outcome.errors[-1])
         return
+    if platform is Platform.GOOGLE_ADS and (why := _over_budget(config, secrets, store,
+                                                                 len(streams))):
+        outcome.skipped.append(why)
+        log.warning("%s: %s", platform.value, why)
+        return
     failed_accounts: set[str] = set()
     for stream in streams:
         if stream.account_id in failed_accounts:
@@ -508,6 +513,24 @@ def _mark(config: ClientConfig, store: Store, stream: Stream, window: Window,
     if window.backfill or final:
         store.set_watermark(config.client.name, Platform(stream.platform), stream.account_id,
                             window.key, last_complete_date=complete)
+
+
+def _over_budget(config: ClientConfig, secrets: Secrets, store: Store, streams: int) -> str:
+    """Why this client's Google Ads pull is deferred ('' when it is not): the Cloud project's
+    operations left today (every client's are counted) cannot hold one query per stream, so
+    it waits for the budget to reset rather than fail half-way."""
+    section = config.google_ads
+    budget = section.operation_budget if section else None
+    if section is None or not budget:
+        return ""
+    used = quotas.operations_today(store, quotas.cloud_project(section, secrets),
+                                   dt.datetime.now(dt.UTC))
+    if used + streams <= budget:
+        return ""
+    return (f"deferred: the Cloud project has {max(budget - used, 0):,} of its {budget:,} "
+            f"daily Google Ads operations left and this pull needs at least {streams}; the "
+            "budget resets at midnight Pacific time (raise [google_ads] access_level or "
+            "daily_operation_budget if Google granted more)")
 
 
 def _budget_warnings(config: ClientConfig, secrets: Secrets, store: Store,
