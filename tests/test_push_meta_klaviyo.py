@@ -17,8 +17,10 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from typer.testing import CliRunner
 
 from convsync import pipeline, push
+from convsync.cli import app
 from convsync.model import Identifiers, JourneyEvent, Platform, Upload
 from convsync.planning import dedupe_key
 from convsync.sandbox import server
@@ -174,6 +176,9 @@ def test_meta_gets_each_recent_eligible_event_once_at_its_value_with_metas_hashe
     assert (again.sent, again.planned_new) == (0, 0)
     assert meta_counted(running) == counted
     assert running.meta_capi.counted_twice() == 0
+    shown = CliRunner().invoke(app, ["uploads", "--config", str(config.path), "--json"])
+    ledgered = json.loads(shown.stdout)["meta"]
+    assert sum(r["uploads"] for r in ledgered if r["status"] == "accepted") == len(wanted)
 
 
 def test_klaviyo_gets_each_eligible_event_once_on_its_profile_history_as_backfill(

@@ -312,6 +312,16 @@ def backfill(
     first, last = _day(since, "--since"), _day(until, "--until") if until else None
     if last is not None and last < first:
         raise typer.BadParameter("--until is before --since", param_hint="--until")
+    client, _ = _load(config)
+    yesterday = dt.datetime.now(ZoneInfo(client.client.timezone)).date() - dt.timedelta(days=1)
+    if first > yesterday:
+        raise typer.BadParameter(
+            f"{first} is not a complete day yet in {client.client.timezone} (a backfill pulls "
+            "days that are over: `convsync pull` keeps the recent ones)", param_hint="--since")
+    if last is not None and last > yesterday:
+        console.print(f"--until {last} is not over yet: backfilling to {yesterday}",
+                      highlight=False)
+        last = yesterday
     _run_pull(config, platform, as_json, since=first, until=last, restart=restart)
 
 
@@ -329,12 +339,23 @@ def _run_pull(path: Path, platform: list[str] | None, as_json: bool, **window: A
     def human() -> None:
         table = Table(title=f"{result.command} {result.client}: {result.since} .. {result.until}")
         for column in ("platform", "rows", "days", "requests", "unmapped", "errors"):
-            table.add_column(column)
+            table.add_column(column, justify="right" if column in ("rows", "days", "requests")
+                             else "left")
         for p in result.platforms:
             s = p.summary()
-            table.add_row(p.platform.value, str(s["rows"]), str(s["days"]), str(s["requests"]),
-                          ", ".join(s["unmapped"]), "\n".join(s["errors"] + s["skipped"]))
+            table.add_row(p.platform.value, f"{s['rows']:,}", f"{s['days']:,}",
+                          f"{s['requests']:,}", ", ".join(s["unmapped"]),
+                          escape("\n".join(s["errors"])))
         out.print(table)
+        skipped = [(p.platform.value, why) for p in result.platforms for why in p.skipped]
+        done = [name for name, why in skipped if "already complete" in why]
+        if done:
+            out.print(f"nothing to do for {', '.join(dict.fromkeys(done))}: "
+                      f"{result.since} .. {result.until} is already stored (--restart pulls "
+                      "it again)", highlight=False)
+        for name, why in skipped:
+            if "already complete" not in why:
+                out.print(f"{name}: {why}", highlight=False, markup=False)
         for warning in result.warnings:
             console.print(f"[yellow]warning[/yellow] {warning}", highlight=False)
         unmapped = sorted({(p.platform, n) for p in result.platforms for n in p.unmapped})
@@ -572,22 +593,28 @@ def _print_push(client: ClientConfig, result: Any, dry_run: bool) -> None:
     title = "Push plan (dry run: nothing sent)" if dry_run else "Push"
     table = Table(title=f"{title}, {client.client.name}, {DESTINATION_NAMES[name]} "
                         f"({client.client.currency})", box=box.SIMPLE_HEAD)
-    columns = ("conversion", "to", "events", *(("new",) if dry_run else ()), "value",
-               "held", "refused")
+    columns = ("conversion", "events", "new" if dry_run else "sent now", "value", "held",
+               "not sent")
     for column in columns:
-        table.add_column(column, justify="left" if column in ("conversion", "to") else "right",
-                         overflow="fold")
+        table.add_column(column, justify="left" if column == "conversion" else "right",
+                         no_wrap=True)
     for action in result.plan.actions.values():
-        new = action.events - result.by_action[action.conversion]["in_ledger"]
-        target = (action.action_id if action.action_name in ("", action.action_id)
-                  else f"{action.action_id} {action.action_name}")
-        table.add_row(action.conversion, target, f"{action.events:,}",
-                      *((f"{new:,}",) if dry_run else ()), f"{action.value:,.2f}",
-                      f"{action.held:,}", f"{sum(action.refused.values()):,}")
+        done = result.by_action[action.conversion]
+        now = action.events - done["in_ledger"] if dry_run else done["sent"]
+        table.add_row(action.conversion, f"{action.events:,}", f"{now:,}",
+                      f"{action.value:,.2f}", f"{action.held:,}",
+                      f"{sum(action.refused.values()):,}")
     out.print(table)
     for action in result.plan.actions.values():
+        target = (action.action_id if action.action_name in ("", action.action_id)
+                  else f"{action.action_id} {action.action_name}")
+        out.print(f"  {action.conversion} goes to {target}", highlight=False, markup=False)
+    out.print("events: all the plan holds (sent before or not); not sent: what the platform "
+              "would refuse or convsync does not advise, by reason below", highlight=False)
+    for action in result.plan.actions.values():
         for why, count in action.refused.most_common():
-            out.print(f"  {action.conversion}: {count:,} refused, {why}", highlight=False)
+            out.print(f"  {action.conversion}: {count:,} not sent: {why}", highlight=False,
+                      markup=False)
         if action.retracting:
             out.print(f"  {action.conversion}: {action.retracting:,} voided by the CRM, to "
                       "retract through the Google Ads API (retraction_accounts)",
@@ -595,13 +622,17 @@ def _print_push(client: ClientConfig, result: Any, dry_run: bool) -> None:
         if action.voided:
             out.print(f"  {action.conversion}: {action.voided:,} voided by the CRM, "
                       f"{VOIDED_KEPT[name]}", highlight=False)
+    for why, count in result.failed.most_common():
+        out.print(f"  {count:,} failed: {why}", highlight=False, markup=False)
     if not dry_run:
+        requests = ", ".join(f"{n:,} {method}" for method, n in result.requests.items())
+        restated = (f", restated {result.restated:,}, retracted {result.retracted:,}"
+                    if name == "google_ads" else "")
         out.print(f"sent {result.sent:,} ({result.resent:,} resent), new in the ledger "
-                  f"{result.planned_new:,}, restated {result.restated:,}, held "
-                  f"{result.held:,}, retracted {result.retracted:,}; requests: "
-                  f"{dict(result.requests) or 'none'}", highlight=False)
+                  f"{result.planned_new:,}{restated}, held {result.held:,}; requests: "
+                  f"{requests or 'none'}", highlight=False)
     for problem in [*result.plan.problems, *result.errors]:
-        console.print(f"[yellow]problem[/yellow] {name}: {problem}", highlight=False)
+        console.print(f"[yellow]problem[/yellow] {name}: {escape(problem)}", highlight=False)
 
 
 @app.command("sync")
@@ -683,6 +714,31 @@ def sync_command(
                          else Exit.FAILED)
 
 
+@app.command("doctor")
+def doctor_command(config: ConfigOption, as_json: JsonFlag = False) -> None:
+    """Check what the main job (`convsync sync`) needs: each enabled platform's credentials
+    and access (the accounts it pulls, the actions, pixel and scopes it pushes to) and the
+    store, each with ok or the problem and its fix. Exit 0 when all is well, 2 when something
+    is missing or wrong."""
+    from convsync import doctor
+
+    try:
+        client = load_config(config)
+    except ConfigError as error:
+        console.print(str(error), highlight=False)
+        raise typer.Exit(Exit.BAD_INPUT) from None
+    secrets, secrets_checks = doctor.load_secrets_checked(client)
+    install_redaction(Redactor(secrets.values()))
+    report = doctor.run(client, secrets, secrets_checks)
+
+    def human() -> None:
+        out.print(doctor.table(report))
+        out.print(doctor.verdict(report), highlight=False)
+
+    _emit(report.summary(), as_json, human)
+    raise typer.Exit(Exit.OK if report.ok else Exit.BAD_INPUT)
+
+
 @app.command("runs")
 def runs_command(
     config: ConfigOption,
@@ -724,9 +780,10 @@ def uploads_command(
                           "processing (push asks from 30 minutes after each send).")] = False,
     as_json: JsonFlag = False,
 ) -> None:
-    """The upload ledger: per conversion action, how many uploads are planned, held, sent,
-    accepted or rejected (with the reason), their value and resends; then what Google said
-    of the requests, its processing errors by reason and what to fix for each."""
+    """The upload ledger: per destination and conversion action, how many uploads are
+    planned, held, sent, accepted or rejected (with the reason), their value and resends;
+    then what Google said of its requests, its processing errors by reason and what to fix
+    for each (Meta and Klaviyo say nothing after taking a request: it is final)."""
     from convsync import push
     from convsync.sinks.google_ads.datamanager import PROCESSING_FIXES
     from convsync.store import Store
@@ -735,26 +792,25 @@ def uploads_command(
     with Store.open(client.store_url()) as store:
         if refresh:
             for error in push.refresh_google_ads(client, secrets, store).errors:
-                console.print(f"[yellow]problem[/yellow] {error}", highlight=False)
-        rows = store.ledger(client.client.name, Platform.GOOGLE_ADS)
+                console.print(f"[yellow]problem[/yellow] {escape(error)}", highlight=False)
+        ledgers = {name: store.ledger(client.client.name, Platform(name))
+                   for name in DESTINATIONS}
         requests = store.upload_request_rows(client.client.name, Platform.GOOGLE_ADS)
-    summary = {"client": client.client.name, "google_ads": rows, "requests": requests}
+    rows = ledgers["google_ads"]
+    summary = {"client": client.client.name, **ledgers, "requests": requests}
 
     def human() -> None:
-        if not rows:
-            out.print("the ledger is empty: run `convsync push` first")
+        if not any(ledgers.values()):
+            out.print("the ledger is empty: nothing was planned yet (`convsync push --dry-run` "
+                      "says what would go, and why the rest would not)")
             return
-        table = Table(title=f"Uploads to Google Ads, {client.client.name}", box=box.SIMPLE_HEAD)
-        columns = ("action", *(("day",) if by_day else ()), "status", "uploads", "value",
-                   "resent", "reason")
-        for column in columns:
-            table.add_column(column, justify="right" if column in ("uploads", "value",
-                                                                   "resent") else "left")
-        for key, (count, value, resends) in _ledger_cells(rows, by_day).items():
-            action, day, status, reason = key
-            table.add_row(action, *((day,) if by_day else ()), status, f"{count:,}",
-                          f"{value:,.2f}", f"{resends:,}", reason)
-        out.print(table)
+        for name in ("meta", "klaviyo"):
+            if ledgers[name]:
+                out.print(_ledger_table(f"Uploads to {DESTINATION_NAMES[name]}, "
+                                        f"{client.client.name}", ledgers[name], by_day))
+        if not rows:
+            return
+        out.print(_ledger_table(f"Uploads to Google Ads, {client.client.name}", rows, by_day))
         states = Counter(r["status"] for r in requests)
         errors: Counter[str] = Counter()
         for r in requests:
@@ -772,6 +828,21 @@ def uploads_command(
             out.print(f"  {reason}: {count:,} events. {fix}", highlight=False)
 
     _emit(summary, as_json, human)
+
+
+def _ledger_table(title: str, rows: list[dict[str, Any]], by_day: bool) -> Table:
+    """A destination's ledger summed per action, status and reason (and day)."""
+    table = Table(title=title, box=box.SIMPLE_HEAD)
+    columns = ("action", *(("day",) if by_day else ()), "status", "uploads", "value", "resent",
+               "reason")
+    for column in columns:
+        table.add_column(column, justify="right" if column in ("uploads", "value", "resent")
+                         else "left", overflow="fold")
+    for (action, day, status, reason), (count, value, resends) in _ledger_cells(
+            rows, by_day).items():
+        table.add_row(action, *((day,) if by_day else ()), status, f"{count:,}",
+                      f"{value:,.2f}", f"{resends:,}", reason)
+    return table
 
 
 def _ledger_cells(rows: list[dict[str, Any]], by_day: bool

@@ -8,7 +8,8 @@ else escaping is a bug in convsync.
 
     ConvsyncError             exit 1
     ├── ConfigError           exit 2   a config file or secret that cannot be used: each
-    │                                  problem names its key
+    │   │                              problem names its key
+    │   └── MissingSecret              a credential a platform needs is not set
     ├── InputError            exit 2   a file to import that cannot be read at all (a bad
     │                                  row is not an error: it is skipped and reported by
     │                                  line, the rest imported)
@@ -55,10 +56,21 @@ class ConfigError(ConvsyncError):
     exit_code = 2
 
     def __init__(self, path: Path, problems: Sequence[Any]) -> None:
-        self.path = path
+        self.path: Path | None = path
         self.problems: list[Any] = list(problems)
         lines = "\n".join(f"  {p}" for p in self.problems)
         super().__init__(f"{path}: {len(self.problems)} problem(s)\n{lines}")
+
+
+class MissingSecret(ConfigError):
+    """A credential a platform needs is not set: names the variable, never a value."""
+
+    def __init__(self, variable: str, *, what: str = "") -> None:
+        ConvsyncError.__init__(
+            self, f"{variable} is not set{f' ({what})' if what else ''}",
+            fix=f"set {variable} in the environment or in the client's secrets_file")
+        self.path = None
+        self.problems = [self.message]
 
 
 class InputError(ConvsyncError):

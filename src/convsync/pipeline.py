@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from convsync import quotas
+from convsync.errors import ConvsyncError
 from convsync.gctuning import fewer_collections
 from convsync.model import (
     ConversionMap,
@@ -133,7 +134,8 @@ def _platform_conversions(platform: Platform, config: ClientConfig, secrets: Sec
 def explain(error: Exception, platform: Platform) -> str:
     """The platform's own account of an error when it is one, else the exception itself,
     and when to come back if the platform asked for a longer wait than a run makes."""
-    said = SOURCES[platform].explain(error) or f"{type(error).__name__}: {error}"
+    said = SOURCES[platform].explain(error) or (
+        str(error) if isinstance(error, ConvsyncError) else f"{type(error).__name__}: {error}")
     later = wait_too_long(SOURCES[platform].RETRY, error)
     if later is not None and "run again later" not in said:
         back = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=later)

@@ -62,6 +62,7 @@ from facebook_business.adobjects.adreportrun import AdReportRun
 from facebook_business.adobjects.adsinsights import AdsInsights
 from facebook_business.adobjects.adspixel import AdsPixel
 from facebook_business.adobjects.campaign import Campaign as CampaignObject
+from facebook_business.adobjects.user import User
 
 from convsync.model import META_DEFAULT_WINDOWS, META_REMOVED_WINDOWS, META_WINDOWS
 from convsync.sandbox.control import Fault, Sandbox
@@ -86,6 +87,9 @@ GRAPH_DOCS = "https://developers.facebook.com/docs/graph-api"
 PACIFIC = ZoneInfo("America/Los_Angeles")  # Graph words token expiry in Menlo Park time
 ACCOUNT_NAME = "convsync sandbox"
 PIXEL_NAME = "convsync sandbox pixel"
+SYSTEM_USER_ID = "61550000000001"
+SYSTEM_USER_NAME = "convsync sandbox system user"
+"""Who every sandbox token belongs to (``GET /me``): a Business Manager system user."""
 CAMPAIGN_STATUS = "ACTIVE"
 CAMPAIGN_OBJECTIVE = "OUTCOME_SALES"
 DEFAULT_LIMIT = 25
@@ -109,6 +113,7 @@ INSIGHTS_FIELDS = _fields_of(AdsInsights)
 ACCOUNT_FIELDS = _fields_of(AdAccount)
 CAMPAIGN_FIELDS = _fields_of(CampaignObject)
 PIXEL_FIELDS = _fields_of(AdsPixel)
+USER_FIELDS = _fields_of(User)
 REPORT_FIELDS = _fields_of(AdReportRun)
 
 
@@ -678,6 +683,7 @@ class MetaGraph:
             ("GET", "report", "insights"): Route("report_run.insights", node,
                                                  self._report_insights, "ads_insights"),
             ("GET", "pixel", ""): Route("pixel", node, self._pixel),
+            ("GET", "me", ""): Route("me", node, self._me),
         }
         found = routes.get((request.method, kind, edge))
         if found is not None:
@@ -692,6 +698,8 @@ class MetaGraph:
             return "account" if node == accounts.meta_ad_account_id else "unknown"
         if node == accounts.meta_pixel_id:
             return "pixel"
+        if node == "me":  # the token's own user (a system user's, for a server-side token)
+            return "me"
         if self._meta_campaign(node) is not None:
             return "campaign"
         with self._lock:
@@ -748,6 +756,11 @@ class MetaGraph:
     def _pixel(self, request: Request, node: str) -> Response:
         pixel = {"id": self.world.accounts.meta_pixel_id, "name": PIXEL_NAME}
         return _node_response(pixel, request, PIXEL_FIELDS, "AdsPixel")
+
+    def _me(self, request: Request, node: str) -> Response:
+        """``GET /me``: the user the token belongs to, as Graph answers any valid token."""
+        user = {"id": SYSTEM_USER_ID, "name": SYSTEM_USER_NAME}
+        return _node_response(user, request, USER_FIELDS, "User")
 
     def _report(self, request: Request, node: str) -> Response:
         run = self._report_run(node)

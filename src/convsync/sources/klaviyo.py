@@ -44,7 +44,7 @@ from openapi_client.rest import RESTResponse
 from urllib3.exceptions import ProtocolError
 from urllib3.exceptions import TimeoutError as Urllib3Timeout
 
-from convsync.errors import PlatformError
+from convsync.errors import MissingSecret, PlatformError
 from convsync.hashing import hash_email, hash_phone, sha256_hex
 from convsync.model import (
     Basis,
@@ -82,7 +82,7 @@ together); the cache is emptied when it grows past this, which bounds its memory
 def connect(section: KlaviyoSection, secrets: Secrets) -> KlaviyoAPI:
     """A client whose retries are ours (tenacity), not the SDK's, so they are counted once."""
     if secrets.klaviyo_api_key is None:
-        raise ValueError("set CONVSYNC_KLAVIYO_API_KEY")
+        raise MissingSecret("CONVSYNC_KLAVIYO_API_KEY", what="Klaviyo's private API key")
     kwargs: dict[str, Any] = {"max_retries": 0,
                               "options": {"USE_DICTIONARY_FOR_RESPONSE_DATA": True}}
     if section.endpoint:

@@ -40,6 +40,7 @@ from facebook_business.exceptions import FacebookRequestError
 from facebook_business.session import FacebookSession
 from requests import exceptions as http_errors
 
+from convsync.errors import MissingSecret
 from convsync.model import (
     Basis,
     ConversionMap,
@@ -213,7 +214,7 @@ def connect(section: MetaSection, secrets: Secrets, timeout: float = 120, *,
             pacer: Pacer | None = None, requests: Requests | None = None) -> PacedApi:
     """An API object of our own (not the SDK's process-wide default), on ``endpoint`` if set."""
     if secrets.meta_access_token is None:
-        raise ValueError("set CONVSYNC_META_ACCESS_TOKEN")
+        raise MissingSecret("CONVSYNC_META_ACCESS_TOKEN", what="Meta's access token")
     session = FacebookSession(access_token=secrets.meta_access_token.get_secret_value(),
                               timeout=timeout)
     if section.endpoint:
