@@ -26,6 +26,7 @@ from convsync.reconcile import load_audit
 from convsync.sandbox import server
 from convsync.sandbox.world import MICRO_UPLOAD_ACTION_ID, World, WorldSpec
 from convsync.settings import ClientConfig, load_config, load_secrets
+from convsync.sinks.google_ads.datamanager import DataManagerSink, connect
 from convsync.sources import crm as crm_source
 from convsync.store import Store, quota_calls, uploads
 
@@ -494,11 +495,20 @@ def test_a_lead_voided_in_an_account_that_still_may_is_retracted_through_the_goo
     assert all(c.events == 1 for c in counts.values())  # never restated through Data Manager
 
 
+class LaxSink(DataManagerSink):
+    """A Data Manager sink whose own checks miss a time in the future."""
+
+    def problems(self, upload: Upload, now: dt.datetime) -> str:
+        why = super().problems(upload, now)
+        return "" if why.startswith("time:") else why
+
+
 def test_an_event_google_refuses_is_set_aside_and_the_rest_of_its_request_goes(
         valued: ClientConfig, running: server.RunningSandbox, tmp_path: Path) -> None:
-    """A ledger row Google refuses (a time in the future, which the plan never makes but a
-    row from elsewhere may hold) sinks its whole request: it fails alone, with Google's words,
-    and the rest of the request goes at once instead of being refused every run."""
+    """A ledger row Google refuses though convsync's checks let it through (here: a time in
+    the future, with the check that would catch it switched off) sinks its whole request: it
+    fails alone, with Google's words, and the rest of the request goes at once instead of
+    being refused every run."""
     assert running.datamanager is not None
     running.datamanager.reset()
     config = load_config(_copy_client(valued, tmp_path / "aside"))
@@ -509,10 +519,15 @@ def test_an_event_google_refuses_is_set_aside_and_the_rest_of_its_request_goes(
     bad = good[0]._replace(dedupe_key="aside-future", time=NOW + dt.timedelta(days=1))
     with Store.open(config.store_url()) as store:
         store.plan_uploads([good[0], bad, good[1], good[2]], client=config.client.name)
-        result = push.push_google_ads(config, secrets, store, now=NOW, sleep=lambda s: None)
+        assert config.google_ads is not None
+        lax = LaxSink(connect(config.google_ads, secrets), config.google_ads,
+                      sleep=lambda s: None)
+        result = push.push_google_ads(config, secrets, store, now=NOW, sleep=lambda s: None,
+                                      sink=lax)
         failed = {r["reason"]: r["uploads"] for r in store.ledger(
             config.client.name, Platform.GOOGLE_ADS) if r["status"] == "failed"}
-        again = push.push_google_ads(config, secrets, store, now=NOW, sleep=lambda s: None)
+        again = push.push_google_ads(config, secrets, store, now=NOW, sleep=lambda s: None,
+                                     sink=lax)
         refusals = store.upload_refusals(Platform.GOOGLE_ADS)["6111"]
     (reason,) = failed
     assert refusals[reason] == 1  # what the audit quotes for the action
@@ -555,3 +570,27 @@ def test_a_request_still_processing_is_looked_at_less_and_less_often() -> None:
     assert looks == [dt.timedelta(minutes=31), dt.timedelta(hours=3), dt.timedelta(days=1)]
     assert push._next_check(sent + dt.timedelta(minutes=5), sent) == sent + dt.timedelta(
         minutes=35)  # never sooner than half an hour
+
+
+def test_a_waiting_row_the_sink_would_now_refuse_fails_with_the_reason_unsent(
+        valued: ClientConfig, running: server.RunningSandbox, tmp_path: Path) -> None:
+    """A row waiting in the ledger (planned by an earlier run) that convsync's own checks now
+    refuse (a time in the future here; an event grown too old for Meta in life) fails with
+    the reason and is never sent; the rest go."""
+    assert running.datamanager is not None
+    running.datamanager.reset()
+    config = load_config(_copy_client(valued, tmp_path / "stale"))
+    good = Upload(Platform.GOOGLE_ADS, "6111", "stale-good", 2.5, "USD",
+                  NOW - dt.timedelta(days=1), "1234567890", "add_to_cart",
+                  Identifiers(gclid="Cj0KCQstale0000000001"))
+    bad = good._replace(dedupe_key="stale-future", time=NOW + dt.timedelta(days=1))
+    with Store.open(config.store_url()) as store:
+        store.plan_uploads([good, bad], client=config.client.name)
+        result = push.push_google_ads(config, load_secrets(config), store, now=NOW,
+                                      sleep=lambda s: None)
+        statuses = store.upload_statuses(config.client.name, Platform.GOOGLE_ADS,
+                                         ["stale-good", "stale-future"])
+    assert statuses["stale-future"] == "failed" and statuses["stale-good"] == "sent"
+    assert result.failed == {"time: in the future": 1}
+    counted = _counts_by_key(running)
+    assert "stale-good" in counted and "stale-future" not in counted
