@@ -574,7 +574,10 @@ def _sqlite_file_problems(path: Path, key: str) -> list[Problem]:
     if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
         return [Problem(key, f"{path} cannot be created: {folder} is not a folder convsync "
                              "may write in")]
-    return []
+    return [Problem(key, f"{path} does not exist yet: the first run creates it, empty. If "
+                         "this client was synced before, check the path: a new store has no "
+                         "ledger, and Meta would count again what it received over 48 hours "
+                         "ago", "warning")]
 
 
 def trust_ca_file(path: Path) -> None:
