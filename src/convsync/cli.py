@@ -232,7 +232,8 @@ def discover(config: ConfigOption, as_json: JsonFlag = False) -> None:
     def human() -> None:
         out.print(_discovered_table(result))
         if unmapped:
-            out.print(f"{len(unmapped)} unmapped; to map them, paste into {config}:")
+            out.print(f"{len(unmapped)} unmapped; to map them, paste this at the end of {config} "
+                      "(after its last section):")
             out.print(summary["snippet"], markup=False, highlight=False)
         out.print(f"stored in {client.store_url()}")
 
