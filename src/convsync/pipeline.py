@@ -445,7 +445,7 @@ class _Tally:
 
 
 def _row_keys(batch: list[Row]) -> Iterator[tuple[Any, ...]]:
-    """Each row's natural key, as the store dedupes it."""
+    """Each data row's natural key, as the store dedupes it (definitions are not counted)."""
     for row in batch:
         if isinstance(row, ConversionStat):
             yield (row.platform, row.account_id, row.date, row.campaign_id,
@@ -454,8 +454,6 @@ def _row_keys(batch: list[Row]) -> Iterator[tuple[Any, ...]]:
             yield (row.source_platform, row.source_event_id)
         elif isinstance(row, JourneyBatch):
             yield from ((row.source_platform, key) for key in row.source_event_ids)
-        else:
-            yield (row.platform, row.account_id, row.platform_id)
 
 
 def _commit_batches(config: ClientConfig, store: Store, stream: Stream, start: dt.date,
@@ -464,19 +462,21 @@ def _commit_batches(config: ClientConfig, store: Store, stream: Stream, start: d
     complete (the rows come in date order, so every day before the last row's is done; a
     stream that promises no order yields nothing)."""
     batch: list[Row] = []
-    pending = 0
+    pending = counted = 0  # rows in the batch; of them, data rows (not definitions)
     for row in stream.pull(start, end):
         batch.append(row)
-        pending += len(row) if isinstance(row, JourneyBatch) else 1
+        rows = len(row) if isinstance(row, JourneyBatch) else 1
+        pending += rows
+        counted += 0 if isinstance(row, PlatformConversion) else rows
         if pending >= BATCH_ROWS:
             done = last_complete_day(row, config.client.timezone) if stream.ordered else None
             _store_batch(store, batch, tally.outcome, _upload_actions(config))
-            tally.stored(batch, pending, min(done + _Tally.MARGIN, end) if done else end)
-            batch, pending = [], 0
+            tally.stored(batch, counted, min(done + _Tally.MARGIN, end) if done else end)
+            batch, pending, counted = [], 0, 0
             if done is not None and done >= start:
                 yield done
     _store_batch(store, batch, tally.outcome, _upload_actions(config))
-    tally.stored(batch, pending, end)
+    tally.stored(batch, counted, end)
 
 
 def _upload_actions(config: ClientConfig) -> dict[str, str]:
