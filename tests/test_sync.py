@@ -86,6 +86,8 @@ def test_one_clients_failure_never_stops_the_others_and_a_locked_one_is_skipped(
         "broken"]["message"]
     assert by_config["b"]["status"] == "skipped"
     assert "another sync of client 'b' is running" in by_config["b"]["message"]
+    with Store.open(config.store_url()) as store:  # the skip is on the record too
+        assert [r.status for r in store.recent_runs("b")] == ["skipped"]
     for name in ("a", "c"):
         assert by_config[name]["status"] == "ok"
         assert [s["stage"] for s in by_config[name]["stages"]] == ["pull", "values"]

@@ -120,20 +120,30 @@ def sync_client(path: Path, *, stages: Sequence[str] = STAGES, wait: bool = Fals
     install_redaction(Redactor(secrets.values()))
     result.client = config.client.name
     try:
-        with Store.open(config.store_url()) as store, client_lock(
-                store, config.client.name, "sync", wait=None if wait else 0.0):
-            result.run_id = store.start_run(config.client.name, "sync")
-            log.info("%s: sync started", result.client,
-                     extra={"run_id": result.run_id, "client": result.client})
-            for stage in (s for s in STAGES if s in stages):
-                result.stages.append(_run_stage(stage, config, secrets, store, out_dir, result))
-            result.status = _overall([s.status for s in result.stages])
-            store.finish_run(result.run_id, result.status, result.summary())
-    except Busy as busy:
-        result.status, result.message = "skipped", f"skipped: {busy}"
+        with Store.open(config.store_url()) as store:
+            try:
+                with client_lock(store, config.client.name, "sync",
+                                 wait=None if wait else 0.0):
+                    _run_stages(config, secrets, store, stages, out_dir, result)
+            except Busy as busy:  # recorded too: every run of a client accounts for itself
+                result.status, result.message = "skipped", f"skipped: {busy}"
+                result.run_id = store.start_run(config.client.name, "sync")
+                store.finish_run(result.run_id, result.status, result.summary())
     except ConvsyncError as error:
         result.status, result.message = "failed", str(error)
     return result
+
+
+def _run_stages(config: Any, secrets: Any, store: Any, stages: Sequence[str], out_dir: Path,
+                result: ClientSync) -> None:
+    """The stages asked for, in order, under the client's lock, in one run record."""
+    result.run_id = store.start_run(config.client.name, "sync")
+    log.info("%s: sync started", result.client,
+             extra={"run_id": result.run_id, "client": result.client})
+    for stage in (s for s in STAGES if s in stages):
+        result.stages.append(_run_stage(stage, config, secrets, store, out_dir, result))
+    result.status = _overall([s.status for s in result.stages])
+    store.finish_run(result.run_id, result.status, result.summary())
 
 
 def _run_stage(stage: str, config: Any, secrets: Any, store: Any, out_dir: Path,
