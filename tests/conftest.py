@@ -132,3 +132,15 @@ def ga4_running(world: World) -> Iterator[Ga4Running]:
     running = start_ga4(world)
     yield running
     running.stop()
+
+
+def named_client(base: Path, target: Path, name: str, store: str, secrets_file: str) -> Path:
+    """A copy of the client config ``base`` as the client ``name``, with its own store and
+    the secrets file ``secrets_file`` (relative to ``target``'s folder)."""
+    import re
+
+    text = re.sub(r'(?m)^name = .*$', f'name = "{name}"', base.read_text(), count=1)
+    text = re.sub(r'(?m)^store_url = .*$', f'store_url = "sqlite:///{store}"', text)
+    text = re.sub(r'(?m)^secrets_file = .*$', f'secrets_file = "{secrets_file}"', text)
+    target.write_text(text)
+    return target

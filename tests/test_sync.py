@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from conftest import named_client
 from convsync import sync
 from convsync.cli import app
 from convsync.locks import client_lock
@@ -39,12 +39,8 @@ def clients(running: server.RunningSandbox, folder: Path, names: list[str]) -> P
     base = folder / "base" / "client.toml"
     server.write_client_config(base, running)
     for name in names:
-        text = base.read_text()
-        text = re.sub(r'(?m)^name = .*$', f'name = "{name}"', text, count=1)
-        text = re.sub(r'(?m)^store_url = .*$', f'store_url = "sqlite:///{name}.db"', text)
-        text = re.sub(r'(?m)^secrets_file = .*$', 'secrets_file = "base/client.secrets.env"',
-                      text)
-        (folder / f"{name}.toml").write_text(text)
+        named_client(base, folder / f"{name}.toml", name, f"{name}.db",
+                     "base/client.secrets.env")
     return folder
 
 
