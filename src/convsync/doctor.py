@@ -41,6 +41,7 @@ import contextlib
 import datetime as dt
 import logging
 import os
+import re
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -128,7 +129,7 @@ def load_secrets_checked(config: ClientConfig) -> tuple[Secrets, list[Check]]:
     try:
         secrets = load_secrets(config)
     except ConfigError as error:
-        found = "; ".join(f"{p.key}: {p.message}" for p in error.problems)
+        found = _problems_text(error, keys=True)
         return Secrets.model_construct(), [Check(
             "secrets", "", "problem", f"the secrets cannot be read: {found}",
             "fix the secrets file named by [client] secrets_file (or the CONVSYNC_* variable "
@@ -139,9 +140,9 @@ def load_secrets_checked(config: ClientConfig) -> tuple[Secrets, list[Check]]:
     if file is not None and config.path is not None:
         path = file if file.is_absolute() else config.path.parent / file
         if path.exists() and path.stat().st_mode & 0o077:
-            checks = [Check("secrets", "", "problem",
-                            f"the secrets file {path} can be read by other users of this "
-                            "machine", f"chmod 600 {path}")]
+            checks = [Check("secrets", "", "note",
+                            f"read from {path}, which other users of this machine can read",
+                            f"chmod 600 {path}")]
     return secrets, checks
 
 
@@ -151,18 +152,19 @@ def run(config: ClientConfig, secrets: Secrets, checks: list[Check] | None = Non
     platform), each platform's checks run at once in threads. Results are redacted of every
     secret value."""
     now = now or dt.datetime.now(dt.UTC)
-    groups: list[Callable[[], list[Check]]] = [lambda: check_store(config.store_url())]
+    groups: list[tuple[str, Callable[[], list[Check]]]] = [
+        ("store", lambda: check_store(config.store_url()))]
     enabled = config.enabled_platforms()
     if Platform.GOOGLE_ADS in enabled and config.google_ads is not None:
         section = config.google_ads
-        groups.append(lambda: check_google_ads(section, secrets, config.client.currency,
-                                               timeout=timeout, now=now))
+        groups.append(("google_ads", lambda: check_google_ads(
+            section, secrets, config.client.currency, timeout=timeout, now=now)))
     if Platform.GA4 in enabled and config.ga4 is not None:
-        groups.append(lambda: check_ga4(config, secrets, timeout=timeout))
+        groups.append(("ga4", lambda: check_ga4(config, secrets, timeout=timeout)))
     if Platform.META in enabled and config.meta is not None:
-        groups.append(lambda: check_meta(config, secrets, timeout=timeout))
+        groups.append(("meta", lambda: check_meta(config, secrets, timeout=timeout)))
     if Platform.KLAVIYO in enabled and config.klaviyo is not None:
-        groups.append(lambda: check_klaviyo(config, secrets, timeout=timeout))
+        groups.append(("klaviyo", lambda: check_klaviyo(config, secrets, timeout=timeout)))
     found = list(checks or [])
     with _quiet_sdk_logs(), ThreadPoolExecutor(max_workers=len(groups)) as pool:
         for group in list(pool.map(_guarded_group, groups)):
@@ -173,12 +175,26 @@ def run(config: ClientConfig, secrets: Secrets, checks: list[Check] | None = Non
                    for c in found])
 
 
-def _guarded_group(group: Callable[[], list[Check]]) -> list[Check]:
+def _problems_text(error: ConfigError, *, keys: bool = False) -> str:
+    """A ConfigError's problems in one line (each a ``Problem`` with its key, or a text)."""
+    parts = []
+    for problem in error.problems:
+        message = getattr(problem, "message", None)
+        key = getattr(problem, "key", None)
+        if message is None:
+            parts.append(str(problem))
+        else:
+            parts.append(f"{key}: {message}" if keys and key else str(message))
+    return "; ".join(parts) or str(error)
+
+
+def _guarded_group(group: tuple[str, Callable[[], list[Check]]]) -> list[Check]:
+    platform, checks = group
     try:
-        return group()
+        return checks()
     except Exception as error:  # a bug in a check must not hide the other platforms' checks
-        log.debug("doctor: a group of checks failed", exc_info=True)
-        return [_unexpected("doctor", "", error)]
+        log.debug("doctor: the %s checks failed", platform, exc_info=True)
+        return [_unexpected(platform, "", error)]
 
 
 def _unexpected(platform: str, name: str, error: BaseException) -> Check:
@@ -190,15 +206,18 @@ def _unexpected(platform: str, name: str, error: BaseException) -> Check:
 
 @contextlib.contextmanager
 def _quiet_sdk_logs() -> Iterator[None]:
-    """The google-ads client logs every failed request as a warning; the doctor reports each
-    failure in its table, once."""
-    logger = logging.getLogger("google.ads.googleads.client")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    """The google-ads client and the Data Manager sink log every failed request as a warning;
+    the doctor reports each failure in its table, once."""
+    loggers = [logging.getLogger(name) for name in (
+        "google.ads.googleads.client", "convsync.sinks.google_ads.datamanager")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 # -- Google (Ads and GA4) ----------------------------------------------------------------------
@@ -278,7 +297,8 @@ def _google_ads_problem(error: BaseException, customer: str) -> tuple[str, str]:
             "refresh token with a Google account that has access to the accounts",
         "quota_error.RESOURCE_EXHAUSTED":
             "the Cloud project's Google Ads operations for today are spent (they reset at "
-            "midnight Pacific): run doctor again tomorrow, or raise [google_ads] access_level",
+            "midnight Pacific): run doctor again tomorrow, or get the Cloud project a higher "
+            "access level (then set [google_ads] access_level)",
     }
     for reason in reasons:
         if reason in fixes:
@@ -324,6 +344,18 @@ class _Probe:
         return bool(self.reason) and self.reason not in _ACTION_REASONS
 
 
+_UNANSWERED = ("check [google_ads] datamanager_endpoint (leave it out for Google's) and this "
+               "machine's network, then run doctor again")
+_DOCTOR_FIXES = {
+    "UNAVAILABLE": _UNANSWERED, "DEADLINE_EXCEEDED": _UNANSWERED,
+    "INTERNAL": "Google failed on its side: run doctor again later",
+    "INTERNAL_ERROR": "Google failed on its side: run doctor again later",
+    "RATE_LIMIT_EXCEEDED": "the Cloud project's Data Manager requests are used up for now "
+                           "(shared by every client using it): run doctor again later",
+    "RESOURCE_EXHAUSTED": "the Cloud project's Data Manager requests are used up for now "
+                          "(shared by every client using it): run doctor again later",
+}
+"""The Data Manager's transient refusals, in the doctor's words (the sink's speak of pushing)."""
 _ACTION_REASONS = frozenset({"INVALID_CONVERSION_ACTION_ID", "INVALID_CONVERSION_ACTION_TYPE",
                              "CONVERSION_ACTION_TOO_RECENTLY_CREATED", "INVALID_DESTINATION"})
 
@@ -400,7 +432,7 @@ def _account_check(client: Any, connect_error: Exception | None, customer: str,
 
 def _connect_problem(platform: str, name: str, error: Exception) -> Check:
     if isinstance(error, ConfigError):
-        said = "; ".join(p.message for p in error.problems)
+        said = _problems_text(error)
         return Check(platform, name, "problem", f"cannot connect: {said}",
                      f"fix [{platform}] ca_file (or remove it to use the platform's own "
                      "certificates)")
@@ -472,8 +504,11 @@ class _Prober:
         return self._sink
 
     def __call__(self, action_id: str, account: str) -> _Probe:
+        """The Data Manager's answer for this action; once it refused access, that refusal
+        stands for every action (asking again would only be refused again)."""
         if action_id not in self.answers:
-            self.answers[action_id] = self._ask(action_id, account)
+            refused = next((a for a in self.answers.values() if a.access_refused), None)
+            self.answers[action_id] = refused or self._ask(action_id, account)
         return self.answers[action_id]
 
     def _ask(self, action_id: str, account: str) -> _Probe:
@@ -484,9 +519,10 @@ class _Prober:
         try:
             self.sink().send([event], validate_only=True)
         except PlatformError as error:
-            return _Probe(error.reason or "UNKNOWN", error.message, error.fix)
+            reason = error.reason or "UNKNOWN"
+            return _Probe(reason, error.message, _DOCTOR_FIXES.get(reason, error.fix))
         except ConfigError as error:
-            said = "; ".join(p.message for p in error.problems)
+            said = _problems_text(error)
             return _Probe("CA_FILE", f"cannot connect: {said}",
                           "fix [google_ads] ca_file (or remove it to use Google's certificates)")
         return _Probe("")
@@ -495,16 +531,20 @@ class _Prober:
 def _datamanager_check(section: GoogleAdsSection, probe: _Prober, action_id: str,
                        action: _Action | None, first_account: str) -> Check:
     name = "Data Manager"
+    account = action.account if action else first_account
     try:
-        answer = probe(action_id, action.account if action else first_account)
+        answer = probe(action_id, account)
     except Exception as error:
         return _unexpected("google_ads", name, error)
     consent = ("; note: [google_ads] consent is \"denied\", so push sends nothing"
                if section.consent == "denied" else "")
     if answer.access_refused:
+        if answer.reason == "CA_FILE":
+            return Check("google_ads", name, "problem", answer.message, answer.fix)
+        said = re.sub(r"^Google refused the upload of 1 event\(s\): ", "", answer.message)
         return Check("google_ads", name, "problem",
-                     f"the Data Manager API refused the credentials' upload: {answer.message}",
-                     answer.fix)
+                     f"a validate_only IngestEvents for action {action_id} in account "
+                     f"{_dashed(account)} was refused: {said}", answer.fix)
     status: Status = "note" if consent else "ok"
     return Check("google_ads", name, status,
                  "reachable with the datamanager scope (a validate_only IngestEvents for "
@@ -549,9 +589,14 @@ def _action_check(action_id: str, conversions: list[str], action: _Action | None
                  f"{label}: the Data Manager takes uploads into it")
         return Check("google_ads", name, "ok", f"{found} (for {uploads})")
     if answer.access_refused:
-        return Check("google_ads", name, "ok" if action else "skipped",
-                     (f"{label}: {UPLOAD_TYPE}, ENABLED; whether it takes uploads was not "
-                      "asked: the Data Manager refused access (see google_ads Data Manager)"))
+        if action is None:
+            return Check("google_ads", name, "skipped",
+                         f"not checked: no account could be asked for action {action_id} (see "
+                         "the google_ads account checks) and the Data Manager refused access "
+                         "(see google_ads Data Manager)")
+        return Check("google_ads", name, "ok",
+                     f"{label}: {UPLOAD_TYPE}, ENABLED; whether it takes uploads was not "
+                     "asked: the Data Manager refused access (see google_ads Data Manager)")
     if answer.reason == "CONVERSION_ACTION_TOO_RECENTLY_CREATED":
         return Check("google_ads", name, "problem",
                      f"{label} was created under 6 hours ago: Google takes no uploads into it "
@@ -881,8 +926,10 @@ def _store_check(url: str) -> Check:
         if problem is not None:
             return problem
         if not path.exists():
-            return Check("store", "", "ok", f"{path} does not exist yet: the first run creates "
-                                            "it (its folder can be written)")
+            return Check("store", "", "ok",
+                         f"{path} does not exist yet: the first run creates it (its folder can "
+                         "be written). If this client was synced before, check the path: a new "
+                         "store has no upload ledger")
         connect_args = {"timeout": SQLITE_BUSY_SECONDS}
     engine = sa.create_engine(parsed, connect_args=connect_args, poolclass=sa.pool.NullPool)
     if backend == "sqlite":
