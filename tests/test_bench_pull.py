@@ -17,7 +17,8 @@ PLATFORMS = {"google_ads", "ga4", "meta", "klaviyo"}
 def test_bench_pull_reports_the_cpu_ratio_to_each_platforms_floor(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "bench_pull.py"), "--days", "5",
-         "--campaigns", "3", "--json", "--state-dir", str(tmp_path / "state")],
+         "--campaigns", "3", "--floor-runs", "1", "--json", "--state-dir",
+         str(tmp_path / "state")],
         capture_output=True, text=True, timeout=180, cwd=ROOT)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     figures = json.loads(done.stdout.splitlines()[-1])
