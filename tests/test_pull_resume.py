@@ -101,7 +101,8 @@ class Flaky(Exception):
     """A transient error half-way through a stream."""
 
 
-def test_rows_pulled_again_after_a_retry_are_counted_once(tmp_path: Path) -> None:
+@pytest.mark.parametrize("ordered", [True, False])
+def test_rows_pulled_again_after_a_retry_are_counted_once(tmp_path: Path, ordered: bool) -> None:
     days = [START + dt.timedelta(days=n) for n in range(12)]
     failed = []
 
@@ -112,7 +113,7 @@ def test_rows_pulled_again_after_a_retry_are_counted_once(tmp_path: Path) -> Non
                 raise Flaky
             yield from stats(day, 1_000)
 
-    stream = Stream("meta", "insights", "act_1", pull)
+    stream = Stream("meta", "insights", "act_1", pull, ordered=ordered)
     outcome = pipeline.PlatformPull(Platform.META)
     window = pipeline.Window(days[0], days[-1], "backfill:insights", backfill=True)
     path = tmp_path / "client.toml"

@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from convsync import quotas
 from convsync.errors import ConvsyncError
@@ -353,7 +354,6 @@ def _pull_platform(config: ClientConfig, secrets: Secrets, store: Store, platfor
 
 
 def _today(config: ClientConfig) -> dt.date:
-    from zoneinfo import ZoneInfo
     return dt.datetime.now(ZoneInfo(config.client.timezone)).date()
 
 
@@ -387,7 +387,7 @@ def _pull_stream(config: ClientConfig, store: Store, stream: Stream, window: Win
     resume = window.start
     chunk = dt.timedelta(days=stream.chunk_days or total_days)
     retry = retrying(policy, sleep) if sleep else retrying(policy)
-    tally = _Tally(outcome)
+    tally = _Tally(outcome, ordered=stream.ordered)
 
     def done_through(day: dt.date) -> None:
         nonlocal resume
@@ -417,17 +417,21 @@ class _Tally:
     the batches that may be pulled again are kept (a few days' rows) and, on a retry, their
     rows' keys, so the retried rows are not counted twice."""
 
-    MARGIN = dt.timedelta(days=2)
-    """How far past a batch's last complete day its rows may go (see last_complete_day)."""
-
-    def __init__(self, outcome: PlatformPull) -> None:
+    def __init__(self, outcome: PlatformPull, *, ordered: bool = True) -> None:
         self.outcome = outcome
+        self.ordered = ordered
         self.kept: list[tuple[dt.date, list[Row]]] = []
         self.seen: set[tuple[Any, ...]] = set()
+        self.unsure = 0
+        """Rows of an unordered stream's chunk still going (counted once the chunk is done:
+        a retry pulls the whole chunk again, and keeping its rows would hold it in memory)."""
 
     def stored(self, batch: list[Row], rows: int, last_day: dt.date) -> None:
         """``batch`` (``rows`` rows) was stored; none of its rows is of a day after
         ``last_day``."""
+        if not self.ordered:
+            self.unsure += rows
+            return
         if self.seen:  # after a retry: only the rows no earlier attempt stored
             rows = sum(key not in self.seen for key in _row_keys(batch))
         self.outcome.rows += rows
@@ -435,10 +439,13 @@ class _Tally:
 
     def complete(self, resume: dt.date) -> None:
         """Days before ``resume`` are done: their batches are never pulled again."""
+        self.outcome.rows += self.unsure
+        self.unsure = 0
         self.kept = [(day, batch) for day, batch in self.kept if day >= resume]
 
     def retrying(self) -> None:
         """An attempt begins: the rows kept may come again."""
+        self.unsure = 0
         for _, batch in self.kept:
             self.seen.update(_row_keys(batch))
         self.kept.clear()
@@ -471,12 +478,25 @@ def _commit_batches(config: ClientConfig, store: Store, stream: Stream, start: d
         if pending >= BATCH_ROWS:
             done = last_complete_day(row, config.client.timezone) if stream.ordered else None
             _store_batch(store, batch, tally.outcome, _upload_actions(config))
-            tally.stored(batch, counted, min(done + _Tally.MARGIN, end) if done else end)
+            tally.stored(batch, counted, min(_latest_day(row, config.client.timezone), end))
             batch, pending, counted = [], 0, 0
             if done is not None and done >= start:
                 yield done
     _store_batch(store, batch, tally.outcome, _upload_actions(config))
     tally.stored(batch, counted, end)
+
+
+def _latest_day(row: Row, timezone: str) -> dt.date:
+    """A day no row of a batch ending with ``row`` is after (the rows come in date order; a
+    day of margin for the account's time zone against the client's)."""
+    if isinstance(row, ConversionStat):
+        return row.date
+    if isinstance(row, JourneyBatch) and row.times:
+        moment = dt.datetime.fromtimestamp(row.times[-1], ZoneInfo(timezone))
+        return moment.date() + dt.timedelta(days=1)
+    if isinstance(row, JourneyEvent):
+        return row.time.astimezone(ZoneInfo(timezone)).date() + dt.timedelta(days=1)
+    return dt.date.max
 
 
 def _upload_actions(config: ClientConfig) -> dict[str, str]:
