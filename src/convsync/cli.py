@@ -696,12 +696,22 @@ def sync_command(
 
     def human() -> None:
         table = Table(title="Sync", box=box.SIMPLE_HEAD)
-        for column in ("client", "status", "stages", "report"):
-            table.add_column(column, overflow="fold")
+        for column in ("client", "status", "pulled", "sent", "not ok", "report"):
+            table.add_column(column, overflow="fold",
+                             justify="right" if column in ("pulled", "sent") else "left")
         for r in results:
-            stages = ", ".join(f"{s.stage} {s.status}" for s in r.stages) or r.message
-            table.add_row(r.client or r.config, r.status, stages, r.report)
+            counts = {s.stage: s.counts for s in r.stages}
+            pulled = sum(p.get("rows", 0) for p in counts.get("pull", {}).values()
+                         if isinstance(p, dict))
+            sent = sum(d.get("sent", 0) for d in counts.get("push", {}).values()
+                       if isinstance(d, dict))
+            not_ok = ", ".join(f"{s.stage} {s.status}" for s in r.stages if s.status != "ok")
+            table.add_row(r.client or r.config, r.status, f"{pulled:,}" if r.stages else "",
+                          f"{sent:,}" if "push" in counts else "", not_ok or r.message,
+                          r.report)
         out.print(table)
+        out.print("pulled: rows stored; sent: uploads sent (to every destination); not ok: "
+                  "the stages that were not, with their problems below", highlight=False)
         for r in results:
             for s in r.stages:
                 for error in s.errors:
