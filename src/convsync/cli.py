@@ -577,10 +577,9 @@ def _destinations(client: ClientConfig, named: list[str] | None) -> list[str]:
                                      f"{', '.join(DESTINATIONS)}", param_hint="--destination")
     if named:
         return list(dict.fromkeys(named))
-    configured = [name for name, uploads in (
-        ("google_ads", client.google_ads and client.google_ads.upload_actions),
-        ("meta", client.meta and client.meta.upload_events),
-        ("klaviyo", client.klaviyo and client.klaviyo.upload_metrics)) if uploads]
+    from convsync.push import configured_destinations
+
+    configured = [p.value for p in configured_destinations(client)]
     if not configured:
         raise typer.BadParameter(
             "the config names no uploads: set [google_ads] upload_actions, [meta] "

@@ -39,6 +39,7 @@ from convsync.sources import (
     google_ads,
     klaviyo,
     last_complete_day,
+    latest_day,
     meta,
 )
 from convsync.store import Store
@@ -478,25 +479,12 @@ def _commit_batches(config: ClientConfig, store: Store, stream: Stream, start: d
         if pending >= BATCH_ROWS:
             done = last_complete_day(row, config.client.timezone) if stream.ordered else None
             _store_batch(store, batch, tally.outcome, _upload_actions(config))
-            tally.stored(batch, counted, min(_latest_day(row, config.client.timezone), end))
+            tally.stored(batch, counted, min(latest_day(row, config.client.timezone), end))
             batch, pending, counted = [], 0, 0
             if done is not None and done >= start:
                 yield done
     _store_batch(store, batch, tally.outcome, _upload_actions(config))
     tally.stored(batch, counted, end)
-
-
-def _latest_day(row: Row, timezone: str) -> dt.date:
-    """A day no row of a batch ending with ``row`` is after (the rows come in date order; a
-    day of margin for the account's time zone against the client's)."""
-    if isinstance(row, ConversionStat):
-        return row.date
-    if isinstance(row, JourneyBatch) and row.times:
-        moment = dt.datetime.fromtimestamp(row.times[-1], ZoneInfo(timezone))
-        return moment.date() + dt.timedelta(days=1)
-    if isinstance(row, JourneyEvent):
-        return row.time.astimezone(ZoneInfo(timezone)).date() + dt.timedelta(days=1)
-    return dt.date.max
 
 
 def _upload_actions(config: ClientConfig) -> dict[str, str]:

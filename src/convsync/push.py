@@ -191,6 +191,14 @@ def push_klaviyo(config: ClientConfig, secrets: Secrets, store: Store, *,
     return result
 
 
+def configured_destinations(config: ClientConfig) -> list[Platform]:
+    """The destinations the config names uploads for."""
+    return [platform for platform, uploads in (
+        (Platform.GOOGLE_ADS, config.google_ads and config.google_ads.upload_actions),
+        (Platform.META, config.meta and config.meta.upload_events),
+        (Platform.KLAVIYO, config.klaviyo and config.klaviyo.upload_metrics)) if uploads]
+
+
 PUSHES: dict[Platform, Callable[..., PushResult]] = {
     Platform.GOOGLE_ADS: push_google_ads, Platform.META: push_meta,
     Platform.KLAVIYO: push_klaviyo}

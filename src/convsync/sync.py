@@ -230,12 +230,8 @@ def _values(config: Any, secrets: Any, store: Any, out_dir: Path, outcome: Stage
 def _push(config: Any, secrets: Any, store: Any, out_dir: Path, outcome: StageOutcome,
           result: ClientSync) -> None:
     from convsync import push
-    from convsync.model import Platform
 
-    destinations = [p for p, uploads in (
-        (Platform.GOOGLE_ADS, config.google_ads and config.google_ads.upload_actions),
-        (Platform.META, config.meta and config.meta.upload_events),
-        (Platform.KLAVIYO, config.klaviyo and config.klaviyo.upload_metrics)) if uploads]
+    destinations = push.configured_destinations(config)
     if not destinations:
         outcome.status = "skipped"
         outcome.errors.append("the config names no uploads: nothing to push")

@@ -121,6 +121,34 @@ class Rules(Protocol):
         may have arrived): what to send now (None: nothing)."""
 
 
+def configured_targets(plan: Plan, uploads: dict[str, str] | None, account: str,
+                       missing: str) -> dict[str, Target]:
+    """Targets named by the config (conversion -> event name or metric) in ``account``, each
+    an ``ActionPlan``; ``missing`` is the plan's problem when the config names none."""
+    if not uploads:
+        plan.problems.append(missing)
+        return {}
+    for conversion, name in uploads.items():
+        plan.actions[conversion] = ActionPlan(conversion, name, name)
+    return {conversion: Target(account, name) for conversion, name in uploads.items()}
+
+
+class FinalRules:
+    """The rules every destination whose answer is final shares (Meta, Klaviyo): nothing is
+    held, and a voided upload it already has stays with it (counted in the plan, never sent
+    again: neither platform can retract or restate)."""
+
+    restates = False
+
+    def hold(self, click_time: dt.datetime, now: dt.datetime) -> tuple[dt.datetime, str] | None:
+        return None
+
+    def void_sent(self, plan: Plan, ledger: ActionPlan, upload: Upload, status: UploadStatus,
+                  entry: ConversionEntry, now: dt.datetime) -> Upload | None:
+        ledger.voided += 1
+        return None
+
+
 def dedupe_key(client: str, destination: Platform, target_id: str, event: JourneyEvent, *,
                per_person: bool = False) -> str:
     """The event's deterministic dedupe key at a destination (Google's transaction id, Meta's

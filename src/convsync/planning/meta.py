@@ -10,27 +10,22 @@ from __future__ import annotations
 
 import datetime as dt
 
-from convsync.model import Identifiers, JourneyEvent, Platform, Upload, UploadStatus
-from convsync.planning import ActionPlan, Plan, Target
-from convsync.settings import ClientConfig, ConversionEntry
+from convsync.model import Identifiers, JourneyEvent, Platform
+from convsync.planning import FinalRules, Plan, Target, configured_targets
+from convsync.settings import ClientConfig
 from convsync.store import Store
 
 
-class MetaRules:
+class MetaRules(FinalRules):
     destination = Platform.META
-    restates = False
 
     def targets(self, config: ClientConfig, store: Store, plan: Plan) -> dict[str, Target]:
         section = config.meta
-        if section is None or not section.upload_events:
-            plan.problems.append("no [meta] upload_events in the config: name the event each "
-                                 "conversion is sent to Meta under")
-            return {}
-        found = {}
-        for conversion, event_name in section.upload_events.items():
-            plan.actions[conversion] = ActionPlan(conversion, event_name, event_name)
-            found[conversion] = Target(section.pixel_id or "", event_name)
-        return found
+        return configured_targets(
+            plan, section.upload_events if section else None,
+            (section.pixel_id or "") if section else "",
+            "no [meta] upload_events in the config: name the event each conversion is sent "
+            "to Meta under")
 
     def refusal(self, config: ClientConfig, target: Target, event: JourneyEvent,
                 identifiers: Identifiers, click_time: dt.datetime, now: dt.datetime) -> str:
@@ -46,11 +41,3 @@ class MetaRules:
                            email_sha256_meta=person.email_sha256_meta,
                            phone_sha256_meta=person.phone_sha256_meta,
                            external_id=person.external_id)
-
-    def hold(self, click_time: dt.datetime, now: dt.datetime) -> tuple[dt.datetime, str] | None:
-        return None
-
-    def void_sent(self, plan: Plan, ledger: ActionPlan, upload: Upload, status: UploadStatus,
-                  entry: ConversionEntry, now: dt.datetime) -> Upload | None:
-        ledger.voided += 1  # Meta keeps it: counted in the plan, never sent again
-        return None

@@ -4,7 +4,7 @@ back what the platform did with them (``google_ads``: the Data Manager API)."""
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from convsync.errors import PlatformError
@@ -14,6 +14,15 @@ if TYPE_CHECKING:
 
 SinkError = PlatformError
 """What a sink raises when a send or a status call fails (see ``convsync.errors``)."""
+
+
+def check_request(uploads: Sequence[Upload], size: int, platform: str) -> None:
+    """ValueError for a request of no uploads or more than ``platform`` takes."""
+    if not uploads:
+        raise ValueError("no uploads to send")
+    if len(uploads) > size:
+        raise ValueError(f"{len(uploads):,} events in one request: {platform} takes at most "
+                         f"{size:,}")
 
 
 def in_requests(uploads: Iterable[Upload], size: int) -> Iterator[list[Upload]]:

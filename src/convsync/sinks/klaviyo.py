@@ -32,7 +32,7 @@ from urllib3.exceptions import TimeoutError as Urllib3Timeout
 
 from convsync.model import Platform, Upload
 from convsync.retry import retrying
-from convsync.sinks import SinkError, in_requests
+from convsync.sinks import SinkError, check_request, in_requests
 from convsync.sources import klaviyo as klaviyo_source
 
 MAX_EVENTS = 1_000
@@ -96,11 +96,7 @@ class KlaviyoSink:
         for it (Klaviyo gives a bulk job none). SinkError when Klaviyo refuses it;
         ``maybe_sent`` when Klaviyo may have taken it anyway. ``validate_only``: nothing is
         sent (Klaviyo has no such mode), ""."""
-        if not uploads:
-            raise ValueError("no uploads to send")
-        if len(uploads) > MAX_EVENTS:
-            raise ValueError(f"{len(uploads):,} events in one request: Klaviyo takes at most "
-                             f"{MAX_EVENTS:,}")
+        check_request(uploads, MAX_EVENTS, "Klaviyo")
         if validate_only:
             return ""
         body, positions = self._job(uploads)

@@ -39,7 +39,7 @@ from convsync.hashing import sha256_hex
 from convsync.model import Platform, Upload
 from convsync.retry import retrying
 from convsync.settings import MetaSection
-from convsync.sinks import SinkError, in_requests
+from convsync.sinks import SinkError, check_request, in_requests
 from convsync.sources import meta as meta_source
 
 MAX_EVENTS = 1_000
@@ -125,11 +125,7 @@ class MetaSink:
         """One Conversions API request (retried on transient errors): an id for it (Meta's
         trace id; ``validate_only``: nothing is sent, Meta has no such mode, ""). SinkError
         when Meta refuses it; ``maybe_sent`` when Meta may have taken it anyway."""
-        if not uploads:
-            raise ValueError("no uploads to send")
-        if len(uploads) > MAX_EVENTS:
-            raise ValueError(f"{len(uploads):,} events in one request: Meta takes at most "
-                             f"{MAX_EVENTS:,}")
+        check_request(uploads, MAX_EVENTS, "Meta")
         if validate_only:
             return ""
         params = self._request(uploads).get_params()

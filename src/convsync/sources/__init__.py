@@ -80,6 +80,19 @@ def last_complete_day(row: Row, timezone: str) -> dt.date | None:
     return None
 
 
+def latest_day(row: Row, timezone: str) -> dt.date:
+    """A day no row of a batch ending with ``row`` is after (the rows come in date order; a
+    day of margin for the account's time zone against the client's, ``timezone``)."""
+    if isinstance(row, ConversionStat):
+        return row.date
+    if isinstance(row, JourneyBatch) and row.times:
+        moment = dt.datetime.fromtimestamp(row.times[-1], ZoneInfo(timezone))
+        return moment.date() + dt.timedelta(days=1)
+    if isinstance(row, JourneyEvent):
+        return row.time.astimezone(ZoneInfo(timezone)).date() + dt.timedelta(days=1)
+    return dt.date.max
+
+
 def give_back_free_memory() -> None:
     """Return freed heap to the system between large pieces of work (a GA4 page, a platform).
 
